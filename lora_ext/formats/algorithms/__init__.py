@@ -1,0 +1,54 @@
+"""LoRA algorithms: pure tensor math turning one module's tensors into a weight delta or a bypass output.
+
+One file per algorithm, registered in `ALGORITHMS`. Detection is a loop over that table: each class's `from_tensors`
+returns None when the keys are not its own (ComfyUI `weight_adapter` style), so the first class that accepts the keys
+wins. The order goes from the most specific key set to the most generic ("weight" alone means IA3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, LowRank, ModuleExtras
+from lora_ext.formats.algorithms.dora import apply_dora, dora_axis
+from lora_ext.formats.algorithms.full import FullDiff
+from lora_ext.formats.algorithms.ia3 import IA3
+from lora_ext.formats.algorithms.loha import LoHa
+from lora_ext.formats.algorithms.lokr import LoKr
+from lora_ext.formats.algorithms.lora import Lora
+from lora_ext.formats.algorithms.norm import NormDiff
+
+ALGORITHMS: tuple[type[Algorithm], ...] = (Lora, LoHa, LoKr, FullDiff, NormDiff, IA3)
+
+
+def detect_algorithm(tensors: Mapping[str, Tensor]) -> Algorithm | None:
+    """The algorithm of one module's tensors (suffix keys), or None if no registered algorithm knows the keys.
+
+    Raises ShapeMismatchError (with the suffix key) when an algorithm's keys are present but inconsistent.
+    """
+    for cls in ALGORITHMS:
+        algorithm = cls.from_tensors(tensors)
+        if algorithm is not None:
+            return algorithm
+    return None
+
+
+__all__ = [
+    "ALGORITHMS",
+    "IA3",
+    "Algorithm",
+    "Dense",
+    "FullDiff",
+    "LayerSpec",
+    "LoHa",
+    "LoKr",
+    "Lora",
+    "LowRank",
+    "ModuleExtras",
+    "NormDiff",
+    "apply_dora",
+    "detect_algorithm",
+    "dora_axis",
+]

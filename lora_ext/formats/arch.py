@@ -1,0 +1,75 @@
+"""Which base-model family a LoRA file was made for: tensor shapes and key structure first, metadata second.
+
+Evidence used (strongest first):
+- keys for a second text encoder (`lora_te2_*`, `text_encoder_2.*`) -> SDXL;
+- the context width that cross-attention `to_k`/`to_v` read: 768 SD1.x, 1024 SD2.x, 2048 SDXL;
+- the text-encoder width: 768 (CLIP ViT-L, SD1.x and SDXL's first encoder), 1024 (OpenCLIP ViT-H, SD2.x);
+- UNet structure: transformer depth > 1 inside a block (`transformer_blocks_1`) only exists in SDXL;
+- metadata (`ss_base_model_version`, `ss_v2`, `modelspec.architecture`), as A1111 reads it.
+Tiny test models have other widths: shape rules then say nothing and structure/metadata decide, and the patcher still
+refuses files whose tensors do not fit the model's layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner", "sd3": "SD3",
+              "flux": "FLUX.1"}
+
+_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TE_WIDTH = {768: "sd1", 1024: "sd2"}
+_CROSS_KV = re.compile(r"attn2[._](to_k|to_v)$")
+_TE_QPROJ = re.compile(r"^(lora_te_|text_encoder\.).*self_attn[._]q_proj$")
+_DEEP_TRANSFORMER = re.compile(r"transformer_blocks[._][1-9]")
+_TE2 = re.compile(r"^(lora_te2_|text_encoder_2\.)")
+
+
+@dataclass(frozen=True)
+class ArchGuess:
+    arch: str | None  # "sd1" | "sd2" | "sdxl" | None (unknown)
+    evidence: str  # human-readable reason
+    from_metadata: str | None = None  # what the metadata alone says
+
+    @property
+    def label(self) -> str:
+        return ARCH_NAMES.get(self.arch or "", "unknown")
+
+
+def _in_features(tensors: Mapping[str, Tensor]) -> int | None:
+    """Input width of a module from the factor that reads the input (LoRA down, LoHa w*_b), or a full diff."""
+    for key in ("lora_down.weight", "hada_w1_b", "hada_w2_b"):
+        t = tensors.get(key)
+        if t is not None and t.dim() >= 2:
+            return int(t.shape[1])
+    diff = tensors.get("diff")
+    if diff is not None and diff.dim() == 2:
+        return int(diff.shape[1])
+    return None
+
+
+def detect_arch(modules: Mapping[str, Mapping[str, Tensor]], base_from_metadata: str | None) -> ArchGuess:
+    """modules: normalised module name -> {normalised suffix: tensor}; base_from_metadata: what metadata says."""
+    names = list(modules)
+    if any(_TE2.match(n) for n in names):
+        return ArchGuess("sdxl", "has keys for a second text encoder (lora_te2_/text_encoder_2)", base_from_metadata)
+    for name, tensors in modules.items():
+        if _CROSS_KV.search(name):
+            width = _in_features(tensors)
+            if width in _CONTEXT_WIDTH:
+                arch = _CONTEXT_WIDTH[width]
+                return ArchGuess(arch, f"cross-attention reads {width}-wide text features ({name})", base_from_metadata)
+    if any(_DEEP_TRANSFORMER.search(n) and n.startswith(("lora_unet_", "unet.", "lycoris_")) for n in names):
+        return ArchGuess("sdxl", "UNet blocks with more than one transformer layer", base_from_metadata)
+    for name, tensors in modules.items():
+        if _TE_QPROJ.match(name):
+            width = _in_features(tensors)
+            if width in _TE_WIDTH:
+                return ArchGuess(_TE_WIDTH[width], f"text encoder is {width} wide ({name})", base_from_metadata)
+    if base_from_metadata:
+        return ArchGuess(base_from_metadata, "from metadata only (shapes were not conclusive)", base_from_metadata)
+    return ArchGuess(None, "no shape, structure or metadata evidence", None)

@@ -1,0 +1,408 @@
+"""The weight patcher: merge a set of LoRAs into a model's weights, switch sets fast, restore bit-exactly.
+
+Contract
+- `apply(loras)` makes the model's weights equal to original + sum of each LoRA's delta times its multiplier
+  (te/unet, block weights). Only the weights whose set of (LoRA, multiplier, dyn) changed since the last call are
+  rewritten; each is computed from its backup in one pass (`addmm` straight into the weight when it is fp32), with the
+  deltas in fp32 and one cast at the end.
+- The original of each touched weight is copied once, when first touched (on the model's device when memory allows,
+  else CPU), and dropped when the weight returns to its original. Restoring copies it back: never subtracts.
+- Everything that can be checked is checked before any weight changes: architecture, key matching, shapes, finiteness
+  of the LoRA tensors. A LoRA refused there raises before anything is written (the model keeps the state of the
+  previous call), or, with `skip_bad=True`, is left out and reported. A result that could overflow the weight's dtype
+  (bound from the factors' norms and the original's max) is computed in a scratch buffer and checked with `isfinite`
+  before it is written. If anything fails while writing (including KeyboardInterrupt), every weight is restored to its
+  original before the exception propagates.
+- Returns a `PatchReport`; never prints.
+
+A1111 semantics kept: the text-encoder multiplier applies to text-encoder layers, the UNet multiplier to UNet layers;
+DoRA and IA3 see the weight as left by the LoRAs before them in the list (A1111 applies networks in order).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lora_ext.errors import (
+    ArchitectureMismatchError,
+    LoraExtError,
+    LoraFileError,
+    NonFiniteWeightError,
+    ShapeMismatchError,
+)
+from lora_ext.formats.algorithms.base import Dense, LowRank
+from lora_ext.formats.algorithms.dora import apply_dora
+from lora_ext.formats.arch import ARCH_NAMES
+from lora_ext.formats.network import LoraModule, LoraNetwork
+from lora_ext.patch.keymap import ModelAdapter, Target
+from lora_ext.patch.report import NetworkReport, PatchReport
+
+log = logging.getLogger(__name__)
+
+_NEEDS_CURRENT_WEIGHT = frozenset({"ia3"})  # algorithms whose delta depends on the weight (besides DoRA)
+_BIAS_KEYS = ("diff_b", "b_norm")  # tensors that carry a bias delta
+
+
+class BlockMultipliers(Protocol):
+    def multiplier_for(self, block: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    """One entry of the active set: a parsed LoRA and how strongly to apply it."""
+
+    network: LoraNetwork
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+    block_weights: BlockMultipliers | None = None
+
+    def multiplier(self, target: Target) -> float:
+        m = self.unet if target.component == "unet" else self.te
+        if self.block_weights is not None:
+            m *= float(self.block_weights.multiplier_for(target.block))
+        return float(m)
+
+
+@dataclass(frozen=True)
+class _Contribution:
+    network: LoraNetwork
+    module: LoraModule
+    target: Target
+    multiplier: float
+    dyn: int | None
+
+    def signature(self) -> tuple:
+        return (self.network.token, self.module.name, self.target.chunk, self.multiplier, self.dyn)
+
+
+@dataclass
+class _Slot:
+    """A parameter we have touched: its backup and what is currently merged into it."""
+
+    owner: torch.nn.Module
+    attr: str
+    backup: Tensor
+    max_abs: float
+    signature: tuple = ()
+
+    @property
+    def param(self) -> Tensor:
+        return getattr(self.owner, self.attr)
+
+
+_SlotKey = tuple[int, str]
+
+
+def _slot_key(module: torch.nn.Module, attr: str) -> _SlotKey:
+    return (id(module), attr)
+
+
+def _arch_label(arch: str | None) -> str:
+    return ARCH_NAMES.get(arch or "", "an unknown model family")
+
+
+class Patcher:
+    """Merges LoRAs into the weights of the model an adapter describes. Not thread-safe: one patcher per model."""
+
+    def __init__(self, adapter: ModelAdapter, *, backup_device: str = "auto", gpu_reserve_bytes: int = 1 << 30) -> None:
+        if backup_device not in ("auto", "cpu", "same"):
+            raise ValueError("backup_device must be 'auto', 'cpu' or 'same'")
+        self.adapter = adapter
+        self.backup_device = backup_device
+        self.gpu_reserve_bytes = gpu_reserve_bytes
+        self._slots: dict[_SlotKey, _Slot] = {}
+        self.active: tuple[ActiveLora, ...] = ()
+
+    # ------------------------------------------------------------------------------------------------------ queries
+
+    @property
+    def backup_bytes(self) -> int:
+        return sum(s.backup.numel() * s.backup.element_size() for s in self._slots.values())
+
+    @property
+    def is_pristine(self) -> bool:
+        """True when no weight differs from the original (nothing merged)."""
+        return not self._slots
+
+    # ------------------------------------------------------------------------------------------------------ planning
+
+    def _plan_network(self, index: int, lora: ActiveLora) -> tuple[NetworkReport, list[_Contribution]]:
+        net = lora.network
+        rep = NetworkReport(name=net.name, path=str(net.path) if net.path else None, lora_arch=net.arch.arch,
+                            arch_evidence=net.arch.evidence, modules_total=len(net.modules),
+                            unknown_keys=list(net.unknown_keys))
+        if net.arch.arch is not None and net.arch.arch != self.adapter.arch:
+            raise ArchitectureMismatchError(net.path or net.name, _arch_label(net.arch.arch),
+                                            _arch_label(self.adapter.arch), net.arch.evidence)
+        contribs: list[_Contribution] = []
+        mismatched: list[str] = []
+        groups: dict[str, int] = defaultdict(int)
+        for mname, module in net.modules.items():
+            target = self.adapter.lookup(mname)
+            if target is None:
+                rep.unmatched.append(mname)
+                continue
+            try:
+                module.algorithm.check_shape(target.spec)
+                if module.dora_scale is not None:
+                    _check_dora_shape(module.dora_scale, target)
+            except ShapeMismatchError as err:
+                mismatched.append(mname)
+                if len(mismatched) == 1:
+                    first = (mname, err.reason, target)
+                continue
+            multiplier = lora.multiplier(target)
+            if multiplier == 0.0:
+                rep.skipped_zero += 1
+                continue
+            contribs.append(_Contribution(net, module, target, multiplier, lora.dyn))
+            groups[target.component if target.component != "unet" else f"unet:{target.block}"] += 1
+        if mismatched:
+            mname, reason, target = first
+            if len(mismatched) > len(net.modules) // 2:
+                raise ArchitectureMismatchError(
+                    net.path or net.name, _arch_label(net.arch.arch), _arch_label(self.adapter.arch),
+                    f"{len(mismatched)} of {len(net.modules)} modules have shapes that do not fit this model, "
+                    f"e.g. {mname}: {reason}")
+            raise ShapeMismatchError(net.path, f"{reason}; the layer {target.key} has weight shape "
+                                     f"{tuple(target.spec.weight_shape)}", key=mname,
+                                     hint="the file does not fit this model (damaged, or made for another model)")
+        if net.modules and len(rep.unmatched) == len(net.modules):
+            raise LoraFileError(net.path, f"none of its {len(net.modules)} modules matches a layer of this "
+                                f"{_arch_label(self.adapter.arch)} model (e.g. {rep.unmatched[0]})",
+                                hint="it was made for another model type or uses a naming this tool does not know")
+        rep.modules_applied = len(contribs)
+        rep.applied_by_group = dict(groups)
+        return rep, contribs
+
+    # ------------------------------------------------------------------------------------------------------- apply
+
+    def apply(self, loras: Sequence[ActiveLora], *, skip_bad: bool = False) -> PatchReport:
+        """Make the model's weights reflect exactly `loras` (an empty list restores everything).
+
+        skip_bad=False: any refused LoRA raises its typed error and nothing changes.
+        skip_bad=True: refused LoRAs are left out and described in the report (`NetworkReport.error`).
+        """
+        t0 = time.perf_counter()
+        report = PatchReport()
+        weight_work: dict[_SlotKey, list[_Contribution]] = defaultdict(list)
+        bias_work: dict[_SlotKey, list[_Contribution]] = defaultdict(list)
+        kept: list[ActiveLora] = []
+        for index, lora in enumerate(loras):
+            try:
+                rep, contribs = self._plan_network(index, lora)
+            except LoraExtError as err:
+                if not skip_bad:
+                    raise
+                report.networks.append(NetworkReport(
+                    name=lora.network.name, path=str(lora.network.path) if lora.network.path else None,
+                    lora_arch=lora.network.arch.arch, arch_evidence=lora.network.arch.evidence,
+                    modules_total=len(lora.network.modules), error=str(err)))
+                continue
+            report.networks.append(rep)
+            kept.append(lora)
+            for c in contribs:
+                t = c.target
+                weight_work[_slot_key(t.module, t.weight_attr)].append(c)
+                if t.bias_attr is not None and _has_bias_delta(c.module):
+                    bias_work[_slot_key(t.module, t.bias_attr)].append(c)
+
+        work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}
+        signatures = {k: tuple(c.signature() for c in v) for k, (_, v) in work.items()}
+        try:
+            for key in [k for k in self._slots if k not in work]:
+                self._restore_slot(key)
+                report.layers_restored += 1
+            for key, (what, contribs) in work.items():
+                slot = self._slots.get(key)
+                if slot is not None and slot.signature == signatures[key]:
+                    report.layers_unchanged += 1
+                    continue
+                target = contribs[0].target
+                attr = target.weight_attr if what == "weight" else target.bias_attr
+                slot = slot or self._backup(target.module, attr)
+                if what == "weight":
+                    self._write_weight(slot, contribs)
+                else:
+                    self._write_bias(slot, contribs)
+                slot.signature = signatures[key]
+                report.layers_recomputed += 1
+        except BaseException:
+            self.restore()
+            raise
+        self.active = tuple(kept)
+        report.backup_bytes = self.backup_bytes
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def check(self, loras: Sequence[ActiveLora]) -> PatchReport:
+        """What `apply(loras, skip_bad=True)` would do, without touching any weight."""
+        report = PatchReport()
+        for index, lora in enumerate(loras):
+            try:
+                rep, _ = self._plan_network(index, lora)
+            except LoraExtError as err:
+                rep = NetworkReport(name=lora.network.name, path=str(lora.network.path) if lora.network.path else None,
+                                    lora_arch=lora.network.arch.arch, arch_evidence=lora.network.arch.evidence,
+                                    modules_total=len(lora.network.modules), error=str(err))
+            report.networks.append(rep)
+        return report
+
+    def restore(self) -> PatchReport:
+        """Copy every backed-up weight back (bit-exact) and drop the backups."""
+        t0 = time.perf_counter()
+        report = PatchReport()
+        for key in list(self._slots):
+            self._restore_slot(key)
+            report.layers_restored += 1
+        self.active = ()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # ------------------------------------------------------------------------------------------------------ backups
+
+    def _backup_device(self, param: Tensor) -> torch.device:
+        if self.backup_device == "cpu" or param.device.type == "cpu":
+            return torch.device("cpu")
+        if self.backup_device == "same":
+            return param.device
+        nbytes = param.numel() * param.element_size()
+        if param.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(param.device)
+            if free - nbytes > self.gpu_reserve_bytes:
+                return param.device
+            return torch.device("cpu")
+        return param.device
+
+    def _backup(self, owner: torch.nn.Module, attr: str) -> _Slot:
+        param = getattr(owner, attr)
+        with torch.no_grad():
+            device = self._backup_device(param)
+            backup = param.detach().to(device=device, copy=True)
+            if device.type == "cpu" and param.device.type == "cuda":
+                backup = backup.pin_memory()
+            max_abs = float(param.detach().abs().max()) if param.numel() else 0.0
+        slot = _Slot(owner, attr, backup, max_abs)
+        self._slots[_slot_key(owner, attr)] = slot
+        return slot
+
+    def _restore_slot(self, key: _SlotKey) -> None:
+        slot = self._slots.pop(key)
+        with torch.no_grad():
+            slot.param.data.copy_(slot.backup, non_blocking=False)
+
+    # ------------------------------------------------------------------------------------------------------ writing
+
+    def _write_weight(self, slot: _Slot, contribs: list[_Contribution]) -> None:
+        param = slot.param.data
+        backup = slot.backup.to(param.device, non_blocking=True)
+        by_rows: dict[int | None, list[_Contribution]] = defaultdict(list)
+        for c in contribs:
+            by_rows[c.target.chunk].append(c)
+        with torch.no_grad():
+            if len(by_rows) < 3 and any(k is not None for k in by_rows):
+                param.copy_(backup)  # rows of a fused q/k/v weight that no LoRA touches return to the original
+            for cs in by_rows.values():
+                rows = cs[0].target.rows()
+                w0 = backup if rows is None else backup[rows]
+                out = param if rows is None else param[rows]
+                self._write_region(slot, w0, out, cs)
+
+    def _write_region(self, slot: _Slot, w0: Tensor, out: Tensor, cs: list[_Contribution]) -> None:
+        spec = cs[0].target.spec
+        sequential = any(c.module.dora_scale is not None or c.module.algorithm.name in _NEEDS_CURRENT_WEIGHT
+                         for c in cs)
+        if sequential:
+            acc = w0.to(torch.float32, copy=True)
+            for c in cs:
+                delta = _materialize(c.module.algorithm.weight_delta(acc, spec, dyn=c.dyn), acc.shape)
+                if c.module.dora_scale is not None:
+                    delta = apply_dora(acc, delta, c.module.dora_scale.to(acc.device, torch.float32))
+                acc.add_(delta, alpha=c.multiplier)
+            self._commit(acc, out, cs)
+            return
+        ups, downs, dense, bound = [], [], None, 0.0
+        w0_f = w0  # only read by algorithms that need it (none in this branch); passed for the shape
+        for c in cs:
+            d = c.module.algorithm.weight_delta(w0_f, spec, dyn=c.dyn)
+            if isinstance(d, LowRank):
+                s = float(d.scale) * c.multiplier
+                up = d.up.to(out.device, torch.float32)
+                down = d.down.to(out.device, torch.float32)
+                ups.append(up * s)
+                downs.append(down)
+                bound += abs(s) * float(up.norm(dim=1).max()) * float(down.norm(dim=0).max())
+            else:
+                delta = d.delta.to(out.device, torch.float32).reshape(out.shape) * c.multiplier
+                dense = delta if dense is None else dense.add_(delta)
+                bound += float(delta.abs().max())
+        rows = out.shape[0]
+        safe = slot.max_abs + bound < 0.5 * torch.finfo(out.dtype).max and bound == bound  # not NaN
+        if safe and dense is None and out.dtype == torch.float32 and out.is_contiguous():
+            # one pass: out = w0 + U @ D, read the backup once, write the weight once
+            torch.addmm(w0.reshape(rows, -1), torch.cat(ups, 1), torch.cat(downs, 0), out=out.view(rows, -1))
+            return
+        acc = w0.to(torch.float32, copy=True).reshape(rows, -1)
+        if ups:
+            acc.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
+        if dense is not None:
+            acc.add_(dense.reshape(rows, -1))
+        self._commit(acc.reshape(out.shape), out, cs, checked=safe)
+
+    def _write_bias(self, slot: _Slot, contribs: list[_Contribution]) -> None:
+        param = slot.param.data
+        backup = slot.backup.to(param.device, non_blocking=True)
+        with torch.no_grad():
+            acc = backup.to(torch.float32, copy=True)
+            for c in contribs:
+                rows = c.target.rows()
+                region = acc if rows is None else acc[rows]
+                delta = c.module.algorithm.bias_delta(region, c.target.spec)
+                if delta is not None:
+                    region.add_(delta.to(acc.device, torch.float32).reshape(region.shape), alpha=c.multiplier)
+            self._commit(acc, param, contribs)
+
+    @staticmethod
+    def _commit(acc: Tensor, out: Tensor, cs: list[_Contribution], checked: bool = False) -> None:
+        if not checked:
+            limit = torch.finfo(out.dtype).max
+            if not bool(torch.isfinite(acc).all()) or float(acc.abs().max()) > limit:
+                names = ", ".join(sorted({c.network.name for c in cs}))
+                c = cs[0]
+                raise NonFiniteWeightError(
+                    c.network.path, f"merging ({names}) makes layer {c.target.key} non-finite in {out.dtype}",
+                    key=c.module.name, hint="lower the LoRA weight or use a LoRA that did not diverge")
+        out.copy_(acc.reshape(out.shape))
+
+
+def _has_bias_delta(module: LoraModule) -> bool:
+    return any(k in module.algorithm.tensors() for k in _BIAS_KEYS)
+
+
+def _materialize(d: LowRank | Dense, shape: torch.Size) -> Tensor:
+    if isinstance(d, LowRank):
+        return (d.up.float() @ d.down.float()).mul_(float(d.scale)).reshape(shape)
+    return d.delta.float().reshape(shape)
+
+
+def _check_dora_shape(dora_scale: Tensor, target: Target) -> None:
+    out_features = target.spec.weight_shape[0]
+    in_features = target.spec.weight_shape[1] if len(target.spec.weight_shape) > 1 else 1
+    n = dora_scale.numel()
+    if n not in (out_features, in_features):
+        raise ShapeMismatchError(None, f"dora_scale has {n} values; the layer has {out_features} outputs and "
+                                 f"{in_features} inputs", key="dora_scale")
+
+
+def describe(adapter_or_patcher: Any) -> str:  # pragma: no cover - debugging aid
+    adapter = getattr(adapter_or_patcher, "adapter", adapter_or_patcher)
+    return f"{adapter.arch}: {len(adapter.targets)} targets, {len(adapter.aliases)} names"

@@ -1,0 +1,722 @@
+"""`<lora:...>` prompt tags: parsing, validation, and finding the file a tag names.
+
+Pure Python (stdlib + `lora_ext.errors`); nothing here touches a model or the WebUI.
+
+Grammar (A1111 v1.10 `extra_networks.parse_prompt` + the built-in Lora extension, extended with the
+lora-block-weight syntax)::
+
+    tag      = "<" KIND ":" arg (":" arg)* ">"          KIND = "lora" | "lyco"  (lyco is an alias, same meaning)
+    arg      = positional | NAME "=" value               an arg containing "=" is named, split at its "="
+    position = LORA_NAME [":" TE [":" UNET [":" DYN]]]   positional args are counted without the named ones
+    named    = te= | unet= | dyn= | lbw= (alias w=) | start= | stop= | step=START-STOP | any other key
+
+* ``te`` defaults to 1.0; ``unet`` defaults to ``te`` (after ``te=`` is applied); a named arg overrides the positional
+  one, as in A1111 (`<lora:x:0.5:te=0.8>` gives te = unet = 0.8).
+* ``dyn`` (DyLoRA rank) is an integer >= 1.
+* ``lbw=`` is a lora-block-weight preset name (case-sensitive: NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL,
+  ALL0.5, plus any caller-supplied presets) or a comma list of 17 / 26 (SD1/SD2 LoRA / LyCORIS) or 12 / 20 (SDXL)
+  numbers. See `BlockWeights` for what each position means.
+* ``start=`` / ``stop=``: an integer is a sampling-step number (``10``); a number written with a decimal point is a
+  fraction of the steps in 0.0..1.0 (``0.3``, ``1.0``), the same rule as A1111's prompt editing ``[a:b:0.3]``.
+  The LoRA is active for sampling steps ``start <= step < stop`` (lora-block-weight applies at ``start`` and removes
+  at ``stop``). ``step=5-10`` (lora-block-weight) is shorthand for ``start=5:stop=10``.
+* Every other named arg (``hr=``, ``neg=``, ``lbwe=``, ``x=``, ...) is kept verbatim in `LoraRef.extra`.
+
+Tolerated (accepted as A1111 accepts them): whitespace around numbers (``<lora:x: 0.8 >``), named args before the
+name (``<lora:te=0.5:x>``), signs and exponents in multipliers (``+1``, ``5e-1``), negative and > 1 multipliers and
+block weights. Also tolerated, where A1111 would silently fail: whitespace around the name (stripped, so
+``<lora: my lora :1>`` names "my lora") and around arg names (`` te =0.5`` is ``te=0.5``; A1111 ignores it).
+
+Malformed (`PromptSyntaxError`, whose message quotes the tag), where A1111 would crash, misread or silently ignore:
+
+* an empty tag or a missing/empty name (``<lora:>``, ``<lora: :1>``, ``<lora:te=1>``), an empty arg (``<lora:x::1>``,
+  ``<lora:x:>``), a control character in the name, a tag with no closing ``>`` (``<lora:x:0.8`` or a ``<`` inside);
+* a multiplier that is not a plain decimal number, or NaN/inf (``<lora:x:abc>``, ``<lora:x:nan>``);
+* more than four positional args (``<lora:x:1:2:3:4:5>``; A1111 silently ignores the fifth and later);
+* the pre-v1.5 positional block-weight form ``<lora:x:1:INALL>`` / ``<lora:x:1:1:INALL>``: on A1111 >= 1.5 position 3
+  is the UNet multiplier and position 4 the DyLoRA rank, so both A1111 and lora-block-weight fail on it ("could not
+  convert string to float"; lora-block-weight's README says to write ``lbw=INALL``). The error says so;
+* ``dyn=`` not an integer >= 1; an unknown ``lbw`` preset; an ``lbw`` vector of another length (lora-block-weight
+  silently ignores it) or with a non-number (its random ``R``/``U`` and inherited ``X`` values are not supported,
+  so a tag always means the same weights); Flux 61-value vectors;
+* a ``start``/``stop`` that is negative, a fraction above 1.0 (``start=1.5``), or not a number; ``stop`` not after
+  ``start`` when both are the same kind (or ``stop=0`` / ``stop=0.0``, which would leave the LoRA never active);
+  ``step=`` together with ``start=``/``stop=``, or ``step=`` not of the form ``START-STOP``;
+* the same named arg twice (A1111 silently keeps the last), both ``lbw=`` and ``w=``, an arg with two ``=``, or an arg
+  name that is not a word.
+
+Tags of other kinds (``<hypernet:...>``, ``<LoRA:...>``; kinds are case-sensitive as in A1111) are left in the text
+untouched. `parse_prompt` removes LoRA tags by replacing each with the empty string, as A1111 does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path, PureWindowsPath
+from types import MappingProxyType
+
+from lora_ext.errors import LoraNotFoundError, PromptSyntaxError
+
+__all__ = [
+    "BLOCK_IDS",
+    "BLOCK_LAYOUTS",
+    "DEFAULT_EXTENSIONS",
+    "LBW_PRESETS",
+    "LORA_KINDS",
+    "BlockWeights",
+    "LoraRef",
+    "StepPoint",
+    "parse_block_weights",
+    "parse_prompt",
+    "parse_tag",
+    "resolve_lora_path",
+]
+
+logger = logging.getLogger(__name__)
+
+LORA_KINDS: tuple[str, ...] = ("lora", "lyco")
+DEFAULT_EXTENSIONS: tuple[str, ...] = (".safetensors", ".pt", ".ckpt", ".bin")
+
+# Block ids of the LDM UNet (A1111 / lora-block-weight naming): BASE is the text encoder(s); INnn, M00, OUTnn are
+# `input_blocks.nn`, `middle_block`, `output_blocks.nn`. SD1/SD2 have IN00..IN11 and OUT00..OUT11, SDXL IN00..IN08 and
+# OUT00..OUT08 (a subset).
+_IN = tuple(f"IN{i:02d}" for i in range(12))
+_OUT = tuple(f"OUT{i:02d}" for i in range(12))
+BLOCK_IDS: tuple[str, ...] = ("BASE", *_IN, "M00", *_OUT)
+
+# What each position of an lbw vector means, by vector length (lora-block-weight's layouts).
+BLOCK_LAYOUTS: Mapping[int, tuple[str, ...]] = MappingProxyType(
+    {
+        # SD1/SD2 LoRA: only the blocks that hold attention layers (what a kohya LoRA trains).
+        17: ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[3:]),
+        # SD1/SD2 LyCORIS / LoCon: every block.
+        26: BLOCK_IDS,
+        # SDXL LoRA: blocks with transformer layers.
+        12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[:6]),
+        # SDXL LyCORIS / LoCon: every SDXL block.
+        20: ("BASE", *_IN[:9], "M00", *_OUT[:9]),
+    }
+)
+
+
+def _preset(on: str, value: float = 1.0) -> tuple[float, ...]:
+    """A 17-value vector with `value` at the blocks named in `on` (space separated) and 0 elsewhere."""
+    wanted = set(on.split())
+    return tuple(value if block in wanted else 0.0 for block in BLOCK_LAYOUTS[17])
+
+
+_ALL17 = " ".join(BLOCK_LAYOUTS[17])
+_OUT_3_11 = " ".join(_OUT[3:])
+# lora-block-weight's default presets (17-value SD1 layout).
+LBW_PRESETS: Mapping[str, tuple[float, ...]] = MappingProxyType(
+    {
+        "NONE": _preset(""),
+        "ALL": _preset(_ALL17),
+        "INS": _preset("BASE IN01 IN02 IN04"),
+        "IND": _preset("BASE IN05 IN07 IN08"),
+        "INALL": _preset("BASE IN01 IN02 IN04 IN05 IN07 IN08"),
+        "MIDD": _preset("BASE IN05 IN07 IN08 M00 OUT03 OUT04 OUT05 OUT06"),
+        "OUTD": _preset("BASE OUT03 OUT04 OUT05 OUT06"),
+        "OUTS": _preset("BASE OUT07 OUT08 OUT09 OUT10 OUT11"),
+        "OUTALL": _preset("BASE " + _OUT_3_11),
+        "ALL0.5": _preset(_ALL17, 0.5),
+    }
+)
+
+# Named args this module interprets; anything else goes to LoraRef.extra.
+_KNOWN_KEYS = frozenset({"te", "unet", "dyn", "lbw", "w", "start", "stop", "step"})
+
+_TAG_RE = re.compile(r"<(\w+):([^<>]*)>")
+_UNCLOSED_RE = re.compile(r"<(?:lora|lyco):")
+_WHOLE_TAG_RE = re.compile(r"<(\w+):(.*)>", re.DOTALL)
+_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INT_RE = re.compile(r"\+?[0-9]+")
+_STEP_INT_RE = re.compile(r"[0-9]+")
+_STEP_FRACTION_RE = re.compile(r"[0-9]+\.[0-9]*|\.[0-9]+")
+_ARG_NAME_RE = re.compile(r"\w+")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """A `start=` / `stop=` value: a sampling-step number, or a fraction of the sampling steps.
+
+    `is_fraction` is True for a value written with a decimal point ("0.3", "1.0"), which must lie in 0.0..1.0;
+    False for an integer step number ("10"), which must be >= 0.
+    """
+
+    value: float
+    is_fraction: bool
+
+    def __post_init__(self) -> None:
+        value = float(self.value)
+        if not math.isfinite(value):
+            raise ValueError(f"step point must be finite, got {self.value!r}")
+        if self.is_fraction and not 0.0 <= value <= 1.0:
+            raise ValueError(f"a fraction of the steps must be in 0.0..1.0, got {value!r}")
+        if not self.is_fraction and (value < 0 or value != int(value)):
+            raise ValueError(f"a step number must be an integer >= 0, got {value!r}")
+        object.__setattr__(self, "value", value)
+
+    def to_step(self, total_steps: int) -> int:
+        """The 0-based sampling-step index this point falls on, in 0..total_steps.
+
+        A fraction gives floor(value * total_steps), computed on the decimal value as written (0.29 of 100 is 29, not
+        28 through binary rounding). A step number is clamped to `total_steps`, which means "after the last step".
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        if self.is_fraction:
+            step = math.floor(Fraction(repr(self.value)) * total_steps)
+        else:
+            step = int(self.value)
+        return min(step, total_steps)
+
+    def __str__(self) -> str:
+        """The text that parses back to this point ("0.3", "1.0", "10")."""
+        if self.is_fraction:
+            text = format(Decimal(repr(self.value)), "f")
+            return text if "." in text else text + ".0"
+        return str(int(self.value))
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """lora-block-weight per-block multipliers.
+
+    `values` has 17 or 26 entries (SD1/SD2 LoRA / LyCORIS layouts) or 12 or 20 (SDXL); `BLOCK_LAYOUTS[len(values)]`
+    names the block of each position. `preset` is the preset name when the weights were given by name.
+    """
+
+    preset: str | None
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        values = tuple(float(v) for v in self.values)
+        if len(values) not in BLOCK_LAYOUTS:
+            raise ValueError(f"block weights need {_lengths_text()} values, got {len(values)}")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"block weight {bad[0] + 1} is not finite: {values[bad[0]]!r}")
+        object.__setattr__(self, "values", values)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for the SDXL layouts (12 or 20 values)."""
+        return len(self.values) in (12, 20)
+
+    def block_names(self) -> tuple[str, ...]:
+        """The block id of each position of `values`, e.g. ("BASE", "IN01", ...) for 17 values."""
+        return BLOCK_LAYOUTS[len(self.values)]
+
+    def multiplier_for(self, block: str) -> float:
+        """The weight of `block` ("BASE" = text encoder(s), or an LDM UNet block id "IN00".."IN11", "M00",
+        "OUT00".."OUT11").
+
+        A valid block that this layout does not list gets 0.0, as in lora-block-weight ("layers not provided are
+        treated as having a weight of 0"): e.g. IN00 (conv_in) under the 17-value layout, or IN09 under an SDXL
+        layout. An unknown block id raises ValueError.
+        """
+        if block not in BLOCK_IDS:
+            raise ValueError(f"unknown block {block!r}; expected BASE, IN00..IN11, M00 or OUT00..OUT11")
+        names = self.block_names()
+        return self.values[names.index(block)] if block in names else 0.0
+
+    def __str__(self) -> str:
+        """The `lbw=` value that parses back to these weights."""
+        if self.preset is not None:
+            return self.preset
+        return ",".join(repr(v) for v in self.values)
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One `<lora:...>` / `<lyco:...>` tag, parsed.
+
+    `te` multiplies the LoRA on the text encoder(s), `unet` on the UNet; `lbw` (if any) further scales each block
+    (see `effective_multiplier`). `extra` holds the other named args verbatim; it is excluded from the hash.
+    """
+
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+    lbw: BlockWeights | None = None
+    start: StepPoint | None = None
+    stop: StepPoint | None = None
+    tag: str = ""
+    kind: str = "lora"
+    extra: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        where = self.tag or f"<{self.kind}:{self.name}>"
+        if self.kind not in LORA_KINDS:
+            raise PromptSyntaxError(where, f"kind must be one of {', '.join(LORA_KINDS)}, got {self.kind!r}")
+        problem = _name_problem(self.name)
+        if problem:
+            raise PromptSyntaxError(where, problem)
+        for label in ("te", "unet"):
+            value = getattr(self, label)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PromptSyntaxError(where, f"{label} multiplier must be a finite number, got {value!r}")
+            object.__setattr__(self, label, float(value))
+        if self.dyn is not None and (isinstance(self.dyn, bool) or not isinstance(self.dyn, int) or self.dyn < 1):
+            raise PromptSyntaxError(where, f"dyn must be an integer >= 1, got {self.dyn!r}")
+        problem = _window_problem(self.start, self.stop)
+        if problem:
+            raise PromptSyntaxError(where, problem)
+        extra = dict(self.extra)
+        for key, value in extra.items():
+            if not isinstance(key, str) or not _ARG_NAME_RE.fullmatch(key) or key in _KNOWN_KEYS:
+                raise PromptSyntaxError(where, f"extra arg name {key!r} must be a word and not one of te/unet/dyn/...")
+            if not isinstance(value, str) or any(c in value for c in ":<>="):
+                raise PromptSyntaxError(where, f"extra arg {key}= must be text without ':', '<', '>' or '='")
+        object.__setattr__(self, "extra", extra)
+
+    def effective_multiplier(self, block: str) -> float:
+        """The multiplier for `block`: te x lbw(BASE) for "BASE", unet x lbw(block) for a UNet block id."""
+        if block not in BLOCK_IDS:
+            raise ValueError(f"unknown block {block!r}; expected BASE, IN00..IN11, M00 or OUT00..OUT11")
+        weight = self.lbw.multiplier_for(block) if self.lbw is not None else 1.0
+        return (self.te if block == "BASE" else self.unet) * weight
+
+    def active_steps(self, total_steps: int) -> range:
+        """The 0-based sampling steps during which this LoRA is active (start <= step < stop)."""
+        begin = self.start.to_step(total_steps) if self.start is not None else 0
+        end = self.stop.to_step(total_steps) if self.stop is not None else total_steps
+        return range(begin, max(begin, end))
+
+    def to_tag(self) -> str:
+        """A canonical tag text that `parse_tag` reads back to an equal LoraRef (apart from `tag`)."""
+        parts = [self.kind, self.name, repr(self.te)]
+        if self.unet != self.te:
+            parts.append(repr(self.unet))
+        if self.dyn is not None:
+            parts.append(f"dyn={self.dyn}")
+        if self.lbw is not None:
+            parts.append(f"lbw={self.lbw}")
+        if self.start is not None:
+            parts.append(f"start={self.start}")
+        if self.stop is not None:
+            parts.append(f"stop={self.stop}")
+        parts.extend(f"{k}={v}" for k, v in self.extra.items())
+        return "<" + ":".join(parts) + ">"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_prompt(
+    prompt: str, *, presets: Mapping[str, str | Sequence[float]] | None = None
+) -> tuple[str, list[LoraRef]]:
+    """Remove the `<lora:...>` / `<lyco:...>` tags from `prompt`; return the remaining text and the tags in order.
+
+    Other extra-network tags stay in the text. `presets` adds or overrides lbw presets (name -> 17/26/12/20 weights,
+    as a sequence or a comma string). Raises PromptSyntaxError for the first malformed LoRA tag.
+    """
+    for opening in _UNCLOSED_RE.finditer(prompt):
+        if not _TAG_RE.match(prompt, opening.start()):
+            rest = prompt[opening.start() :]
+            end = rest.find("<", 1)
+            raise PromptSyntaxError(rest[: end if end > 0 else 60], "the tag has no closing '>'")
+
+    refs: list[LoraRef] = []
+
+    def take(match: re.Match[str]) -> str:
+        if match.group(1) not in LORA_KINDS:
+            return match.group(0)
+        refs.append(_parse_args(match.group(1), match.group(2), match.group(0), presets))
+        return ""
+
+    return _TAG_RE.sub(take, prompt), refs
+
+
+def parse_tag(tag: str, *, presets: Mapping[str, str | Sequence[float]] | None = None) -> LoraRef:
+    """Parse one tag, e.g. "<lora:name:0.8:lbw=INALL>" (surrounding whitespace ignored). See the module docstring."""
+    text = tag.strip()
+    match = _WHOLE_TAG_RE.fullmatch(text)
+    if not match:
+        raise PromptSyntaxError(tag, "not a tag of the form <lora:NAME[:ARGS]>")
+    kind, args = match.groups()
+    if kind not in LORA_KINDS:
+        raise PromptSyntaxError(tag, f"not a LoRA tag (kind {kind!r}); expected <lora:...> or <lyco:...>")
+    if "<" in args or ">" in args:
+        raise PromptSyntaxError(tag, "'<' or '>' inside the tag (is a tag missing its closing '>'?)")
+    return _parse_args(kind, args, text, presets)
+
+
+def parse_block_weights(
+    text: str, *, presets: Mapping[str, str | Sequence[float]] | None = None, tag: str | None = None
+) -> BlockWeights:
+    """Parse an `lbw=` value: a preset name or a comma list of 17, 26, 12 or 20 numbers.
+
+    Raises PromptSyntaxError quoting `tag` (or the text itself).
+    """
+    where = tag if tag is not None else text
+    value = text.strip()
+    table: dict[str, str | Sequence[float]] = dict(LBW_PRESETS)
+    if presets:
+        table.update(presets)
+    if value in table:
+        preset = table[value]
+        try:
+            weights = _weights_from_text(preset) if isinstance(preset, str) else tuple(float(v) for v in preset)
+        except ValueError as err:
+            raise PromptSyntaxError(where, f"lbw preset {value!r} is invalid: {err}") from None
+        return _block_weights(where, value, weights)
+    if "," not in value:
+        known = ", ".join(table)
+        close = [name for name in table if name.lower() == value.lower()]
+        hint = f" (preset names are case-sensitive: did you mean {close[0]!r}?)" if close else ""
+        raise PromptSyntaxError(where, f"unknown lbw preset {value!r}{hint}; known presets: {known}")
+    try:
+        weights = _weights_from_text(value)
+    except ValueError as err:
+        raise PromptSyntaxError(where, f"lbw={value}: {err}") from None
+    return _block_weights(where, None, weights)
+
+
+def _parse_args(kind: str, args: str, tag: str, presets: Mapping[str, str | Sequence[float]] | None) -> LoraRef:
+    """Build a LoraRef from the text between "<kind:" and ">"."""
+    if not args.strip():
+        raise PromptSyntaxError(tag, "empty tag: the LoRA name is missing")
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for number, item in enumerate(args.split(":"), start=1):
+        if "=" not in item:
+            if not item.strip():
+                raise PromptSyntaxError(tag, f"argument {number} is empty")
+            positional.append(item)
+            continue
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if "=" in value:
+            raise PromptSyntaxError(tag, f"argument {item!r} has more than one '='")
+        if not _ARG_NAME_RE.fullmatch(key):
+            raise PromptSyntaxError(tag, f"argument {item!r} needs a word before '=' (like te=0.5)")
+        if key in named:
+            raise PromptSyntaxError(tag, f"{key}= is given twice")
+        named[key] = value
+
+    if not positional:
+        raise PromptSyntaxError(tag, "the LoRA name is missing (the first argument without '=')")
+    if len(positional) > 4:
+        raise PromptSyntaxError(
+            tag,
+            f"{len(positional)} positional arguments; at most 4 (NAME:TE:UNET:DYN) are allowed, "
+            "use named arguments for the rest (lbw=..., start=..., stop=...)",
+        )
+    name = positional[0].strip()
+    problem = _name_problem(name)
+    if problem:
+        raise PromptSyntaxError(tag, problem)
+
+    # A named arg overrides its positional one (both must be valid); unet defaults to the final te (A1111).
+    te = _multiplier(tag, positional[1], "argument 2 (TE multiplier)", presets) if len(positional) > 1 else 1.0
+    if "te" in named:
+        te = _multiplier(tag, named["te"], "te=")
+    unet = _multiplier(tag, positional[2], "argument 3 (UNet multiplier)", presets) if len(positional) > 2 else te
+    if "unet" in named:
+        unet = _multiplier(tag, named["unet"], "unet=")
+    dyn = _dyn(tag, positional[3], "argument 4 (DyLoRA dim)", presets) if len(positional) > 3 else None
+    if "dyn" in named:
+        dyn = _dyn(tag, named["dyn"], "dyn=")
+
+    if "lbw" in named and "w" in named:
+        raise PromptSyntaxError(tag, "both lbw= and w= are given; they are the same setting")
+    lbw_text = named.get("lbw", named.get("w"))
+    lbw = parse_block_weights(lbw_text, presets=presets, tag=tag) if lbw_text is not None else None
+
+    start = _step_point(tag, named["start"], "start") if "start" in named else None
+    stop = _step_point(tag, named["stop"], "stop") if "stop" in named else None
+    if "step" in named:
+        if start is not None or stop is not None:
+            raise PromptSyntaxError(tag, "step= cannot be combined with start= or stop=")
+        start, stop = _step_range(tag, named["step"])
+    problem = _window_problem(start, stop)
+    if problem:
+        raise PromptSyntaxError(tag, problem)
+
+    extra = {key: value for key, value in named.items() if key not in _KNOWN_KEYS}
+    return LoraRef(
+        name=name, te=te, unet=unet, dyn=dyn, lbw=lbw, start=start, stop=stop, tag=tag, kind=kind, extra=extra
+    )
+
+
+def _name_problem(name: object) -> str | None:
+    """Why `name` cannot be a LoRA name in a tag, or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "the LoRA name is empty"
+    if name != name.strip():
+        return f"the LoRA name {name!r} has leading or trailing whitespace"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return f"the LoRA name {name!r} contains a control character"
+    if any(c in name for c in ":<>="):
+        return f"the LoRA name {name!r} contains one of ':', '<', '>', '='"
+    return None
+
+
+def _looks_like_lbw(text: str, presets: Mapping[str, object] | None) -> bool:
+    value = text.strip()
+    return "," in value or value in LBW_PRESETS or bool(presets and value in presets)
+
+
+def _multiplier(tag: str, text: str, what: str, presets: Mapping[str, object] | None = None) -> float:
+    """A finite float from a plain decimal literal (no nan/inf/hex/underscores)."""
+    value = text.strip()
+    if not _FLOAT_RE.fullmatch(value):
+        if _looks_like_lbw(value, presets):
+            raise PromptSyntaxError(
+                tag,
+                f"{what} is {value!r}, not a number: the positional block-weight form is not supported "
+                f"(A1111 >= 1.5 reads this position as a multiplier); write lbw={value}",
+            )
+        raise PromptSyntaxError(tag, f"{what} is {value!r}, not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise PromptSyntaxError(tag, f"{what} is {value!r}, which is not a finite number")
+    return number
+
+
+def _dyn(tag: str, text: str, what: str, presets: Mapping[str, object] | None = None) -> int:
+    value = text.strip()
+    if not _INT_RE.fullmatch(value) or int(value) < 1:
+        if _looks_like_lbw(value, presets):
+            raise PromptSyntaxError(
+                tag,
+                f"{what} is {value!r}: the positional block-weight form is not supported "
+                f"(A1111 >= 1.5 reads this position as the DyLoRA dim); write lbw={value}",
+            )
+        raise PromptSyntaxError(tag, f"{what} is {value!r}; the DyLoRA dim must be an integer >= 1")
+    return int(value)
+
+
+def _weights_from_text(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers -> floats; ValueError naming the bad entry."""
+    weights = []
+    for index, entry in enumerate(text.split(","), start=1):
+        item = entry.strip()
+        if not _FLOAT_RE.fullmatch(item):
+            if item[:1] in ("R", "U", "X"):
+                raise ValueError(
+                    f"weight {index} is {item!r}: lora-block-weight's random (R, U) and inherited (X) weights are "
+                    "not supported, write numbers"
+                )
+            raise ValueError(f"weight {index} is {item!r}, not a number")
+        number = float(item)
+        if not math.isfinite(number):
+            raise ValueError(f"weight {index} is {item!r}, which is not a finite number")
+        weights.append(number)
+    return tuple(weights)
+
+
+def _lengths_text() -> str:
+    return "17 or 26 (SD1/SD2 LoRA / LyCORIS) or 12 or 20 (SDXL)"
+
+
+def _block_weights(tag: str, preset: str | None, weights: tuple[float, ...]) -> BlockWeights:
+    if len(weights) not in BLOCK_LAYOUTS:
+        label = f"lbw preset {preset!r}" if preset else "lbw"
+        raise PromptSyntaxError(tag, f"{label} has {len(weights)} weights; it needs {_lengths_text()}")
+    return BlockWeights(preset=preset, values=weights)
+
+
+def _step_point(tag: str, text: str, key: str) -> StepPoint:
+    value = text.strip()
+    if _STEP_INT_RE.fullmatch(value):
+        return StepPoint(float(int(value)), is_fraction=False)
+    if _STEP_FRACTION_RE.fullmatch(value):
+        number = float(value)
+        if number > 1.0:
+            raise PromptSyntaxError(
+                tag,
+                f"{key}={value}: a fraction of the steps must be between 0.0 and 1.0 "
+                "(write an integer such as 10 for a step number)",
+            )
+        return StepPoint(number, is_fraction=True)
+    raise PromptSyntaxError(
+        tag, f"{key}={value!r} is neither a step number (like 10) nor a fraction of the steps (like 0.3)"
+    )
+
+
+def _step_range(tag: str, text: str) -> tuple[StepPoint, StepPoint]:
+    pieces = text.split("-")
+    if len(pieces) != 2 or not all(p.strip() for p in pieces):
+        raise PromptSyntaxError(tag, f"step={text!r} must have the form START-STOP, e.g. step=5-10")
+    return _step_point(tag, pieces[0], "step start"), _step_point(tag, pieces[1], "step stop")
+
+
+def _window_problem(start: StepPoint | None, stop: StepPoint | None) -> str | None:
+    """Why start/stop cannot form a non-empty window, or None. A missing start is the first step."""
+    if stop is None:
+        return None
+    if start is None:
+        return f"stop={stop} leaves the LoRA inactive for every step" if stop.value <= 0 else None
+    if start.is_fraction == stop.is_fraction and stop.value <= start.value:
+        return f"stop={stop} must be after start={start}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding the file
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_lora_path(
+    name: str,
+    lora_dirs: Sequence[str | Path],
+    extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+) -> Path:
+    """The LoRA file that `name` denotes inside `lora_dirs`.
+
+    `name` is a path relative to a LoRA directory, with or without one of `extensions` ("ink", "styles/ink",
+    "styles\\ink", "ink.pt"); extensions match case-insensitively, names case-sensitively. If no file has that relative
+    path, a bare name is looked up by file stem in every subfolder (as A1111 keys LoRAs by stem). When one name has
+    files with several extensions, .safetensors wins, then the order of `extensions`.
+
+    Raises LoraNotFoundError when nothing matches (naming the directories searched), when the name is absolute or
+    contains "..", when the match resolves outside the directory it was found in (e.g. a symlink pointing
+    elsewhere; symlinked folders are not searched by stem), or when the name matches files in several places
+    (listing them). The returned path is inside a LoRA directory (symlinks in it are not resolved).
+    """
+    exts = _normalise_extensions(extensions)
+    parts = _name_parts(name)
+    roots = []
+    missing = []
+    for directory in lora_dirs:
+        path = Path(directory)
+        if path.is_dir():
+            roots.append(path.resolve())
+        else:
+            missing.append(str(path))
+
+    direct = _unique(_pick(root, root.joinpath(*parts[:-1]), parts[-1], exts, name) for root in roots)
+    if len(direct) == 1:
+        return direct[0]
+    if len(direct) > 1:
+        raise LoraNotFoundError(_ambiguous_message(name, direct))
+
+    if len(parts) == 1:
+        by_stem = _unique(
+            _pick(root, Path(folder), parts[0], exts, name) for root in roots for folder in _walk_folders(root)
+        )
+        if len(by_stem) == 1:
+            logger.debug("LoRA %r found by stem: %s", name, by_stem[0])
+            return by_stem[0]
+        if len(by_stem) > 1:
+            raise LoraNotFoundError(_ambiguous_message(name, by_stem))
+
+    searched = ", ".join(str(r) for r in roots) or "(none)"
+    msg = f"LoRA {name!r} not found in {searched} (extensions {', '.join(exts)}"
+    msg += ", also searched subfolders by file stem)" if len(parts) == 1 else ")"
+    if missing:
+        msg += f"; these LoRA directories do not exist (or are not folders): {', '.join(missing)}"
+    raise LoraNotFoundError(msg)
+
+
+def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    exts = []
+    for ext in extensions:
+        ext = ext.lower() if ext.startswith(".") else "." + ext.lower()
+        if ext not in exts:
+            exts.append(ext)
+    if not exts:
+        raise ValueError("extensions must not be empty")
+    if ".safetensors" in exts:
+        exts.remove(".safetensors")
+        exts.insert(0, ".safetensors")
+    return tuple(exts)
+
+
+def _name_parts(name: str) -> list[str]:
+    """Split a LoRA name into relative path components; reject names that could leave the LoRA directories."""
+    if not isinstance(name, str) or not name.strip():
+        raise LoraNotFoundError(f"empty LoRA name {name!r}")
+    if "\x00" in name:
+        raise LoraNotFoundError(f"LoRA name {name!r} contains a NUL character")
+    posix = name.replace("\\", "/")
+    windows = PureWindowsPath(name)
+    if posix.startswith("/") or windows.drive or windows.root:
+        raise LoraNotFoundError(f"LoRA name {name!r} is an absolute path; give a name relative to the LoRA directories")
+    parts = [p for p in posix.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LoraNotFoundError(f"LoRA name {name!r} contains '..'; names must stay inside the LoRA directories")
+    if not parts:
+        raise LoraNotFoundError(f"LoRA name {name!r} does not name a file")
+    return parts
+
+
+def _walk_folders(root: Path) -> Iterable[str]:
+    """Every folder under `root` (root included), in sorted order, without following symlinked folders."""
+    for folder, subfolders, _files in os.walk(root, followlinks=False):
+        subfolders.sort()
+        yield folder
+
+
+def _pick(root: Path, folder: Path, base: str, exts: tuple[str, ...], name: str) -> Path | None:
+    """The preferred file in `folder` named `base` (a stem, or a file name with an allowed extension), or None.
+
+    Raises LoraNotFoundError if it resolves outside `root`.
+    """
+    stem, suffix = os.path.splitext(base)
+    if suffix.lower() in exts:
+        wanted_exts: tuple[str, ...] = (suffix.lower(),)
+    else:
+        stem, wanted_exts = base, exts
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return None
+    hits = []
+    for entry in entries:
+        entry_stem, entry_ext = os.path.splitext(entry.name)
+        if entry_stem == stem and entry_ext.lower() in wanted_exts:
+            try:
+                is_file = entry.is_file()
+            except OSError:
+                is_file = False
+            if is_file:
+                hits.append((wanted_exts.index(entry_ext.lower()), entry.name))
+    if not hits:
+        return None
+    chosen = folder / min(hits)[1]
+    real = chosen.resolve()
+    if not real.is_relative_to(root):
+        raise LoraNotFoundError(
+            f"LoRA {name!r} matches {chosen}, which resolves to {real}, outside the LoRA directory {root} "
+            "(symlinks pointing outside the LoRA directories are refused)"
+        )
+    return chosen
+
+
+def _unique(paths: Iterable[Path | None]) -> list[Path]:
+    """Drop Nones and paths that are the same file (e.g. one directory given twice)."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        if path is not None:
+            seen.setdefault(path.resolve(), path)
+    return list(seen.values())
+
+
+def _ambiguous_message(name: str, candidates: list[Path]) -> str:
+    listing = "; ".join(str(p) for p in candidates)
+    return (
+        f"LoRA name {name!r} is ambiguous: it matches {len(candidates)} files ({listing}); "
+        "write the path relative to the LoRA directory (e.g. <lora:subfolder/name:1>) or rename one"
+    )

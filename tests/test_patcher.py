@@ -1,0 +1,301 @@
+"""The patcher against hand-computed math and against bit-exact originals (tiny SD1.5 / SDXL pipelines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_ext.errors import ArchitectureMismatchError, NonFiniteWeightError, ShapeMismatchError
+from lora_ext.formats.network import parse_lora
+from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
+from lora_ext.prompt import parse_tag
+from tests.lora_factory import (
+    assert_bit_identical,
+    expected_state,
+    make_entries,
+    modules_of,
+    snapshot,
+    to_state_dict,
+)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    from lora_ext.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("sd15", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from lora_ext.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("sdxl", seed=0)
+
+
+def _close(got: dict, want: dict, rtol: float = 1e-6) -> None:
+    for comp in want:
+        for k, w in want[comp].items():
+            g = got[comp][k]
+            err = (g.float() - w.float()).abs().max().item()
+            scale = w.float().abs().max().item() or 1.0
+            assert err <= rtol * scale + 1e-7, f"{comp}:{k} max err {err} (scale {scale})"
+
+
+@pytest.mark.parametrize("style", ["kohya", "compvis", "peft"])
+def test_sd15_merge_equals_formula_and_restore_is_exact(sd15, style):
+    original = snapshot(sd15)
+    entries = make_entries(sd15, "lora", rank=4, alpha=None if style == "peft" else 2.0, seed=1)
+    compvis = None
+    if style == "compvis":
+        from lora_ext.formats.layouts import unet_module_map
+
+        compvis = unet_module_map(dict(sd15.unet.config))
+    net = parse_lora(to_state_dict(entries, style, unet_compvis=compvis), name=f"t_{style}")
+    patcher = Patcher(adapter_for_pipeline(sd15))
+    report = patcher.apply([ActiveLora(net, te=0.7, unet=0.4)])
+    rep = report.networks[0]
+    assert rep.modules_applied == len(entries) and not rep.unmatched, rep.summary()
+    assert rep.applied_by_group.get("te1", 0) == sum(e.component == "te1" for e in entries)
+    _close(snapshot(sd15), expected_state(sd15, entries, te=0.7, unet=0.4, original=original))
+    now = snapshot(sd15)["unet"]
+    assert any(not torch.equal(now[k], original["unet"][k]) for k in now)  # non-trivial: weights did change
+    patcher.restore()
+    assert_bit_identical(original, snapshot(sd15))
+    assert patcher.is_pristine
+
+
+def test_sdxl_kohya_compvis_te1_te2(sdxl):
+    from lora_ext.formats.layouts import unet_module_map
+
+    original = snapshot(sdxl)
+    entries = make_entries(sdxl, "lora", rank=2, alpha=1.0, seed=3)
+    assert {e.component for e in entries} == {"unet", "te1", "te2"}
+    sd = to_state_dict(entries, "compvis", sdxl=True, unet_compvis=unet_module_map(dict(sdxl.unet.config)))
+    assert any(k.startswith("lora_unet_input_blocks_") for k in sd) and any(k.startswith("lora_te2_") for k in sd)
+    net = parse_lora(sd, name="xl")
+    assert net.arch.arch == "sdxl"
+    patcher = Patcher(adapter_for_pipeline(sdxl))
+    rep = patcher.apply([ActiveLora(net, te=1.0, unet=0.5)]).networks[0]
+    assert rep.modules_applied == len(entries) and not rep.unmatched
+    _close(snapshot(sdxl), expected_state(sdxl, entries, te=1.0, unet=0.5, original=original))
+    patcher.restore()
+    assert_bit_identical(original, snapshot(sdxl))
+
+
+def test_switch_recomputes_only_changed_layers(sd15):
+    original = snapshot(sd15)
+    a = make_entries(sd15, "lora", seed=10, components=("unet",))
+    b = make_entries(sd15, "lora", seed=11, components=("te1",))
+    na, nb = parse_lora(to_state_dict(a, "kohya"), name="a"), parse_lora(to_state_dict(b, "kohya"), name="b")
+    p = Patcher(adapter_for_pipeline(sd15))
+    r1 = p.apply([ActiveLora(na), ActiveLora(nb)])
+    assert r1.layers_recomputed == len(a) + len(b)
+    r2 = p.apply([ActiveLora(na), ActiveLora(nb, te=0.5)])  # only b's weight changed
+    assert (r2.layers_recomputed, r2.layers_unchanged) == (len(b), len(a))
+    r3 = p.apply([ActiveLora(nb, te=0.5)])  # a removed: its layers restored, b untouched
+    assert (r3.layers_restored, r3.layers_unchanged, r3.layers_recomputed) == (len(a), len(b), 0)
+    _close(snapshot(sd15), expected_state(sd15, b, te=0.5, unet=1.0, original=original))
+    p.restore()
+    assert_bit_identical(original, snapshot(sd15))
+
+
+def test_block_weights_scale_unet_blocks(sd15):
+    """lbw=INALL (1 for BASE and IN01..IN08, 0 elsewhere): only text-encoder and down-block layers change."""
+    original = snapshot(sd15)
+    entries = make_entries(sd15, "lora", seed=5)
+    net = parse_lora(to_state_dict(entries, "kohya"), name="lbw")
+    ref = parse_tag("<lora:lbw:1:lbw=INALL>")
+    p = Patcher(adapter_for_pipeline(sd15))
+    p.apply([ActiveLora(net, te=ref.te, unet=ref.unet, block_weights=ref.lbw)])
+    now = snapshot(sd15)
+    for e in entries:
+        k = f"{e.path}.weight"
+        changed = not torch.equal(now[e.component][k], original[e.component][k])
+        if e.component != "unet" or e.path.startswith("down_blocks"):
+            assert changed, k
+        else:
+            assert not changed, k
+    p.restore()
+    assert_bit_identical(original, snapshot(sd15))
+
+
+def test_two_loras_sum_and_loha_full(sd15):
+    original = snapshot(sd15)
+    lora = make_entries(sd15, "lora", seed=20)
+    loha = make_entries(sd15, "loha", rank=2, alpha=1.0, seed=21, every=3)
+    full = make_entries(sd15, "full", seed=22, every=2, components=("te1",))
+    nets = [parse_lora(to_state_dict(x, "kohya"), name=n) for x, n in ((lora, "l"), (loha, "h"), (full, "f"))]
+    p = Patcher(adapter_for_pipeline(sd15))
+    p.apply([ActiveLora(nets[0], 0.5, 0.5), ActiveLora(nets[1], 1.0, 0.3), ActiveLora(nets[2], -1.0, 1.0)])
+    want = original
+    for entries, te, unet in ((lora, 0.5, 0.5), (loha, 1.0, 0.3), (full, -1.0, 1.0)):
+        step = expected_state(sd15, entries, te, unet, want)
+        want = step
+    _close(snapshot(sd15), want, rtol=2e-6)
+    p.restore()
+    assert_bit_identical(original, snapshot(sd15))
+
+
+def test_bad_inputs_leave_model_untouched(sd15, sdxl):
+    original = snapshot(sd15)
+    p = Patcher(adapter_for_pipeline(sd15))
+    good = parse_lora(to_state_dict(make_entries(sd15, "lora", seed=30), "kohya"), name="good")
+    p.apply([ActiveLora(good)])
+    with_good = snapshot(sd15)
+    # SDXL LoRA on SD1.5: refused while planning, so nothing changes (the good LoRA stays merged)
+    xl = parse_lora(to_state_dict(make_entries(sdxl, "lora", seed=31), "kohya", sdxl=True), name="xl")
+    with pytest.raises(ArchitectureMismatchError, match="SDXL"):
+        p.apply([ActiveLora(good), ActiveLora(xl)])
+    assert_bit_identical(with_good, snapshot(sd15))
+    # a module whose factors do not fit the layer
+    entries = make_entries(sd15, "lora", seed=32, components=("unet",))
+    e = entries[0]
+    e.tensors["lora_up.weight"] = torch.randn(e.tensors["lora_up.weight"].shape[0] + 1, 4)
+    bad = parse_lora(to_state_dict(entries, "kohya"), name="badshape")
+    with pytest.raises(ShapeMismatchError, match="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"):
+        p.apply([ActiveLora(bad)])
+    assert_bit_identical(with_good, snapshot(sd15))
+    p.restore()
+    assert_bit_identical(original, snapshot(sd15))
+    # skip_bad leaves it out and says why
+    rep = p.apply([ActiveLora(good), ActiveLora(bad)], skip_bad=True)
+    assert rep.networks[1].error and rep.networks[0].error is None
+    p.restore()
+    assert_bit_identical(original, snapshot(sd15))
+
+
+def test_overflow_is_refused_before_commit(sd15):
+    sd15.to(torch.float16)
+    try:
+        original = snapshot(sd15)
+        entries = make_entries(sd15, "lora", seed=40, std=200.0, components=("unet",))
+        net = parse_lora(to_state_dict(entries, "kohya"), name="huge")
+        p = Patcher(adapter_for_pipeline(sd15))
+        with pytest.raises(NonFiniteWeightError, match="huge"):
+            p.apply([ActiveLora(net)])
+        assert_bit_identical(original, snapshot(sd15))
+    finally:
+        sd15.to(torch.float32)
+
+
+def test_error_mid_apply_restores_everything(sd15, monkeypatch):
+    original = snapshot(sd15)
+    net = parse_lora(to_state_dict(make_entries(sd15, "lora", seed=50), "kohya"), name="boom")
+    p = Patcher(adapter_for_pipeline(sd15))
+    p.apply([ActiveLora(net, 0.3, 0.3)])
+    calls = {"n": 0}
+    real = Patcher._write_region
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Patcher, "_write_region", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        p.apply([ActiveLora(net, 0.9, 0.9)])
+    assert_bit_identical(original, snapshot(sd15))
+    assert p.is_pristine
+
+
+# ------------------------------------------------------------------------------------------------ property tests
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("apply"), st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.5, 1.0, -0.7])),
+                                             max_size=3)),
+        st.tuples(st.just("restore"), st.just(None)),
+        st.tuples(st.just("fail"), st.integers(1, 20)),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_random_sequences_end_bit_exact(sd15, dtype):
+    sd15.to(dtype)
+    try:
+        original = snapshot(sd15)
+        nets_entries = [make_entries(sd15, algo, seed=60 + i, every=2, rank=2)
+                        for i, algo in enumerate(["lora", "loha", "lora"])]
+        nets = [parse_lora(to_state_dict(e, "kohya"), name=f"n{i}") for i, e in enumerate(nets_entries)]
+        patcher = Patcher(adapter_for_pipeline(sd15))
+        tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(ops=_OPS)
+        def run(ops):
+            for op, arg in ops:
+                if op == "apply":
+                    actives = [ActiveLora(nets[i], te=m, unet=m) for i, m in arg]
+                    patcher.apply(actives)
+                    want = original
+                    for i, m in arg:
+                        want = expected_state(sd15, nets_entries[i], m, m, want)
+                    _close(snapshot(sd15), want, rtol=tol)
+                elif op == "restore":
+                    patcher.restore()
+                    assert_bit_identical(original, snapshot(sd15))
+                else:
+                    counter = {"n": 0}
+                    real = Patcher._write_region
+
+                    def flaky(self, *a, _real=real, _stop=arg, _c=counter, **k):
+                        _c["n"] += 1
+                        if _c["n"] == _stop:
+                            raise RuntimeError("injected failure")
+                        return _real(self, *a, **k)
+
+                    Patcher._write_region = flaky
+                    try:
+                        patcher.apply([ActiveLora(nets[0], 0.9, 0.9), ActiveLora(nets[1], 0.2, 0.2)])
+                    except RuntimeError:
+                        assert_bit_identical(original, snapshot(sd15))
+                    finally:
+                        Patcher._write_region = real
+            patcher.restore()
+            assert_bit_identical(original, snapshot(sd15))
+
+        run()
+    finally:
+        sd15.to(torch.float32)
+
+
+def test_multiplier_zero_is_a_no_op(sd15):
+    original = snapshot(sd15)
+    net = parse_lora(to_state_dict(make_entries(sd15, "lora", seed=70), "kohya"), name="z")
+    p = Patcher(adapter_for_pipeline(sd15))
+    rep = p.apply([ActiveLora(net, te=0.0, unet=0.0)])
+    assert rep.layers_recomputed == 0 and p.is_pristine
+    assert_bit_identical(original, snapshot(sd15))
+
+
+def test_merged_equals_bypass_forward(sd15):
+    """For every patched layer, layer(x) with merged weights == original layer(x) + multiplier * bypass(x)."""
+    entries = make_entries(sd15, "lora", seed=80, every=4)
+    net = parse_lora(to_state_dict(entries, "kohya"), name="bp")
+    adapter = adapter_for_pipeline(sd15)
+    mods = modules_of(sd15)
+    g = torch.Generator().manual_seed(0)
+    xs, before = {}, {}
+    for e in entries:
+        m = mods[e.component][e.path]
+        xs[e.path] = torch.randn(3, m.weight.shape[1], generator=g)
+        before[e.path] = m(xs[e.path]).detach()
+    p = Patcher(adapter)
+    p.apply([ActiveLora(net, te=0.6, unet=0.6)])
+    for name, module in net.modules.items():
+        t = adapter.lookup(name)
+        path = t.key.split(":", 1)[1]
+        m = mods[t.component][path if path in mods[t.component] else path.removeprefix("text_model.")]
+        x = xs[path if path in xs else path.removeprefix("text_model.")]
+        merged = m(x)
+        by = before[path if path in before else path.removeprefix("text_model.")] + 0.6 * module.algorithm.bypass(
+            x, p._slots[(id(m), "weight")].backup, t.spec)
+        torch.testing.assert_close(merged, by, rtol=1e-5, atol=1e-6)
+    p.restore()

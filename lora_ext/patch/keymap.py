@@ -3,10 +3,11 @@
 A `Target` is one weight of the model (or one q/k/v third of an OpenCLIP `in_proj_weight`) under a canonical name,
 `<component>:<diffusers/transformers-4 module path>`, e.g.
 `unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or `te1:text_model.encoder.layers.0.self_attn.q_proj`.
-The aliases are the spellings files use for that layer: kohya underscore names in diffusers or compvis layout (`lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_...`),
-`lycoris_...`, and dotted diffusers/PEFT names (`unet....`, `text_encoder....`, `text_encoder_2....`). They are
-generated from the module tree of the model at hand (a diffusers pipeline, or A1111's ldm/sgm model), so lookups are
-exact dictionary hits: no regex guessing, and every file key is either applied or reported.
+The aliases are the spellings files use for that layer: kohya underscore names in diffusers or compvis layout
+(`lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_...`), `lycoris_...`, and dotted diffusers/PEFT names
+(`unet....`, `text_encoder....`, `text_encoder_2....`). They are generated from the module tree of the model at hand
+(a diffusers pipeline, or A1111's ldm/sgm model), so lookups are exact dictionary hits: no regex guessing, and every
+file key is either applied or reported.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from lora_ext.models.convert import (
     diffusers_to_single_file,
     hf_clip_keys_for,
     single_file_to_diffusers,
+    unet_config_from_ldm,
     unet_diffusers_to_ldm,
     unet_ldm_to_diffusers,
     vae_diffusers_to_ldm,
@@ -390,6 +391,11 @@ def test_single_file_config_inference_real_size(arch):
     assert set(parts.vae_sd) == set(vae.state_dict())
     for te, sd in zip(tes, parts.te_sds):
         assert set(hf_clip_keys_for(sd, te.state_dict())) == set(te.state_dict())
+    # names only (what a key map needs from an A1111 model): any head count, SDXL time-embed width assumed
+    ldm_unet = {k.removeprefix("model.diffusion_model."): v for k, v in sf.items() if k.startswith("model.diff")}
+    names_cfg = unet_config_from_ldm(ldm_unet, heads=1)
+    assert unet_module_map(names_cfg) == unet_module_map(unet.config)
+    assert names_cfg.get("addition_time_embed_dim") == (256 if arch == "sdxl" else None)
 
 
 def test_sdxl_round_trip_is_identity():

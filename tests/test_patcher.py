@@ -299,3 +299,34 @@ def test_merged_equals_bypass_forward(sd15):
             x, p._slots[(id(m), "weight")].backup, t.spec)
         torch.testing.assert_close(merged, by, rtol=1e-5, atol=1e-6)
     p.restore()
+
+
+def test_backups_are_retained_released_and_never_stale(sd15):
+    original = snapshot(sd15)
+    entries = make_entries(sd15, "lora", seed=90, components=("unet",))
+    net = parse_lora(to_state_dict(entries, "kohya"), name="keep")
+    p = Patcher(adapter_for_pipeline(sd15))
+    p.apply([ActiveLora(net)])
+    held = p.backup_bytes
+    assert held == sum(original["unet"][f"{e.path}.weight"].numel() * 4 for e in entries)  # only touched tensors
+    p.restore()
+    assert p.is_pristine and p.backup_bytes == held  # kept for the next apply
+    assert_bit_identical(original, snapshot(sd15))
+
+    # someone loads other weights in place (as A1111 does on a checkpoint change): our backup must not win
+    p.apply([ActiveLora(net)])
+    new_weights = {k: v + 1.0 for k, v in original["unet"].items()}
+    sd15.unet.load_state_dict(new_weights)
+    rep = p.restore()
+    assert rep.stale_backups == len(entries) and p.backup_bytes == 0
+    assert all(torch.equal(v, new_weights[k]) for k, v in sd15.unet.state_dict().items())
+    sd15.unet.load_state_dict(original["unet"])
+
+    q = Patcher(adapter_for_pipeline(sd15), retain_bytes=0)
+    q.apply([ActiveLora(net)])
+    q.restore()
+    assert q.backup_bytes == 0
+    q.apply([ActiveLora(net)])
+    q.release()
+    assert q.backup_bytes == 0
+    assert_bit_identical(original, snapshot(sd15))

@@ -19,6 +19,7 @@ Usage (from the repository root):
     python tools/make_tokenizer.py --wheel /tmp/wheels/clip_anytorch-2.6.0-py3-none-any.whl
 
     python tools/make_tokenizer.py                  # no --wheel: runs the `pip download` above into a temp dir
+    python tools/make_tokenizer.py --bpe .../open_clip/bpe_simple_vocab_16e6.txt.gz   # an installed copy
 
 Output is byte-for-byte reproducible; re-running on the same table changes nothing.
 """
@@ -43,15 +44,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "lora_ext" / "data" / "to
 def byte_symbols() -> list[str]:
     """The 256 printable stand-ins GPT-2/CLIP BPE use for bytes 0..255, in CLIP's vocabulary order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    order = list(printable)
-    symbols = [chr(b) for b in printable]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            order.append(b)
-            symbols.append(chr(256 + extra))
-            extra += 1
-    return symbols
+    # printable bytes stand for themselves; the other 68 bytes get code points 256, 257, ... in byte order
+    others = [chr(256 + i) for i, _ in enumerate(b for b in range(256) if b not in printable)]
+    return [chr(b) for b in printable] + others
 
 
 def read_bpe_from_wheel(wheel: Path) -> bytes:
@@ -103,6 +98,13 @@ def write_dir(out: Path, vocab: dict[str, int], merges: list[tuple[str, str]], p
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
+def write_tokenizers(bpe_gz: bytes, out: Path) -> None:
+    """Write `out/clip` and `out/openclip` from the gzip'ed BPE table."""
+    vocab, merges = build_vocab(bpe_gz)
+    write_dir(out / "clip", vocab, merges, pad=EOS)
+    write_dir(out / "openclip", vocab, merges, pad="!")
+
+
 def download_wheel(dest: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "clip-anytorch==2.6.0", "-d", str(dest)],
                    check=True)
@@ -112,14 +114,16 @@ def download_wheel(dest: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wheel", type=Path, help="clip-anytorch or open-clip-torch wheel (default: pip download one)")
+    ap.add_argument("--bpe", type=Path, help=f"the {BPE_NAME} file itself (instead of --wheel)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = args.wheel or download_wheel(Path(tmp))
-        vocab, merges = build_vocab(read_bpe_from_wheel(wheel))
-    write_dir(args.out / "clip", vocab, merges, pad=EOS)
-    write_dir(args.out / "openclip", vocab, merges, pad="!")
-    print(f"wrote {args.out / 'clip'} and {args.out / 'openclip'}: {len(vocab)} tokens, {len(merges)} merges")
+    if args.bpe is not None:
+        bpe_gz = args.bpe.read_bytes()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            bpe_gz = read_bpe_from_wheel(args.wheel or download_wheel(Path(tmp)))
+    write_tokenizers(bpe_gz, args.out)
+    print(f"wrote {args.out / 'clip'} and {args.out / 'openclip'}")
     return 0
 
 

@@ -61,7 +61,9 @@ class LoraNetwork:
 
 
 def _check_tensor(path: Path | None, key: str, t: Tensor) -> None:
-    if not (t.is_floating_point() or t.dtype == torch.bool):
+    if key.endswith("on_input") and t.numel() == 1:  # LyCORIS IA3 stores this flag as a 0-d int or bool
+        return
+    if not t.is_floating_point():
         raise LoraFileError(path, f"tensor has dtype {t.dtype}, expected a floating-point dtype", key=key,
                             hint="the file is damaged or is not a LoRA")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):

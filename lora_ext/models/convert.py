@@ -243,7 +243,7 @@ def clip_hf_to_openclip_sd(sd: Mapping[str, Tensor], num_layers: int) -> dict[st
         if any(p is None for p in parts):
             missing = [("q", "k", "v")[i] for i, p in enumerate(parts) if p is None]
             raise ModelLoadError(f"HF CLIP text encoder: {target} lacks the {'/'.join(missing)} projection(s)")
-        out[target] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+        out[target] = torch.cat([p for p in parts if p is not None], dim=0)
     return out
 
 

@@ -93,8 +93,9 @@ def scheduler_from_config(config: Mapping[str, Any]):
 def make_scheduler(name: str, config: Mapping[str, Any], **overrides: Any):
     """A scheduler by short name, built from an existing scheduler config (betas, prediction type, offsets kept).
 
-    Names: ddim, euler, euler_a, dpmpp_2m, pndm, lms, heun, ddpm. `overrides` are set on top (e.g.
-    prediction_type='v_prediction'). Raises ModelLoadError for an unknown name, listing the valid ones.
+    Names: ddim, euler, euler_a, dpmpp_2m, pndm, lms (needs scipy), heun, ddpm. `overrides` are set on top (e.g.
+    prediction_type='v_prediction'). Raises ModelLoadError for an unknown name (listing the valid ones) or a
+    missing optional package.
     """
     import diffusers
 
@@ -103,7 +104,11 @@ def make_scheduler(name: str, config: Mapping[str, Any], **overrides: Any):
         raise ModelLoadError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     cls_name, fixed = SCHEDULERS[key]
     base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    return getattr(diffusers, cls_name).from_config({**base, **fixed, **overrides})
+    try:
+        return getattr(diffusers, cls_name).from_config({**base, **fixed, **overrides})
+    except ImportError as exc:  # diffusers' placeholder classes raise this when an optional backend is missing
+        raise ModelLoadError(f"scheduler {name!r} ({cls_name}) needs a package that is not installed: "
+                             f"{' '.join(str(exc).split())}") from exc
 
 
 # ------------------------------------------------------------------------------------------------------ loading

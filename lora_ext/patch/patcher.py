@@ -6,7 +6,9 @@ Contract
   rewritten; each is computed from its backup in one pass (`addmm` straight into the weight when it is fp32), with the
   deltas in fp32 and one cast at the end.
 - The original of each touched weight is copied once, when first touched (on the model's device when memory allows,
-  else CPU), and dropped when the weight returns to its original. Restoring copies it back: never subtracts.
+  else CPU). Restoring copies it back: never subtracts. Backups of restored weights are kept (up to `retain_bytes`)
+  so that the next LoRA on those layers costs one pass, and are dropped, not restored, if anyone else writes the
+  weight in the meantime (a checkpoint loaded in place): the parameter's version counter tells.
 - Everything that can be checked is checked before any weight changes: architecture, key matching, shapes, finiteness
   of the LoRA tensors. A LoRA refused there raises before anything is written (the model keeps the state of the
   previous call), or, with `skip_bad=True`, is left out and reported. A result that could overflow the weight's dtype
@@ -39,7 +41,6 @@ from lora_ext.errors import (
     ShapeMismatchError,
 )
 from lora_ext.formats.algorithms.base import Dense, LowRank
-from lora_ext.formats.algorithms.dora import apply_dora
 from lora_ext.formats.arch import ARCH_NAMES
 from lora_ext.formats.network import LoraModule, LoraNetwork
 from lora_ext.patch.keymap import ModelAdapter, Target
@@ -84,19 +85,35 @@ class _Contribution:
         return (self.network.token, self.module.name, self.target.chunk, self.multiplier, self.dyn)
 
 
+_WRITING = ("<being written>",)  # signature of a slot whose weight may be half-written
+
+
 @dataclass
 class _Slot:
-    """A parameter we have touched: its backup and what is currently merged into it."""
+    """A parameter we have touched: its backup and what is currently merged into it (() = nothing: pristine).
+
+    `param_obj` and `version` detect writes by others: we write through `.data`, which does not bump the parameter's
+    version counter, while `load_state_dict` and other in-place writes do. A slot whose parameter was replaced or
+    written by someone else holds a stale backup and is dropped, never restored."""
 
     owner: torch.nn.Module
     attr: str
     backup: Tensor
     max_abs: float
+    param_obj: Tensor
+    version: int
     signature: tuple = ()
 
     @property
     def param(self) -> Tensor:
         return getattr(self.owner, self.attr)
+
+    @property
+    def nbytes(self) -> int:
+        return self.backup.numel() * self.backup.element_size()
+
+    def is_current(self) -> bool:
+        return self.param is self.param_obj and self.param_obj._version == self.version
 
 
 _SlotKey = tuple[int, str]
@@ -113,12 +130,17 @@ def _arch_label(arch: str | None) -> str:
 class Patcher:
     """Merges LoRAs into the weights of the model an adapter describes. Not thread-safe: one patcher per model."""
 
-    def __init__(self, adapter: ModelAdapter, *, backup_device: str = "auto", gpu_reserve_bytes: int = 1 << 30) -> None:
+    def __init__(self, adapter: ModelAdapter, *, backup_device: str = "auto", gpu_reserve_bytes: int = 1 << 30,
+                 retain_bytes: int | None = None) -> None:
+        """backup_device: "auto" (the weight's device when it has room, else CPU), "cpu" or "same".
+        retain_bytes: how many bytes of backups of *restored* weights to keep for the next apply (a switch then costs
+        one pass per layer instead of a fresh copy); None = as many as the layers touched, 0 = free on restore."""
         if backup_device not in ("auto", "cpu", "same"):
             raise ValueError("backup_device must be 'auto', 'cpu' or 'same'")
         self.adapter = adapter
         self.backup_device = backup_device
         self.gpu_reserve_bytes = gpu_reserve_bytes
+        self.retain_bytes = retain_bytes
         self._slots: dict[_SlotKey, _Slot] = {}
         self.active: tuple[ActiveLora, ...] = ()
 
@@ -131,7 +153,11 @@ class Patcher:
     @property
     def is_pristine(self) -> bool:
         """True when no weight differs from the original (nothing merged)."""
-        return not self._slots
+        return all(not s.signature for s in self._slots.values())
+
+    @property
+    def merged_layers(self) -> int:
+        return sum(1 for s in self._slots.values() if s.signature)
 
     # ------------------------------------------------------------------------------------------------------ planning
 
@@ -218,10 +244,12 @@ class Patcher:
 
         work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}
         signatures = {k: tuple(c.signature() for c in v) for k, (_, v) in work.items()}
+        report.stale_backups = self._drop_stale()
         try:
-            for key in [k for k in self._slots if k not in work]:
-                self._restore_slot(key)
-                report.layers_restored += 1
+            for key, slot in self._slots.items():
+                if key not in work and slot.signature:
+                    self._restore_slot(slot)
+                    report.layers_restored += 1
             for key, (what, contribs) in work.items():
                 slot = self._slots.get(key)
                 if slot is not None and slot.signature == signatures[key]:
@@ -230,6 +258,7 @@ class Patcher:
                 target = contribs[0].target
                 attr = target.weight_attr if what == "weight" else target.bias_attr
                 slot = slot or self._backup(target.module, attr)
+                slot.signature = _WRITING
                 if what == "weight":
                     self._write_weight(slot, contribs)
                 else:
@@ -240,6 +269,7 @@ class Patcher:
             self.restore()
             raise
         self.active = tuple(kept)
+        self._trim_retained()
         report.backup_bytes = self.backup_bytes
         report.seconds = time.perf_counter() - t0
         return report
@@ -258,15 +288,46 @@ class Patcher:
         return report
 
     def restore(self) -> PatchReport:
-        """Copy every backed-up weight back (bit-exact) and drop the backups."""
+        """Copy every merged weight's backup back (bit-exact). Backups are kept up to `retain_bytes` for the next
+        apply; `release()` frees them all."""
         t0 = time.perf_counter()
         report = PatchReport()
-        for key in list(self._slots):
-            self._restore_slot(key)
-            report.layers_restored += 1
+        report.stale_backups = self._drop_stale()
+        for slot in self._slots.values():
+            if slot.signature:
+                self._restore_slot(slot)
+                report.layers_restored += 1
         self.active = ()
+        self._trim_retained()
+        report.backup_bytes = self.backup_bytes
         report.seconds = time.perf_counter() - t0
         return report
+
+    def release(self) -> PatchReport:
+        """Restore, then free every backup (e.g. before the model is unloaded or its weights are replaced)."""
+        report = self.restore()
+        self._slots.clear()
+        report.backup_bytes = 0
+        return report
+
+    def _drop_stale(self) -> int:
+        """Forget slots whose parameter someone else replaced or wrote (e.g. a new checkpoint loaded in place)."""
+        stale = [k for k, s in self._slots.items() if not s.is_current()]
+        for key in stale:
+            slot = self._slots.pop(key)
+            log.warning("weight %s.%s was changed outside the patcher; its LoRA backup is dropped (not restored)",
+                        type(slot.owner).__name__, slot.attr)
+        return len(stale)
+
+    def _trim_retained(self) -> None:
+        limit = self.retain_bytes
+        if limit is None:
+            return
+        retained = sum(s.nbytes for s in self._slots.values() if not s.signature)
+        for key in [k for k, s in self._slots.items() if not s.signature]:
+            if retained <= limit:
+                break
+            retained -= self._slots.pop(key).nbytes
 
     # ------------------------------------------------------------------------------------------------------ backups
 
@@ -290,15 +351,20 @@ class Patcher:
             backup = param.detach().to(device=device, copy=True)
             if device.type == "cpu" and param.device.type == "cuda":
                 backup = backup.pin_memory()
-            max_abs = float(param.detach().abs().max()) if param.numel() else 0.0
-        slot = _Slot(owner, attr, backup, max_abs)
+            if param.numel() and param.is_floating_point():
+                lo, hi = torch.aminmax(param.detach())  # one pass, no |param| temporary
+                max_abs = max(abs(float(lo)), abs(float(hi)))
+            else:
+                max_abs = 0.0
+        slot = _Slot(owner, attr, backup, max_abs, param_obj=param, version=param._version)
         self._slots[_slot_key(owner, attr)] = slot
         return slot
 
-    def _restore_slot(self, key: _SlotKey) -> None:
-        slot = self._slots.pop(key)
+    @staticmethod
+    def _restore_slot(slot: _Slot) -> None:
         with torch.no_grad():
             slot.param.data.copy_(slot.backup, non_blocking=False)
+        slot.signature = ()
 
     # ------------------------------------------------------------------------------------------------------ writing
 
@@ -323,10 +389,8 @@ class Patcher:
                          for c in cs)
         if sequential:
             acc = w0.to(torch.float32, copy=True)
-            for c in cs:
+            for c in cs:  # DoRA (inside weight_delta) and IA3 read the weight as the LoRAs before them left it
                 delta = _materialize(c.module.algorithm.weight_delta(acc, spec, dyn=c.dyn), acc.shape)
-                if c.module.dora_scale is not None:
-                    delta = apply_dora(acc, delta, c.module.dora_scale.to(acc.device, torch.float32))
                 acc.add_(delta, alpha=c.multiplier)
             self._commit(acc, out, cs)
             return

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tiny-model", help="write a deterministic tiny random-weight model (offline)")
     s.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15", help="model family (default: sd15)")
-    s.add_argument("--out", required=True, help="output directory (diffusers) or file stem (single-file)")
+    s.add_argument("--out", required=True, help="output directory (single-file: <out>/tiny-<arch>.safetensors + "
+                   "the .yaml and text-encoder files A1111 needs next to it)")
     s.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers",
                    help="diffusers folder or the original LDM/SGM single file A1111 loads (default: diffusers)")
     s.add_argument("--json", action="store_true")
@@ -241,10 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_progress_bars() -> None:
+    """Loading bars of diffusers/transformers would bury our report lines; the CLI prints its own summary."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _quiet_progress_bars()
     try:
         return int(args.func(args) or 0)
     except LoraExtError as err:

@@ -1,9 +1,11 @@
 """Text-to-image with a diffusers SD/SDXL pipeline, reproducible for a fixed seed.
 
 The initial noise (and any noise an ancestral scheduler adds) comes from a CPU `torch.Generator` seeded with `seed`,
-so the same seed gives the same image on any device (bit-identical on CPU). Prompts are plain text: `<lora:...>`
-tags must already be stripped and the LoRAs applied by the caller. An empty negative prompt is passed as "none",
-which is what diffusers does by default (SDXL then uses zero embeddings, as its `force_zeros_for_empty_prompt` says).
+so the same seed starts from the same noise on any device; on CPU the image is bit-identical for the same seed and
+thread count (a different `torch.get_num_threads()` changes float summation order, hence the last bits). Prompts are
+plain text: `<lora:...>` tags must already be stripped and the LoRAs applied by the caller. An empty negative prompt
+is passed as "none", which is what diffusers does by default (SDXL then uses zero embeddings, as its
+`force_zeros_for_empty_prompt` says).
 """
 
 from __future__ import annotations

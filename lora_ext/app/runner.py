@@ -152,7 +152,16 @@ def save_png(image: Any, out: Path, parameters: str) -> None:
 
 
 def generate_with_loras(req: GenerateRequest) -> GenerateResult:
-    session = Session(req.model, scheduler=req.scheduler)
+    """One image. Tags are parsed and LoRA files read before the model is loaded, so bad input fails fast."""
+    _, refs = parse_prompt(req.prompt)
+    cache = LoraCache()
+    for ref in refs:
+        try:
+            cache.get(resolve_lora_path(ref.name, req.lora_dirs), name=ref.name)
+        except LoraExtError:
+            if not req.skip_bad:
+                raise
+    session = Session(req.model, scheduler=req.scheduler, cache=cache)
     return session.generate(req.prompt, req.negative, seed=req.seed, steps=req.steps, width=req.width,
                             height=req.height, cfg=req.cfg, lora_dirs=req.lora_dirs, skip_bad=req.skip_bad,
                             out=req.out)

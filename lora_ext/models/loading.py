@@ -146,12 +146,13 @@ def load_pipeline(
             pipe.register_modules(vae=load_vae(vae_path, pipe.vae.config, dtype))
         if scheduler is not None or (pred is not None and pred != pipe.scheduler.config.get("prediction_type")):
             extra = {"prediction_type": pred} if pred is not None else {}
-            pipe.scheduler = (make_scheduler(scheduler, pipe.scheduler.config, **extra) if scheduler
-                              else type(pipe.scheduler).from_config(pipe.scheduler.config, **extra))
+            pipe.register_modules(scheduler=make_scheduler(scheduler, pipe.scheduler.config, **extra) if scheduler
+                                  else type(pipe.scheduler).from_config(pipe.scheduler.config, **extra))
         loaded.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         pipe.set_progress_bar_config(disable=True)
-        pipe.to(device)
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type != "cpu":  # built/loaded on CPU already (and diffusers warns on fp16 -> cpu)
+            pipe.to(device)
+        else:
             for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
                 module = getattr(pipe, name, None)
                 if module is not None:
@@ -181,18 +182,18 @@ def _load_folder(src: Path, family: str | None, dtype: torch.dtype) -> LoadedPip
         raise ModelLoadError(f"{src}: UNet takes {unet_cfg.get('in_channels')} input channels (an inpainting or "
                              "other special model); only text-to-image base models are supported")
     if cls_name in _SDXL_CLASSES:
-        detected = "sdxl"
+        _check_family(src, family, "sdxl")
         pipe = StableDiffusionXLPipeline.from_pretrained(src, local_files_only=True, add_watermarker=False,
                                                          **_dtype_kwarg(dtype))
+        detected = "sdxl"
     elif cls_name in _SD_CLASSES:
-        te_cfg = _read_json(src / "text_encoder" / "config.json")
-        detected = family_from_configs(unet_cfg, te_cfg)
+        detected = family_from_configs(unet_cfg, _read_json(src / "text_encoder" / "config.json"))
+        _check_family(src, family, detected)
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         pipe = StableDiffusionPipeline.from_pretrained(src, local_files_only=True, **extra, **_dtype_kwarg(dtype))
     else:
         raise ModelLoadError(f"{src}: pipeline class {cls_name!r} is not supported (expected one of "
                              f"{', '.join(_SD_CLASSES + _SDXL_CLASSES)})")
-    _check_family(src, family, detected)
     return LoadedPipeline(pipe=pipe, arch=detected, source=src, is_single_file=False)
 
 
@@ -561,7 +562,7 @@ def _normalise_prediction(value: str) -> str:
 
 def _check_family(src: Path, wanted: str | None, detected: str) -> None:
     if wanted is not None and wanted != detected:
-        raise ModelLoadError(f"{src}: asked to load it as {wanted}, but it is an {detected} model")
+        raise ModelLoadError(f"{src}: asked to load it as {wanted}, but it is a {detected} model")
 
 
 def _reason(exc: Exception) -> str:

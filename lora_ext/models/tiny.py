@@ -43,6 +43,7 @@ _TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads":
 _TINY_TEXT_2 = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
                 "projection_dim": 32}
 _TINY_VAE = {"block_out_channels": [32, 64, 128, 128], "sample_size": 64}
+_MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def tiny_configs(arch: str) -> dict[str, dict]:
@@ -122,22 +123,22 @@ def save_tiny_model(arch: str, out_dir: str | os.PathLike, fmt: str = "diffusers
 
 # --- building blocks shared with the loader ---------------------------------------------------------------------
 
-_MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
-
 
 def randomise_(module: torch.nn.Module, seed: int, component: str) -> None:
     """Overwrite every parameter of `module` in place with seeded random values.
 
     >=2-D weights ~ N(0, 1/fan_in) (fan_in = elements per output row); 1-D norm weights ~ 1 + N(0, 0.05^2);
     other 1-D parameters (biases) ~ N(0, 0.05^2). Each tensor has its own generator seeded from
-    sha256("<seed>/<component>/<name>"), so values do not depend on iteration order.
+    sha256("<seed>/<component>/<name>"), so values do not depend on iteration order. CLIP text models are named as
+    on the hub (`text_model.*`) whatever the transformers version calls them.
     """
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm)
     norm_weights = {f"{m_name}.weight" if m_name else "weight"
                     for m_name, m in module.named_modules() if isinstance(m, norm_types)}
     with torch.no_grad():
         for p_name, p in module.named_parameters():
-            digest = hashlib.sha256(f"{seed}/{component}/{p_name}".encode()).digest()
+            name = _hub_clip_name(p_name) if _is_clip_text(module) else p_name
+            digest = hashlib.sha256(f"{seed}/{component}/{name}".encode()).digest()
             gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
             values = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.dim() >= 2:
@@ -147,6 +148,15 @@ def randomise_(module: torch.nn.Module, seed: int, component: str) -> None:
             else:
                 values *= 0.05
             p.copy_(values.to(p.dtype))
+
+
+def _is_clip_text(module: torch.nn.Module) -> bool:
+    return type(module).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def _hub_clip_name(name: str) -> str:
+    """transformers >= 5.6 drops `text_model.` inside CLIPTextModel; the hub (and transformers 4) keep it."""
+    return name if name.startswith(("text_model.", "text_projection.")) else "text_model." + name
 
 
 def _assemble(arch: str, cfg: dict[str, dict], *, unet, vae, text_encoder, text_encoder_2=None):
@@ -203,14 +213,7 @@ def canonical_text_encoder_state_dict(model) -> dict[str, torch.Tensor]:
     transformers >= 5.6 drops the `text_model.` level inside CLIPTextModel; files on disk and the converters use
     the canonical names.
     """
-    sd = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if k.startswith(("text_model.", "text_projection.")):
-            out[k] = v
-        else:
-            out["text_model." + k] = v
-    return out
+    return {_hub_clip_name(k): v for k, v in model.state_dict().items()}
 
 
 def single_file_hints(arch: str) -> dict[str, int]:

@@ -45,7 +45,7 @@ case "$cmd" in
     setup) setup ;;
     test)
         setup
-        "$PY" -m ruff check lora_ext tests scripts bench install.py
+        "$PY" -m ruff check lora_ext tests scripts bench tools install.py
         "$PY" -m pytest -q "$@"
         ;;
     demo)

@@ -4,6 +4,7 @@ Side by side in one run:
   ours      lora_ext Patcher (merge from backup in one pass, restore by copy)
   diffusers load_lora_weights + fuse_lora / unfuse_lora (+ unload) on the same model and files
   floor     one read-and-write pass over exactly the tensors the LoRA touches (dst.copy_(src) from separate buffers)
+  addmm floor  the same pass computing W = W0 + U @ D with torch.addmm (the least a switch can do in fp32)
 Prints one JSON object (times in seconds, memory in MiB, ratios ours/reference).
 
     python bench/bench_patch.py [--device cpu|cuda] [--arch sd15|sdxl] [--rank 16] [--repeat 3] [--dtype fp32|fp16]
@@ -128,7 +129,20 @@ def main() -> None:
     floor = []
     for _ in range(args.repeat):
         floor.append(timed(lambda srcs=srcs: [w.data.copy_(s) for w, s in zip(touched, srcs)], device))
-    del srcs
+    # compute floor: the same rank-r products written straight into the weights (torch.addmm from a separate
+    # source), i.e. the least work a switch can do when the delta must be computed in fp32
+    facs = []
+    for name, w in zip(nets[0].modules, touched):
+        d = nets[1].modules[name].algorithm.weight_delta(w, adapter.lookup(name).spec)
+        facs.append((d.up * d.scale, d.down))
+    addmm_floor = []
+    for _ in range(args.repeat):
+        addmm_floor.append(timed(lambda srcs=srcs, facs=facs: [
+            torch.addmm(s.reshape(s.shape[0], -1), u, d, out=w.data.view(w.shape[0], -1))
+            for w, s, (u, d) in zip(touched, srcs, facs)], device))
+    for w, s in zip(touched, srcs):
+        w.data.copy_(s)
+    del srcs, facs
     gc.collect()
 
     # ------------------------------------------------------------------------------------------------------ ours
@@ -179,10 +193,12 @@ def main() -> None:
         "lora": {"rank": args.rank, "modules": n_modules, "by_component": by_comp,
                  "touched_params_m": round(touched_params / 1e6, 1)},
         "floor_rw_pass_s": med(floor),
+        "floor_addmm_s": med(addmm_floor),
         "ours": ours,
         "diffusers": theirs,
         "ratios": {
             "switch_vs_floor": ours["switch_s"] / med(floor),
+            "switch_vs_addmm_floor": ours["switch_s"] / med(addmm_floor),
             "restore_vs_floor": ours["restore_s"] / med(floor),
             "first_use_vs_diffusers_load_fuse": (ours["first_use_s"] / theirs["load_plus_fuse_s"]) if theirs else None,
             "switch_vs_diffusers_switch": (ours["switch_s"] / theirs["switch_s"]) if theirs else None,

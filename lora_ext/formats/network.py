@@ -51,6 +51,7 @@ class LoraNetwork:
     arch: ArchGuess
     nbytes: int
     token: int = field(default_factory=lambda: next(_tokens))
+    derived: dict = field(default_factory=dict, repr=False)  # values computed from the tensors by users (cached)
 
     @property
     def algorithms(self) -> dict[str, int]:

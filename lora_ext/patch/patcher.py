@@ -404,7 +404,7 @@ class Patcher:
                 down = d.down.to(out.device, torch.float32)
                 ups.append(up * s)
                 downs.append(down)
-                bound += abs(s) * float(up.norm(dim=1).max()) * float(down.norm(dim=0).max())
+                bound += abs(s) * self._factor_bound(c, d)
             else:
                 delta = d.delta.to(out.device, torch.float32).reshape(out.shape) * c.multiplier
                 dense = delta if dense is None else dense.add_(delta)
@@ -413,14 +413,23 @@ class Patcher:
         safe = slot.max_abs + bound < 0.5 * torch.finfo(out.dtype).max and bound == bound  # not NaN
         if safe and dense is None and out.dtype == torch.float32 and out.is_contiguous():
             # one pass: out = w0 + U @ D, read the backup once, write the weight once
-            torch.addmm(w0.reshape(rows, -1), torch.cat(ups, 1), torch.cat(downs, 0), out=out.view(rows, -1))
+            torch.addmm(w0.reshape(rows, -1), _cat(ups, 1), _cat(downs, 0), out=out.view(rows, -1))
             return
         acc = w0.to(torch.float32, copy=True).reshape(rows, -1)
         if ups:
-            acc.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
+            acc.addmm_(_cat(ups, 1), _cat(downs, 0))
         if dense is not None:
             acc.add_(dense.reshape(rows, -1))
         self._commit(acc.reshape(out.shape), out, cs, checked=safe)
+
+    def _factor_bound(self, c: _Contribution, d: LowRank) -> float:
+        """max_ij |(up @ down)_ij| <= max_i |up_i| * max_j |down_:j| (Cauchy-Schwarz); cached per parsed module."""
+        key = ("factor_bound", c.module.name, c.dyn)
+        bound = c.network.derived.get(key)
+        if bound is None:
+            bound = float(d.up.float().norm(dim=1).max()) * float(d.down.float().norm(dim=0).max())
+            c.network.derived[key] = bound
+        return bound
 
     def _write_bias(self, slot: _Slot, contribs: list[_Contribution]) -> None:
         param = slot.param.data
@@ -446,6 +455,10 @@ class Patcher:
                     c.network.path, f"merging ({names}) makes layer {c.target.key} non-finite in {out.dtype}",
                     key=c.module.name, hint="lower the LoRA weight or use a LoRA that did not diverge")
         out.copy_(acc.reshape(out.shape))
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _has_bias_delta(module: LoraModule) -> bool:

@@ -69,6 +69,10 @@ _IA3_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
 
 _PEFT_WRAPPERS = ("base_model.model.",)
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+# old diffusers text-encoder LoRA (`text_encoder_lora_state_dict` of the pre-PEFT training scripts): CLIP attention
+# projections saved under the UNet processor names, "...self_attn.to_q_lora.down.weight" for "...self_attn.q_proj"
+_OLD_TE_ATTN = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)$")
+_OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 BUNDLE_PREFIX = "bundle_emb."
 
@@ -99,6 +103,9 @@ def normalise_module_name(module: str) -> str:
     if m:  # old diffusers attention-processor LoRA: "...attn1.processor.to_out" -> "...attn1.to_out.0"
         proj = m.group(1)
         module = module[: m.start()] + "." + (proj + ".0" if proj == "to_out" else proj)
+    m = _OLD_TE_ATTN.search(module)
+    if m:  # old diffusers text-encoder LoRA: "...self_attn.to_q" -> "...self_attn.q_proj"
+        module = module[: m.start()] + ".self_attn." + _OLD_TE_PROJ[m.group(1)]
     return module
 
 

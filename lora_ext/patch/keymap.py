@@ -160,6 +160,8 @@ def _te_aliases(kind: str, hpath: str) -> list[str]:
     names = [p + _us(hpath) for p in kohya]
     for p in dotted:
         names += [p + hpath, p + short]
+    if kind == "te":  # PEFT adapter of the one text encoder alone ("base_model.model.text_model..." minus the wrapper)
+        names += [hpath, short]
     return names
 
 

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -161,7 +161,7 @@ class Patcher:
 
     # ------------------------------------------------------------------------------------------------------ planning
 
-    def _plan_network(self, index: int, lora: ActiveLora) -> tuple[NetworkReport, list[_Contribution]]:
+    def _plan_network(self, lora: ActiveLora) -> tuple[NetworkReport, list[_Contribution]]:
         net = lora.network
         rep = NetworkReport(name=net.name, path=str(net.path) if net.path else None, lora_arch=net.arch.arch,
                             arch_evidence=net.arch.evidence, modules_total=len(net.modules),
@@ -223,16 +223,13 @@ class Patcher:
         weight_work: dict[_SlotKey, list[_Contribution]] = defaultdict(list)
         bias_work: dict[_SlotKey, list[_Contribution]] = defaultdict(list)
         kept: list[ActiveLora] = []
-        for index, lora in enumerate(loras):
+        for lora in loras:
             try:
-                rep, contribs = self._plan_network(index, lora)
+                rep, contribs = self._plan_network(lora)
             except LoraExtError as err:
                 if not skip_bad:
                     raise
-                report.networks.append(NetworkReport(
-                    name=lora.network.name, path=str(lora.network.path) if lora.network.path else None,
-                    lora_arch=lora.network.arch.arch, arch_evidence=lora.network.arch.evidence,
-                    modules_total=len(lora.network.modules), error=str(err)))
+                report.networks.append(_refused(lora, err))
                 continue
             report.networks.append(rep)
             kept.append(lora)
@@ -277,13 +274,11 @@ class Patcher:
     def check(self, loras: Sequence[ActiveLora]) -> PatchReport:
         """What `apply(loras, skip_bad=True)` would do, without touching any weight."""
         report = PatchReport()
-        for index, lora in enumerate(loras):
+        for lora in loras:
             try:
-                rep, _ = self._plan_network(index, lora)
+                rep, _ = self._plan_network(lora)
             except LoraExtError as err:
-                rep = NetworkReport(name=lora.network.name, path=str(lora.network.path) if lora.network.path else None,
-                                    lora_arch=lora.network.arch.arch, arch_evidence=lora.network.arch.evidence,
-                                    modules_total=len(lora.network.modules), error=str(err))
+                rep = _refused(lora, err)
             report.networks.append(rep)
         return report
 
@@ -457,6 +452,12 @@ class Patcher:
         out.copy_(acc.reshape(out.shape))
 
 
+def _refused(lora: ActiveLora, err: Exception) -> NetworkReport:
+    net = lora.network
+    return NetworkReport(name=net.name, path=str(net.path) if net.path else None, lora_arch=net.arch.arch,
+                         arch_evidence=net.arch.evidence, modules_total=len(net.modules), error=str(err))
+
+
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
@@ -480,6 +481,3 @@ def _check_dora_shape(dora_scale: Tensor, target: Target) -> None:
                                  f"{in_features} inputs", key="dora_scale")
 
 
-def describe(adapter_or_patcher: Any) -> str:  # pragma: no cover - debugging aid
-    adapter = getattr(adapter_or_patcher, "adapter", adapter_or_patcher)
-    return f"{adapter.arch}: {len(adapter.targets)} targets, {len(adapter.aliases)} names"

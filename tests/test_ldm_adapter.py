@@ -6,6 +6,7 @@ test_layouts_convert.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -182,3 +183,106 @@ def test_sdxl_compvis_tree_with_openclip_te2(openclip_transformer):  # noqa: F81
     _assert_close(_sd(te1_ldm), _sd(te1), "te1")
     back = clip_openclip_to_hf_sd(_sd(tower), 2, with_projection=True)
     _assert_close(hf_clip_keys_for(back, te2.state_dict()), _sd(te2), "te2", atol=2e-6)
+
+
+# ------------------------------------------------------------------ the real ldm text-encoder classes (A1111's SD1/SD2)
+
+
+def _tiny_open_clip_factory():
+    """open_clip's real CLIP class (imported without torchvision) built at tiny size, as a stand-in for
+    open_clip.create_model_and_transforms (which would download weights)."""
+    import importlib.util
+
+    from tests.test_layouts_convert import _import_with_stubs
+
+    spec = importlib.util.find_spec("open_clip")
+    pkg = ("_lora_ext_test_open_clip", Path(spec.origin).parent)
+    stubs = {"torchvision": {}, "torchvision.ops": {}, "torchvision.ops.misc": {"FrozenBatchNorm2d": nn.BatchNorm2d}}
+    clip_cls = _import_with_stubs(stubs, f"{pkg[0]}.model", pkg).CLIP
+
+    def create_model_and_transforms(arch, device=None, pretrained=None):
+        vision = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}
+        text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+        return clip_cls(embed_dim=32, vision_cfg=vision, text_cfg=text), None, None
+
+    return create_model_and_transforms
+
+
+@pytest.fixture(scope="module")
+def ldm_encoders():
+    """ldm.modules.encoders.modules with `open_clip` replaced by the tiny factory above (import-time only)."""
+    import importlib
+    import sys
+    import types
+
+    stub = types.ModuleType("open_clip")
+    stub.create_model_and_transforms = _tiny_open_clip_factory()
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules)
+             if k == "open_clip" or k.startswith("ldm.modules.encoders")}
+    sys.modules["open_clip"] = stub
+    try:
+        module = importlib.import_module("ldm.modules.encoders.modules")
+    finally:
+        sys.modules.pop("open_clip", None)
+        for k in [k for k in sys.modules if k.startswith("ldm.modules.encoders")]:
+            sys.modules.pop(k)
+        sys.modules.update(saved)
+    return module
+
+
+def test_real_frozen_clip_embedder_sd1(ldm_encoders, tmp_path):
+    from lora_ext.models.assets import tokenizer_dir
+
+    hf = randomise(CLIPTextModel(CLIPTextConfig(**{**CLIP_L, "vocab_size": 49408, "max_position_embeddings": 77,
+                                                   "bos_token_id": 49406, "eos_token_id": 49407})), 21)
+    hf.save_pretrained(tmp_path)
+    for f in Path(tokenizer_dir("clip")).iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    embedder = ldm_encoders.FrozenCLIPEmbedder(version=str(tmp_path), device="cpu")
+    twin = CLIPTextModel(hf.config)
+    twin.load_state_dict(embedder.transformer.state_dict())
+    unet = tiny_unet("sd1", seed=22)
+    model = _ldm_model(_skeleton(unet_diffusers_to_ldm(unet.state_dict(), unet.config)), cond_stage=embedder)
+    pipe = SimpleNamespace(unet=unet, text_encoder=twin)
+    entries = make_entries(pipe, "lora", rank=2, alpha=1.0, seed=23, components=("te1",))
+    net = parse_lora(to_state_dict(entries, "kohya"), name="frozenclip")
+    adapter = adapter_for_ldm(model)
+    assert adapter.arch == "sd1"
+    rep = Patcher(adapter).apply([ActiveLora(net, te=0.5)]).networks[0]
+    assert rep.modules_applied == len(entries) and not rep.unmatched
+    Patcher(adapter_for_pipeline(pipe)).apply([ActiveLora(net, te=0.5)])
+    _assert_close(_sd(embedder.transformer), _sd(twin), "FrozenCLIPEmbedder")
+
+
+def test_real_frozen_openclip_embedder_sd2(ldm_encoders):
+    embedder = ldm_encoders.FrozenOpenCLIPEmbedder(arch="tiny", version=None, device="cpu", layer="penultimate")
+    randomise(embedder.model, 24)
+    original = _sd(embedder.model)
+    cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407)
+    hf = CLIPTextModel(CLIPTextConfig(**cfg))
+    oc_text = {k: v for k, v in original.items() if k != "logit_scale"}
+    hf.load_state_dict(hf_clip_keys_for(clip_openclip_to_hf_sd(oc_text, 2, with_projection=False),
+                                        hf.state_dict()), strict=True)
+    from diffusers import UNet2DConditionModel
+
+    from tests.test_layouts_convert import DIFFUSERS_UNET
+
+    unet = randomise(UNet2DConditionModel(**DIFFUSERS_UNET["sd2"]), 25)
+    model = _ldm_model(_skeleton(unet_diffusers_to_ldm(unet.state_dict(), unet.config)),
+                       cond_stage=SimpleNamespace(wrapped=embedder))
+    pipe = SimpleNamespace(unet=unet, text_encoder=hf)
+    entries = make_entries(pipe, "lora", rank=2, alpha=1.0, seed=26, components=("te1",))
+    net = parse_lora(to_state_dict(entries, "kohya"), name="openclip")
+    adapter = adapter_for_ldm(model)
+    assert adapter.arch == "sd2"
+    p = Patcher(adapter)
+    rep = p.apply([ActiveLora(net, te=0.5)]).networks[0]
+    assert rep.modules_applied == len(entries) and not rep.unmatched
+    Patcher(adapter_for_pipeline(pipe)).apply([ActiveLora(net, te=0.5)])
+    now = {k: v for k, v in _sd(embedder.model).items() if k != "logit_scale"}
+    back = hf_clip_keys_for(clip_openclip_to_hf_sd(now, 2, with_projection=False), hf.state_dict())
+    _assert_close(back, _sd(hf), "FrozenOpenCLIPEmbedder", atol=2e-6)
+    p.restore()
+    for k, v in _sd(embedder.model).items():
+        assert torch.equal(v, original[k]), k

@@ -158,6 +158,8 @@ def _te_aliases(kind: str, hpath: str) -> list[str]:
     kohya, dotted = _TE_PREFIXES[kind]
     short = hpath[len("text_model.") :] if hpath.startswith("text_model.") else hpath
     names = [p + _us(hpath) for p in kohya]
+    if short != hpath:  # kohya-style names written under transformers >= 5.6 (LyCORIS wrapper): lora_te_encoder_...
+        names += [p + _us(short) for p in kohya]
     for p in dotted:
         names += [p + hpath, p + short]
     if kind == "te":  # PEFT adapter of the one text encoder alone ("base_model.model.text_model..." minus the wrapper)

@@ -457,6 +457,13 @@ def _build_text_encoder(config: Mapping[str, Any], state_dict: Mapping[str, torc
 
 def _assign_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], src: Path, what: str) -> None:
     own = model.state_dict()
+    # buffers the model computes itself (transformers < 4.31 keeps CLIP's position_ids as a persistent buffer, and
+    # checkpoints often lack it): take the model's own value
+    buffers = dict(model.named_buffers())
+    state_dict = dict(state_dict)
+    for key in set(own) - set(state_dict):
+        if key in buffers and not buffers[key].is_meta:
+            state_dict[key] = buffers[key]
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))

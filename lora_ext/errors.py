@@ -73,3 +73,21 @@ class ArchitectureMismatchError(LoraExtError, ValueError):
 
 class ModelLoadError(LoraExtError, ValueError):
     """A base model (diffusers folder or single-file checkpoint) could not be loaded or recognised."""
+
+
+class DatasetError(LoraExtError, ValueError):
+    """A training dataset cannot be used as configured (missing folder, bad setting, unreadable file during training).
+
+    The message names the path or setting at fault and says what to do. Problems that do not stop a run (an odd image,
+    a missing caption) are not raised: they are listed in the dataset report instead.
+    """
+
+
+class TrainingError(LoraExtError):
+    """A training run cannot go on or its output is unusable (no layer to train, a file that would be overwritten,
+    an exported LoRA that does not read back cleanly). The message names the file or setting and says what to do."""
+
+
+class ConfigError(LoraExtError, ValueError):
+    """A training option is missing, has the wrong type or an invalid value, or needs a package that is not
+    installed. The message names the option and says what to do."""

@@ -192,6 +192,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `python -m lora_ext.train ARGS --json-events` in a child process (a crash or OOM there cannot take this
+    process down): its JSON event lines are streamed to stdout, its progress line goes to stderr, and its exit status
+    is returned (0 finished, 3 cancelled, 2 error, 1 crash). Ctrl-C reaches the child too, which saves a checkpoint
+    and stops; `python -m lora_ext train --help` shows the training options."""
+    import os
+    import signal
+    import subprocess
+
+    import lora_ext
+
+    cmd = [sys.executable, "-m", "lora_ext.train", *args.train_args, "--json-events"]
+    if args.verbose:
+        cmd.append("--verbose")
+    env = dict(os.environ)
+    root = str(Path(lora_ext.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1, env=env) as child:
+        while True:
+            try:
+                for line in child.stdout or ():
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                break
+            except KeyboardInterrupt:  # the child got the same Ctrl-C (or gets SIGTERM now): wait for its checkpoint
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+        return child.wait()
+
+
 # -------------------------------------------------------------------------------------------------------------- main
 
 
@@ -233,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output PNG")
     s.add_argument("--json", action="store_true", help="print the LoRA report as JSON")
     s.set_defaults(func=cmd_generate)
+
+    # every argument goes to `python -m lora_ext.train` (prefix "+": argparse here leaves "--..." alone)
+    s = sub.add_parser("train", help="train a LoRA in a child process (see `train --help`); streams JSON events",
+                       prefix_chars="+", add_help=False)
+    s.add_argument("train_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="tiny default model + a LoRA: images with and without it")
     s.add_argument("--out", default="demo_out", help="output directory (default demo_out)")

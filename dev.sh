@@ -3,6 +3,7 @@
 #   bash dev.sh demo   # tiny default model -> images with and without a LoRA, in demo_out/
 #   bash dev.sh test   # ruff + the test suite (CPU, tiny models)
 #   bash dev.sh setup  # only the set-up
+#   bash dev.sh test-webui-stack  # the test suite on A1111 v1.10's package versions, in .venv-webui (no ruff)
 #   bash dev.sh py ... # run python inside the venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,31 +12,52 @@ PY="$VENV/bin/python"
 # torch: on machines with a local CPU wheel `torch==2.13.0` is what pip finds; elsewhere set LORA_EXT_TORCH
 # (e.g. "torch --index-url https://download.pytorch.org/whl/cpu") or install torch into the venv yourself first.
 TORCH_SPEC="${LORA_EXT_TORCH:-torch==2.13.0}"
+# A1111 v1.10's environment: its pins (requirements_versions.txt; torch excepted, TORCH_SPEC is used), the
+# huggingface_hub pip gives transformers 4.30.2 there (the newest < 1.0), and the newest diffusers / peft that work
+# beside them: diffusers 0.27-0.28 import hub's cached_download (gone from hub 0.26), 0.31 needs
+# transformers.integrations.deepspeed (4.33) in training_utils, 0.32+ transformers' Siglip (4.37); peft 0.14+ needs
+# transformers' Cache (4.36). With transformers 4.30 diffusers' LoRA loader (PEFT backend) is off: those tests skip.
+WEBUI_VENV="${LORA_EXT_WEBUI_VENV:-.venv-webui}"
+WEBUI_PINS="transformers==4.30.2 tokenizers==0.13.3 accelerate==0.21.0 safetensors==0.4.2 numpy==1.26.2 Pillow==9.5.0
+huggingface_hub==0.36.2 diffusers==0.30.3 peft==0.13.2"
 
-setup() {
-    if [ ! -x "$PY" ]; then
-        echo "[dev] creating virtualenv $VENV"
-        python3 -m venv "$VENV"
-        "$PY" -m pip install -q --upgrade pip
+# setup_venv DIR [PINS]: create DIR if needed and install lora_ext + test extras + oracles, every install constrained
+# to PINS (newline/space-separated requirements) when given; skipped while DIR's stamp matches this file and PINS.
+setup_venv() {
+    local venv="$1" pins="${2:-}" py="$1/bin/python" constraints=()
+    if [ ! -x "$py" ]; then
+        echo "[dev] creating virtualenv $venv"
+        python3 -m venv "$venv"
+        echo "*" > "$venv/.gitignore"
+        "$py" -m pip install -q --upgrade pip
     fi
-    local stamp="$VENV/.lora_ext_setup" want
-    want="$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+    local stamp="$venv/.lora_ext_setup" want
+    want="$(printf '%s\n' "$pins" | cat pyproject.toml dev.sh - | sha256sum | cut -c1-16)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    if ! "$py" -c "import torch" >/dev/null 2>&1; then
         echo "[dev] installing $TORCH_SPEC"
         # shellcheck disable=SC2086
-        "$PY" -m pip install -q $TORCH_SPEC
+        "$py" -m pip install -q $TORCH_SPEC
+    fi
+    if [ -n "$pins" ]; then
+        printf '%s\n' $pins > "$venv/constraints.txt"
+        constraints=(-c "$venv/constraints.txt")
+        echo "[dev] installing the pinned stack into $venv:" $pins
+        # shellcheck disable=SC2086
+        "$py" -m pip install -q "${constraints[@]}" $pins
     fi
     echo "[dev] installing lora_ext with test extras"
-    "$PY" -m pip install -q -e ".[test]"
+    "$py" -m pip install -q "${constraints[@]}" -e ".[test]"
     # Oracles that must not pull their own torch/transformers pins: installed without dependencies.
     # `ldm` (original SD classes) and open_clip (OpenCLIP text tower names); lycoris-lora (LyCORIS math).
-    "$PY" -m pip install -q omegaconf einops toml ftfy
-    "$PY" -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5" "open-clip-torch==3.3.0" "lycoris-lora==4.1.3"
+    "$py" -m pip install -q "${constraints[@]}" omegaconf einops toml ftfy
+    "$py" -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5" "open-clip-torch==3.3.0" "lycoris-lora==4.1.3"
     echo "$want" > "$stamp"
 }
+
+setup() { setup_venv "$VENV"; }
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
@@ -48,10 +70,14 @@ case "$cmd" in
         "$PY" -m ruff check lora_ext tests scripts bench tools install.py
         "$PY" -m pytest -q "$@"
         ;;
+    test-webui-stack)
+        setup_venv "$WEBUI_VENV" "$WEBUI_PINS"
+        "$WEBUI_VENV/bin/python" -m pytest -q "$@"
+        ;;
     demo)
         setup
         "$PY" -m lora_ext demo --out "${DEMO_OUT:-demo_out}" "$@"
         ;;
     py) setup; "$PY" "$@" ;;
-    *) echo "usage: bash dev.sh demo|test|setup|py ..." >&2; exit 2 ;;
+    *) echo "usage: bash dev.sh demo|test|test-webui-stack|setup|py ..." >&2; exit 2 ;;
 esac

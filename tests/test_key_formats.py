@@ -302,7 +302,8 @@ def _peft_dora(model, targets: list[str], seed: int):
         inject_adapter_in_model(cfg, twin)
         layers = {n: m for n, m in twin.named_modules() if isinstance(m, BaseTunerLayer)}
         for m in layers.values():
-            mag = m.lora_magnitude_vector["default"].weight
+            mag = m.lora_magnitude_vector["default"]
+            mag = getattr(mag, "weight", mag)  # peft >= 0.12: a DoraLinearLayer module; older: the Parameter
             mag.data.mul_(1 + 0.3 * torch.randn_like(mag))
     sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(twin).items()}
     factors = {n: (sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"], sd[f"{n}.lora_magnitude_vector"])

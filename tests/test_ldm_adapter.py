@@ -31,7 +31,9 @@ from tests.test_layouts_convert import (  # noqa: F401  (fixtures)
     CLIP_L,
     LDM_UNET,
     _openclip_tower,
+    clip_weights,
     ldm_unet_cls,
+    load_clip_strict,
     openclip_transformer,
     randomise,
     tiny_unet,
@@ -149,7 +151,7 @@ def test_sd2_openclip_fused_qkv(openclip_transformer):  # noqa: F811
     assert rep.modules_applied == len(entries) and not rep.unmatched
     Patcher(adapter_for_pipeline(pipe)).apply([ActiveLora(net, te=0.8)])
     back = clip_openclip_to_hf_sd(_sd(tower), cfg["num_hidden_layers"], with_projection=False)
-    _assert_close(hf_clip_keys_for(back, hf.state_dict()), _sd(hf), "openclip vs hf", atol=2e-6)
+    _assert_close(hf_clip_keys_for(back, hf.state_dict()), clip_weights(hf), "openclip vs hf", atol=2e-6)
     p.restore()
     for k, v in _sd(tower).items():
         assert torch.equal(v, original[k]), k
@@ -182,7 +184,7 @@ def test_sdxl_compvis_tree_with_openclip_te2(openclip_transformer):  # noqa: F81
     _assert_close(unet_ldm_to_diffusers(_sd(ldm_unet), unet.config), _sd(unet), "unet")
     _assert_close(_sd(te1_ldm), _sd(te1), "te1")
     back = clip_openclip_to_hf_sd(_sd(tower), 2, with_projection=True)
-    _assert_close(hf_clip_keys_for(back, te2.state_dict()), _sd(te2), "te2", atol=2e-6)
+    _assert_close(hf_clip_keys_for(back, te2.state_dict()), clip_weights(te2), "te2", atol=2e-6)
 
 
 # ------------------------------------------------------------------ the real ldm text-encoder classes (A1111's SD1/SD2)
@@ -262,8 +264,7 @@ def test_real_frozen_openclip_embedder_sd2(ldm_encoders):
                max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407)
     hf = CLIPTextModel(CLIPTextConfig(**cfg))
     oc_text = {k: v for k, v in original.items() if k != "logit_scale"}
-    hf.load_state_dict(hf_clip_keys_for(clip_openclip_to_hf_sd(oc_text, 2, with_projection=False),
-                                        hf.state_dict()), strict=True)
+    load_clip_strict(hf, hf_clip_keys_for(clip_openclip_to_hf_sd(oc_text, 2, with_projection=False), hf.state_dict()))
     from diffusers import UNet2DConditionModel
 
     from tests.test_layouts_convert import DIFFUSERS_UNET
@@ -282,7 +283,7 @@ def test_real_frozen_openclip_embedder_sd2(ldm_encoders):
     Patcher(adapter_for_pipeline(pipe)).apply([ActiveLora(net, te=0.5)])
     now = {k: v for k, v in _sd(embedder.model).items() if k != "logit_scale"}
     back = hf_clip_keys_for(clip_openclip_to_hf_sd(now, 2, with_projection=False), hf.state_dict())
-    _assert_close(back, _sd(hf), "FrozenOpenCLIPEmbedder", atol=2e-6)
+    _assert_close(back, clip_weights(hf), "FrozenOpenCLIPEmbedder", atol=2e-6)
     p.restore()
     for k, v in _sd(embedder.model).items():
         assert torch.equal(v, original[k]), k

@@ -13,6 +13,7 @@ from lora_ext.formats.network import parse_lora
 from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
 from tests.lora_factory import make_entries, snapshot, to_state_dict
+from tests.stack import require_diffusers_lora_loader
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,7 @@ def _compare(ours, theirs, rtol=1e-6):
 def test_weights_match_diffusers_fuse(tmp_path, arch, style):
     from lora_ext.formats.layouts import unet_module_map
 
+    require_diffusers_lora_loader()
     pipe = _tiny(arch)
     sdxl = arch == "sdxl"
     entries = make_entries(pipe, "lora", rank=4, alpha=None if style == "peft" else 3.0, seed=100)

@@ -691,8 +691,10 @@ def vae_config_from_ldm(sd: Mapping[str, Tensor], *, arch: str, image_size: int)
         "norm_num_groups": 32,
         "sample_size": image_size,
         "scaling_factor": VAE_SCALING_FACTOR[arch],
-        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in sd,
     }
+    if "encoder.mid.attn_1.q.weight" not in sd:
+        # only when off: diffusers < 0.28's AutoencoderKL has no such argument (its mid block always has attention)
+        config["mid_block_add_attention"] = False
     _check_modules(sd, list(vae_module_map(config).values()), what)
     return config
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -730,7 +731,7 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             for te in text_encoders:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                _enable_text_encoder_checkpointing(te)
     model = Denoiser(arch, pipe.unet, text_encoders, network, clip_skip=config.clip_skip,
                      train_text_encoder=config.train_text_encoder)
 
@@ -934,9 +935,23 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
          checkpoint=str(state.last_checkpoint) if state.last_checkpoint else None,
          reason=stop.reason if status == "cancelled" else None, elapsed_s=round(time.time() - t_start, 3))
     network.remove()
-    accelerator.end_training()
+    if hasattr(accelerator, "trackers"):  # accelerate < 0.22 creates the list only in init_trackers (never called)
+        accelerator.end_training()
     return TrainResult(status=status, run_dir=run_dir, global_step=global_step, epoch=done_epoch, output=output,
                        checkpoint=state.last_checkpoint)
+
+
+def _enable_text_encoder_checkpointing(text_encoder: Any) -> None:
+    """Activation checkpointing for a transformers text encoder, non-reentrant where transformers lets us choose
+    (>= 4.35; 5.x renamed the method). Older ones checkpoint re-entrantly, which gives the LoRA weights inside no
+    gradient unless the layers' input requires grad: the embeddings' output is made to (their weights stay frozen)."""
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif "gradient_checkpointing_kwargs" in inspect.signature(text_encoder.gradient_checkpointing_enable).parameters:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.enable_input_require_grads()
 
 
 def _export(network: Any, config: TrainConfig, arch: str, prediction_type: str, report: Any, resolution: int,

@@ -12,6 +12,7 @@ from lora_ext.formats.network import load_lora
 from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
 from lora_ext.train.export import build_metadata, export_lora
 from lora_ext.train.network import LoraTrainingNetwork
+from tests.stack import require_diffusers_lora_loader
 
 COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
@@ -37,6 +38,7 @@ def _changed(a, b) -> set[str]:
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_diffusers_loads_exported_lora_like_our_patcher(tmp_path, arch):
+    require_diffusers_lora_loader()
     pipe = _tiny(arch)
     original = _weights(pipe)
     net = LoraTrainingNetwork(pipe, rank=4, alpha=2, targets="attn_mlp_conv", conv_rank=2, conv_alpha=1,

@@ -24,6 +24,7 @@ from PIL import Image
 from lora_ext.errors import TrainingError
 from lora_ext.train.config import TrainConfig
 from lora_ext.train.events import read_events
+from tests.stack import require_diffusers_lora_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_up\.weight|lora_down\.weight|alpha)$")
@@ -118,17 +119,17 @@ def test_cli_smoke_run_writes_a_kohya_file_that_loads_everywhere(sd15_model, tmp
     assert report.modules_applied == len(net.modules) == len(keys) // 3
     assert (tmp_path / "out" / "smoke.json").is_file() and (tmp_path / "out" / "smoke.preview.png").is_file()
     assert json.loads((tmp_path / "out" / "smoke.json").read_text())["activation text"] == "sks"
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step-00000002"]  # save_last_n = 1 pruned step 1
 
-    # diffusers' own kohya loader takes it too
+    # diffusers' own kohya loader takes it too (last: on a stack without it only this part is skipped)
+    require_diffusers_lora_loader()
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(sd15_model, local_files_only=True)
     pipe.load_lora_weights(str(out.parent), weight_name=out.name)
     assert len(pipe.get_list_adapters().get("unet", [])) == 1
     assert len(pipe.get_list_adapters().get("text_encoder", [])) == 1
-
-    ckpts = sorted((run_dir / "checkpoints").iterdir())
-    assert [p.name for p in ckpts] == ["step-00000002"]  # save_last_n = 1 pruned step 1
 
 
 # ------------------------------------------------------------------------------------------------------ events

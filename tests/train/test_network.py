@@ -4,6 +4,7 @@ Patcher, gradients, gradient checkpointing, half-precision base, remove()."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -347,8 +348,11 @@ def test_gradient_checkpointing_keeps_hooks():
     kwargs = {"use_reentrant": False}
     if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x; older: gradient_checkpointing_enable
         te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # pragma: no cover - transformers 4.x
-        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif "gradient_checkpointing_kwargs" in inspect.signature(te.gradient_checkpointing_enable).parameters:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # pragma: no cover - transformers 4.35+
+    else:  # pragma: no cover - transformers < 4.35 (A1111's 4.30): re-entrant only, needs an input requiring grad
+        te.gradient_checkpointing_enable()
+        te.enable_input_require_grads()
     te.train()
     calls = []
     probe_names = ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -398,7 +402,8 @@ def _hook_counts(pipe):
 
 def test_remove_restores_module_tree_exactly():
     pipe = _tiny("sdxl")
-    pipe.text_encoder.embeddings.token_embedding.weight.requires_grad_(False)  # an odd flag that must come back
+    te_body = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)  # transformers < 5.6 nests 'text_model'
+    te_body.embeddings.token_embedding.weight.requires_grad_(False)  # an odd flag that must come back
     tree = _hook_counts(pipe)
     params = {id(p): (p.requires_grad, p.data_ptr()) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
               for p in m.parameters()}

@@ -464,7 +464,7 @@ def _atomic_write(p: Path, write: Callable[[Path], None], overwrite: bool) -> Pa
                 p, f"writing failed: {exc}", hint="no file was written; check the disk and the data"
             ) from exc
         raise
-    _fsync_dir(p.parent)
+    fsync_dir(p.parent)
     logger.debug("wrote %s", p)
     return p
 
@@ -483,7 +483,7 @@ def _move_no_clobber(tmp: Path, p: Path) -> None:
     tmp.unlink()
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
     try:
         fd = os.open(d, os.O_RDONLY)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lora_ext.errors import TrainingError
+from lora_ext.formats.safetensors_io import fsync_dir
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
@@ -135,19 +136,6 @@ def _torch_save_synced(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, state: CheckpointState, *, lora: Mapping[str, torch.Tensor],
                     lora_metadata: Mapping[str, str], optimizer: Mapping[str, Any], lr_scheduler: Mapping[str, Any],
                     rng: Sequence[Mapping[str, Any]], keep_last: int) -> tuple[Path, list[Path]]:
@@ -176,13 +164,13 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, *, lora: Mapping[str,
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if final.exists():
             old = root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

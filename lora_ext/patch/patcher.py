@@ -23,10 +23,11 @@ DoRA and IA3 see the weight as left by the LoRAs before them in the list (A1111 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -117,6 +118,18 @@ class _Slot:
 
 
 _SlotKey = tuple[int, str]
+
+
+@contextlib.contextmanager
+def _exact_math() -> Iterator[None]:
+    """No gradient tracking and no autocast: a host may call us inside `torch.autocast` (A1111 activates extra
+    networks under `devices.autocast()`), which would silently compute the merge in half precision."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
 
 
 def _slot_key(module: torch.nn.Module, attr: str) -> _SlotKey:
@@ -243,25 +256,8 @@ class Patcher:
         signatures = {k: tuple(c.signature() for c in v) for k, (_, v) in work.items()}
         report.stale_backups = self._drop_stale()
         try:
-            for key, slot in self._slots.items():
-                if key not in work and slot.signature:
-                    self._restore_slot(slot)
-                    report.layers_restored += 1
-            for key, (what, contribs) in work.items():
-                slot = self._slots.get(key)
-                if slot is not None and slot.signature == signatures[key]:
-                    report.layers_unchanged += 1
-                    continue
-                target = contribs[0].target
-                attr = target.weight_attr if what == "weight" else target.bias_attr
-                slot = slot or self._backup(target.module, attr)
-                slot.signature = _WRITING
-                if what == "weight":
-                    self._write_weight(slot, contribs)
-                else:
-                    self._write_bias(slot, contribs)
-                slot.signature = signatures[key]
-                report.layers_recomputed += 1
+            with _exact_math():
+                self._write_all(work, signatures, report)
         except BaseException:
             self.restore()
             raise
@@ -270,6 +266,27 @@ class Patcher:
         report.backup_bytes = self.backup_bytes
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _write_all(self, work: dict, signatures: dict, report: PatchReport) -> None:
+        for key, slot in self._slots.items():
+            if key not in work and slot.signature:
+                self._restore_slot(slot)
+                report.layers_restored += 1
+        for key, (what, contribs) in work.items():
+            slot = self._slots.get(key)
+            if slot is not None and slot.signature == signatures[key]:
+                report.layers_unchanged += 1
+                continue
+            target = contribs[0].target
+            attr = target.weight_attr if what == "weight" else target.bias_attr
+            slot = slot or self._backup(target.module, attr)
+            slot.signature = _WRITING
+            if what == "weight":
+                self._write_weight(slot, contribs)
+            else:
+                self._write_bias(slot, contribs)
+            slot.signature = signatures[key]
+            report.layers_recomputed += 1
 
     def check(self, loras: Sequence[ActiveLora]) -> PatchReport:
         """What `apply(loras, skip_bad=True)` would do, without touching any weight."""
@@ -288,10 +305,11 @@ class Patcher:
         t0 = time.perf_counter()
         report = PatchReport()
         report.stale_backups = self._drop_stale()
-        for slot in self._slots.values():
-            if slot.signature:
-                self._restore_slot(slot)
-                report.layers_restored += 1
+        with _exact_math():
+            for slot in self._slots.values():
+                if slot.signature:
+                    self._restore_slot(slot)
+                    report.layers_restored += 1
         self.active = ()
         self._trim_retained()
         report.backup_bytes = self.backup_bytes

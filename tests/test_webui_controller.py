@@ -1,0 +1,164 @@
+"""The WebUI's activate/restore logic on A1111's module tree (real ldm UNetModel + transformers CLIP, wrapped as the
+WebUI wraps it), without the WebUI: merged weights against the LoRA formula computed by hand, every bad input turned
+into a sentence while the good LoRAs still apply, bit-exact restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from lora_ext.formats.safetensors_io import save_safetensors_atomic
+from lora_ext.models.convert import unet_diffusers_to_ldm
+from lora_ext.webui.controller import LoraController, tag_text
+from tests.test_layouts_convert import CLIP_L, LDM_UNET, ldm_unet_cls, randomise, tiny_unet  # noqa: F401
+
+
+class DictResolver:
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+
+    def resolve(self, name: str) -> Path | None:
+        return self.files.get(name)
+
+    def shorthash(self, path: Path) -> str | None:
+        return "h" + path.stem[:11]
+
+
+@pytest.fixture
+def model(ldm_unet_cls):  # noqa: F811
+    unet = tiny_unet("sd1", seed=1)
+    ldm_unet = ldm_unet_cls(**LDM_UNET["sd1"])
+    ldm_unet.load_state_dict(unet_diffusers_to_ldm(unet.state_dict(), unet.config), strict=True)
+    te = randomise(CLIPTextModel(CLIPTextConfig(**CLIP_L)), 2)
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=ldm_unet),
+                           cond_stage_model=SimpleNamespace(wrapped=SimpleNamespace(transformer=te)))
+
+
+Q = "input_blocks.1.1.transformer_blocks.0.attn2.to_q"  # ldm path
+Q_KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"  # what sd-scripts writes for it
+FC1 = "text_model.encoder.layers.0.mlp.fc1"
+FC1_KOHYA = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+
+
+def _module(model, path: str):
+    if not path.startswith("text_model"):
+        return model.model.diffusion_model.get_submodule(path)
+    te = model.cond_stage_model.wrapped.transformer  # transformers 5 drops the `text_model.` level
+    tail = path.removeprefix("text_model.")
+    return next(m for name, m in te.named_modules() if name in (path, tail))
+
+
+def _lora_file(tmp_path: Path, name: str, model, seed: int, rank: int = 3, alpha: float = 2.0,
+               extra: dict | None = None) -> tuple[Path, dict]:
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for key, path in ((Q_KOHYA, Q), (FC1_KOHYA, FC1)):
+        w = _module(model, path).weight
+        t[f"{key}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.1
+        t[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
+        t[f"{key}.alpha"] = torch.tensor(alpha)
+    t.update(extra or {})
+    p = tmp_path / f"{name}.safetensors"
+    save_safetensors_atomic(t, p)
+    return p, t
+
+
+def _delta(t: dict, key: str, rank: int = 3, alpha: float = 2.0) -> torch.Tensor:
+    return t[f"{key}.lora_up.weight"] @ t[f"{key}.lora_down.weight"] * (alpha / rank)
+
+
+def test_two_tags_merge_to_the_formula_and_restore_bit_exactly(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    pb, tb = _lora_file(tmp_path, "b", model, 2)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    ctl = LoraController(DictResolver({"a": pa, "b": pb}))
+
+    act = ctl.activate(model, [["a", "0.8"], ["b", "0.5", "1.5"]])
+    assert act.problems == [] and act.applied == ["a", "b"]
+    want_q = q0 + 0.8 * _delta(ta, Q_KOHYA) + 1.5 * _delta(tb, Q_KOHYA)  # unet multiplier of b is 1.5
+    want_fc = fc0 + 0.8 * _delta(ta, FC1_KOHYA) + 0.5 * _delta(tb, FC1_KOHYA)  # te multiplier of b is 0.5
+    torch.testing.assert_close(_module(model, Q).weight.detach(), want_q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_module(model, FC1).weight.detach(), want_fc, rtol=0, atol=1e-6)
+    assert act.hashes == {"a": "ha", "b": "hb"}
+
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0) and torch.equal(_module(model, FC1).weight, fc0)
+    assert ctl.is_pristine
+
+
+def test_named_args_and_empty_list(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    ctl = LoraController(DictResolver({"a": pa}))
+    ctl.activate(model, [["a", "te=0", "unet=0.25"]])
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.25 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    assert torch.equal(_module(model, FC1).weight, fc0)
+    act = ctl.activate(model, [])  # A1111 calls activate with [] when the prompt has no tag: everything off
+    assert act.applied == [] and torch.equal(_module(model, Q).weight, q0)
+
+
+def test_bad_inputs_become_problems_and_the_rest_applies(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "good", model, 1)
+    # a file whose only module does not exist in this model
+    pu, _ = _lora_file(tmp_path, "partly", model, 3, extra={
+        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.randn(2, 8),
+        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.randn(8, 2),
+        "something_else.weight_x": torch.zeros(1)})
+    # SDXL-width cross attention: another model family
+    px = tmp_path / "xl.safetensors"
+    save_safetensors_atomic({f"{Q_KOHYA}.lora_down.weight": torch.randn(4, 2048),
+                             f"{Q_KOHYA}.lora_up.weight": torch.randn(32, 4)}, px)
+    pbroken = tmp_path / "broken.safetensors"
+    pbroken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = LoraController(DictResolver({"good": pa, "partly": pu, "xl": px, "broken": pbroken}))
+
+    act = ctl.activate(model, [["missing", "1"], ["good", "1"], ["xl", "1"], ["broken", "1"], ["partly", "0"],
+                               ["good", "abc"]])
+    text = "\n".join(act.problems)
+    assert "Lora not found: missing" in text
+    assert "xl: not applied" in text
+    assert "broken" in text and str(pbroken) in text
+    assert "partly: applied" in text and "1 of" in text and "down_blocks_9" in text and "something_else" in text
+    assert "<lora:good:abc>" in text
+    assert len(act.problems) == 5
+    assert act.applied == ["good", "partly"]
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0)
+
+
+def test_autocast_does_not_lower_the_merge_precision(model, tmp_path):
+    """A1111 calls activate inside devices.autocast(); the merge must still be fp32."""
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = LoraController(DictResolver({"a": pa}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ctl.activate(model, [["a", "0.7"]])
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.7 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    assert _module(model, Q).weight.dtype == torch.float32
+
+
+def test_new_model_object_restores_and_forgets_the_old_one(model, tmp_path, ldm_unet_cls):  # noqa: F811
+    pa, _ = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = LoraController(DictResolver({"a": pa}))
+    ctl.activate(model, [["a", "1"]])
+    other = SimpleNamespace(model=SimpleNamespace(diffusion_model=ldm_unet_cls(**LDM_UNET["sd1"])),
+                            cond_stage_model=model.cond_stage_model)
+    ctl.activate(other, [["a", "1"]])
+    assert torch.equal(_module(model, Q).weight, q0)  # the previous model was put back before the switch
+    assert not torch.equal(other.model.diffusion_model.get_submodule(Q).weight, q0)
+    ctl.forget_model()
+    assert ctl.patcher is None
+
+
+def test_tag_text():
+    assert tag_text(["x", "0.5", "te=1"]) == "<lora:x:0.5:te=1>"
+    assert tag_text(["x"], "lyco") == "<lyco:x>"

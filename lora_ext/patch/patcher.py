@@ -326,10 +326,15 @@ class Patcher:
     def _drop_stale(self) -> int:
         """Forget slots whose parameter someone else replaced or wrote (e.g. a new checkpoint loaded in place)."""
         stale = [k for k, s in self._slots.items() if not s.is_current()]
+        merged = 0
         for key in stale:
             slot = self._slots.pop(key)
-            log.warning("weight %s.%s was changed outside the patcher; its LoRA backup is dropped (not restored)",
-                        type(slot.owner).__name__, slot.attr)
+            merged += bool(slot.signature)
+        if merged:  # someone rewrote weights while our LoRAs were merged in them: worth knowing
+            log.warning("%d weights with LoRAs merged were changed outside the patcher (e.g. a checkpoint reloaded in "
+                        "place); their backups are dropped, not restored", merged)
+        elif stale:  # backups kept for fast switching of weights someone else changed since: normal, just drop them
+            log.debug("%d retained backups dropped: their weights were changed outside the patcher", len(stale))
         return len(stale)
 
     def _trim_retained(self) -> None:

@@ -1,0 +1,52 @@
+"""Tests against a real AUTOMATIC1111 WebUI v1.10 (../shared/webui/README.md). They run when SD_WEBUI_DIR is set
+(`source $HARNESS_DIR/harness.env`) and skip otherwise. Each scenario runs once per session in its own WebUI
+process (tests/webui/driver.py, with $SD_WEBUI_PYTHON); the tests assert on what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WEBUI = os.environ.get("SD_WEBUI_DIR")
+DRIVER = Path(__file__).with_name("driver.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if WEBUI:
+        return
+    skip = pytest.mark.skip(reason="SD_WEBUI_DIR not set (real-WebUI tests skipped; see ../shared/webui/README.md)")
+    for item in items:
+        if "tests/webui" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def driver(tmp_path_factory):
+    """driver(scenario, arch="sd1", *webui_args) -> the scenario's result dict (cached per session)."""
+    results: dict[tuple, dict] = {}
+
+    def run(scenario: str, arch: str = "sd1", *extra: str) -> dict:
+        key = (scenario, arch, extra)
+        if key not in results:
+            out = tmp_path_factory.mktemp(f"{scenario}-{arch}")
+            cmd = [os.environ.get("SD_WEBUI_PYTHON", sys.executable), str(DRIVER), scenario, str(out), "--arch", arch,
+                   *extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            result_file = out / "result.json"
+            if not result_file.exists():
+                pytest.fail(f"driver {scenario} wrote no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                            f"{proc.stderr[-5000:]}")
+            res = json.loads(result_file.read_text())
+            res["_out"] = str(out)
+            res["_log"] = proc.stdout[-20000:] + proc.stderr[-20000:]
+            if not res.get("ok"):
+                pytest.fail(f"driver {scenario} failed:\n{res.get('error')}\n--- log ---\n{res['_log'][-6000:]}")
+            results[key] = res
+        return results[key]
+
+    return run

@@ -1,0 +1,403 @@
+"""Runs scenarios inside a real AUTOMATIC1111 WebUI process (run with $SD_WEBUI_PYTHON, not pytest) and writes what it
+measured to a JSON file; tests/webui/test_*.py start it and assert on the numbers.
+
+usage: driver.py SCENARIO OUT_DIR [--arch sd1|sdxl] [--ckpt PATH] [-- extra WebUI args]
+
+The WebUI runs with `--data-dir OUT_DIR/data` (its own config.json, extensions/ and cache: the shared harness tree is
+never modified) and `--lora-dir OUT_DIR/Lora`; this repository is linked as `extensions/lora_ext`. The built-in Lora
+extension is loaded too and is the reference: the `lora_ext_handle_lora_tags` setting switches between the two in the
+same process, on the same model, so images can be compared pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from contextlib import closing
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OWN = "lora_ext_handle_lora_tags"
+
+
+def boot(out: Path, ckpt: str, extra: list[str]) -> None:
+    webui = Path(os.environ["SD_WEBUI_DIR"]).resolve()
+    data = out / "data"
+    (data / "extensions").mkdir(parents=True, exist_ok=True)
+    link = data / "extensions" / "lora_ext"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    (out / "Lora").mkdir(exist_ok=True)
+    os.chdir(webui)
+    sys.path.insert(0, str(webui))
+    sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+                "--use-cpu", "all", "--no-half", "--precision", "full", "--nowebui", "--do-not-download-clip",
+                "--no-download-sd-model",
+                "--data-dir", str(data), "--models-dir", str(webui / "models"), "--lora-dir", str(out / "Lora"),
+                "--ckpt", ckpt, *extra]
+    import webui as _webui  # noqa: F401  (initialize.imports())
+    from fastapi import FastAPI
+    from modules import initialize, script_callbacks, shared
+
+    initialize.initialize()
+    script_callbacks.before_ui_callback()
+    global APP
+    APP = FastAPI()
+    script_callbacks.app_started_callback(None, APP)
+    shared.sd_model  # noqa: B018  (wait for the model)
+
+
+APP = None
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def set_owner(ours: bool) -> str:
+    from modules import extra_networks, shared
+
+    shared.opts.set(OWN, ours)
+    return type(extra_networks.extra_network_registry["lora"]).__module__
+
+
+def generate(prompt: str, seed: int = 1234, steps: int = 3, size: int = 64, **kw):
+    import numpy as np
+    from modules import processing, shared
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
+        sampler_name="Euler", seed=seed, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True, **kw)
+    with closing(p):
+        res = processing.process_images(p)
+    return np.asarray(res.images[0]).astype(np.int16), res.infotexts[0], res.comments
+
+
+def snapshot():
+    from modules import shared
+
+    return {k: v.detach().clone() for k, v in shared.sd_model.state_dict().items()}
+
+
+def same_weights(a, b) -> list[str]:
+    import torch
+
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def make_loras(arch: str) -> dict[str, str]:
+    """Random LoRA files of every algorithm for the loaded model (named from its key map, values random)."""
+    from modules import shared
+
+    from lora_ext.formats.safetensors_io import save_safetensors_atomic
+    from lora_ext.patch.ldm import adapter_for_ldm
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_locon, select_transformer
+
+    adapter = adapter_for_ldm(shared.sd_model)
+    lora_dir = Path(sys.argv[sys.argv.index("--lora-dir") + 1])
+    specs = {
+        "t_lora": (SynthSpec("lora", rank=4), select_transformer, 1),
+        "t_locon": (SynthSpec("lora", rank=4), select_locon, 2),
+        "t_loha": (SynthSpec("loha", rank=4), select_transformer, 3),
+        "t_lokr": (SynthSpec("lokr", rank=4), select_transformer, 4),
+        "t_dora": (SynthSpec("lora", rank=4, dora=True), select_transformer, 5),
+        "t_compvis": (SynthSpec("lora", rank=4, naming="kohya-compvis"), select_transformer, 6),
+    }
+    made = {}
+    for name, (spec, select, seed) in specs.items():
+        tensors = make_lora_tensors(adapter, spec, select, seed=seed)
+        meta = {"ss_output_name": name, "ss_network_module": "networks.lora"}
+        if arch == "sdxl":
+            meta["ss_base_model_version"] = "sdxl_base_v1-0"
+        save_safetensors_atomic(tensors, lora_dir / f"{name}.safetensors", metadata=meta)
+        made[name] = spec.algorithm + ("+dora" if spec.dora else "")
+    harness_loras = Path(os.environ["SD_WEBUI_DIR"]) / "models" / "Lora"
+    for f in harness_loras.glob("*.safetensors"):
+        if (arch == "sdxl") == ("sdxl" in f.name) and not f.name.startswith("full_"):
+            shutil.copy(f, lora_dir / f.name)
+            made[f.stem] = "harness"
+    from lora_ext.webui import glue
+
+    glue.state().index.refresh()
+    return made
+
+
+def diff(a, b) -> int:
+    import numpy as np
+
+    return int(np.abs(a - b).max())
+
+
+def mean_diff(a, b) -> float:
+    import numpy as np
+
+    return float(np.abs(a - b).mean())
+
+
+# ------------------------------------------------------------------------------------------------------ scenarios
+
+
+def scenario_parity(args) -> dict:
+    """Same prompt, seed and files: our images vs the built-in's; hashes in the infotext; weights restored."""
+    made = make_loras(args.arch)
+    fresh = snapshot()
+    names = list(made)
+    prompts = [f"a photo of a cat <lora:{n}:0.8>" for n in names]
+    prompts += [
+        f"a photo of a cat <lora:{names[0]}:0.7> <lora:{names[2]}:0.5> <lora:{names[3]}:-0.4>",
+        f"a photo of a cat <lora:{names[1]}:0.6> <lora:{names[4]}:0.9>",
+        f"a photo of a cat <lora:{names[0]}:1:0>",
+        f"a photo of a cat <lora:{names[0]}:0:1>",
+        f"a photo of a cat <lora:{names[0]}:te=0.3:unet=1.2>",
+        f"a photo of a cat <lyco:{names[2]}:0.8>",
+    ]
+    set_owner(False)
+    base, _, _ = generate("a photo of a cat")
+    rows = []
+    for prompt in prompts:
+        owner_ref = set_owner(False)
+        ref, ref_info, _ = generate(prompt)
+        owner_ours = set_owner(True)
+        ours, info, comments = generate(prompt)
+        after = same_weights(fresh, snapshot())
+        rows.append({"prompt": prompt, "max_diff": diff(ours, ref), "effect": mean_diff(ref, base),
+                     "ours_effect": mean_diff(ours, base), "owners": [owner_ref, owner_ours],
+                     "hashes_ref": _infotext_field(ref_info, "Lora hashes"),
+                     "hashes_ours": _infotext_field(info, "Lora hashes"), "comments": comments,
+                     "changed_after": after[:5]})
+    return {"arch": args.arch, "files": made, "rows": rows}
+
+
+def _infotext_field(info: str, key: str) -> str | None:
+    from modules import infotext_utils
+
+    return infotext_utils.parse_generation_parameters(info).get(key)
+
+
+def scenario_sequence(args) -> dict:
+    """Switch sets and weights, interrupt, raise mid-generation: weights equal the fresh load after each one."""
+    import torch
+    from modules import processing, script_callbacks, shared
+
+    made = make_loras(args.arch)
+    names = list(made)
+    set_owner(True)
+    fresh = snapshot()
+    events = []
+
+    def check(label: str) -> None:
+        changed = same_weights(fresh, snapshot())
+        events.append({"after": label, "changed": len(changed), "examples": changed[:3]})
+
+    plan = [f"<lora:{names[0]}:0.8>", f"<lora:{names[0]}:0.3> <lora:{names[1]}:1>", f"<lora:{names[2]}:1.2>",
+            "", f"<lora:{names[3]}:0.5:1> <lora:{names[4]}:0.7> <lora:{names[0]}:0.2>", f"<lora:{names[0]}:0.8>"]
+    merged_during = []
+    for i, tags in enumerate(plan):
+        def probe(params, _i=i):
+            if params.sampling_step == 0:
+                merged_during.append((_i, len(same_weights(fresh, snapshot())) > 0))
+        script_callbacks.on_cfg_denoiser(probe)
+        generate("a cat " + tags, seed=i)
+        script_callbacks.remove_callbacks_for_function(probe)
+        check(f"generation {i}: {tags or 'no LoRA'}")
+
+    def interrupter(params):
+        if params.sampling_step == 1:
+            shared.state.interrupt()
+    script_callbacks.on_cfg_denoiser(interrupter)
+    generate(f"a cat <lora:{names[1]}:0.9>", steps=6)
+    script_callbacks.remove_callbacks_for_function(interrupter)
+    shared.state.interrupted = False
+    check("interrupted generation")
+
+    original_sample = processing.StableDiffusionProcessingTxt2Img.sample
+    def failing_sample(self, *a, **kw):
+        raise RuntimeError("injected failure in the sampler")
+    processing.StableDiffusionProcessingTxt2Img.sample = failing_sample
+    raised = None
+    try:
+        generate(f"a cat <lora:{names[2]}:0.9> <lora:{names[0]}:0.5>")
+    except Exception as err:  # the WebUI lets it propagate; closing(p) must still restore
+        raised = repr(err)
+    finally:
+        processing.StableDiffusionProcessingTxt2Img.sample = original_sample
+    check("generation that raised")
+
+    # after all that, a generation must still give the same image as the first one with the same tags
+    first, _, _ = generate("a cat " + plan[0], seed=0)
+    again, _, _ = generate("a cat " + plan[0], seed=0)
+    check("final")
+    return {"events": events, "raised": raised, "merged_during": merged_during, "repeat_diff": diff(first, again),
+            "torch": torch.__version__}
+
+
+def scenario_hires(args) -> dict:
+    """Hires fix with its own prompt's LoRAs: ours vs built-in."""
+    made = make_loras(args.arch)
+    names = list(made)
+    rows = []
+    for hr_prompt in ("", f"a dog <lora:{names[1]}:0.9>", "a dog"):
+        kw = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+              "hr_second_pass_steps": 2, "hr_prompt": hr_prompt}
+        set_owner(False)
+        ref, ref_info, _ = generate(f"a cat <lora:{names[0]}:0.8>", **kw)
+        set_owner(True)
+        ours, info, _ = generate(f"a cat <lora:{names[0]}:0.8>", **kw)
+        rows.append({"hr_prompt": hr_prompt, "max_diff": diff(ours, ref), "shape": list(ours.shape),
+                     "hashes_ref": _infotext_field(ref_info, "Lora hashes"),
+                     "hashes_ours": _infotext_field(info, "Lora hashes")})
+    return {"rows": rows}
+
+
+def scenario_optimizations(args) -> dict:
+    """Every cross-attention optimization: ours vs built-in under it, and ours vs ours under the default."""
+    from modules import sd_hijack, shared
+
+    made = make_loras(args.arch)
+    names = list(made)
+    prompt = f"a cat <lora:{names[0]}:0.8> <lora:{names[2]}:0.5>"
+    available = [o.name for o in sd_hijack.optimizers]
+    rows = []
+    for name in ["None", *available]:
+        shared.opts.set("cross_attention_optimization", name)
+        sd_hijack.model_hijack.undo_optimizations()
+        sd_hijack.model_hijack.apply_optimizations(name)
+        set_owner(False)
+        ref, _, _ = generate(prompt)
+        base, _, _ = generate("a cat")
+        set_owner(True)
+        ours, _, _ = generate(prompt)
+        rows.append({"optimization": name, "current": sd_hijack.model_hijack.optimization_method,
+                     "max_diff": diff(ours, ref), "effect": mean_diff(ours, base)})
+    return {"available": available, "rows": rows}
+
+
+def scenario_images(args) -> dict:
+    """Images for cross-process comparison (e.g. --medvram against the default): saved as .npy."""
+    import numpy as np
+
+    made = make_loras(args.arch)
+    names = list(made)
+    set_owner(True)
+    out = {}
+    for i, prompt in enumerate([f"a cat <lora:{names[0]}:0.8>", f"a cat <lora:{names[2]}:0.6> <lora:{names[1]}:0.4>"]):
+        img, _, comments = generate(prompt)
+        np.save(Path(args.out) / f"image{i}.npy", img)
+        out[f"image{i}"] = {"prompt": prompt, "comments": comments}
+    set_owner(False)
+    for i, prompt in enumerate([f"a cat <lora:{names[0]}:0.8>"]):
+        img, _, _ = generate(prompt)
+        np.save(Path(args.out) / f"builtin{i}.npy", img)
+    return out
+
+
+def scenario_problems(args) -> dict:
+    """Missing, mismatched and broken LoRAs: the generation goes on, the user is told."""
+    from lora_ext.formats.safetensors_io import save_safetensors_atomic
+
+    made = make_loras(args.arch)
+    names = list(made)
+    lora_dir = Path(sys.argv[sys.argv.index("--lora-dir") + 1])
+    import torch
+
+    # a file for another model family (SDXL-width cross attention on SD1) and one with foreign keys
+    other = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(4, 2048),
+             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(320, 4),
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(4, 1280),
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(5120, 4)}
+    save_safetensors_atomic(other, lora_dir / "wrong_family.safetensors", metadata={"ss_base_model_version": "sdxl"})
+    (lora_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    from lora_ext.webui import glue
+
+    glue.state().index.refresh()
+    set_owner(True)
+    base, _, _ = generate("a cat")
+    only_good, _, _ = generate(f"a cat <lora:{names[0]}:0.8>")
+    rows = []
+    for prompt in ("a cat <lora:does_not_exist:0.8>", "a cat <lora:wrong_family:1>", "a cat <lora:broken:1>",
+                   f"a cat <lora:does_not_exist:1> <lora:{names[0]}:0.8>", "a cat <lora:x::1>"):
+        img, info, comments = generate(prompt)
+        rows.append({"prompt": prompt, "comments": comments, "diff_base": diff(img, base),
+                     "diff_good": diff(img, only_good)})
+    return {"rows": rows}
+
+
+def scenario_infotext(args) -> dict:
+    """Pasting an infotext: names resolved by hash; sd_lora default; bundled embeddings."""
+    import torch
+    from modules import script_callbacks, sd_hijack, shared
+
+    from lora_ext.formats.safetensors_io import load_tensors, save_safetensors_atomic
+    from lora_ext.webui import glue
+
+    made = make_loras(args.arch)
+    names = list(made)
+    lora_dir = Path(sys.argv[sys.argv.index("--lora-dir") + 1])
+    set_owner(True)
+    _, info, _ = generate(f"a cat <lora:{names[0]}:0.8>")
+    hashes = _infotext_field(info, "Lora hashes")
+    # the same file under another name: a pasted infotext that names the old one must resolve to it
+    shutil.copy(lora_dir / f"{names[0]}.safetensors", lora_dir / "renamed_copy.safetensors")
+    (lora_dir / f"{names[0]}.safetensors").unlink()
+    glue.state().index.refresh()
+    d = {"Prompt": f"a cat <lora:{names[0]}:0.8>", "Lora hashes": hashes}
+    script_callbacks.infotext_pasted_callback(info, d)
+    pasted = d["Prompt"]
+
+    # sd_lora: a default LoRA added to every prompt
+    shared.opts.set("sd_lora", names[1])
+    with_default, info_default, _ = generate("a cat")
+    shared.opts.set("sd_lora", "None")
+    explicit, _, _ = generate(f"a cat<lora:{names[1]}:{shared.opts.extra_networks_default_multiplier}>")
+
+    # bundled embedding: a LoRA that carries a textual inversion "bundtok"
+    tensors = load_tensors(lora_dir / f"{names[1]}.safetensors")
+    width = sd_hijack.model_hijack.embedding_db.expected_shape
+    g = torch.Generator().manual_seed(3)
+    tensors["bundle_emb.bundtok.string_to_param.*"] = torch.randn(2, width, generator=g) * 0.5
+    save_safetensors_atomic(tensors, lora_dir / "with_bundle.safetensors", metadata={})
+    glue.state().index.refresh()
+    set_owner(False)
+    ref, ref_info, _ = generate("a bundtok cat <lora:with_bundle:0.8>")
+    set_owner(True)
+    ours, ours_info, _ = generate("a bundtok cat <lora:with_bundle:0.8>")
+    registered_after = "bundtok" in sd_hijack.model_hijack.embedding_db.word_embeddings
+    return {"hashes": hashes, "pasted": pasted, "sd_lora_diff": diff(with_default, explicit),
+            "sd_lora_hashes": _infotext_field(info_default, "Lora hashes"),
+            "bundle_diff": diff(ours, ref), "bundle_ti_ref": _infotext_field(ref_info, "TI hashes"),
+            "bundle_ti_ours": _infotext_field(ours_info, "TI hashes"), "bundle_registered_after": registered_after}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("scenario")
+    ap.add_argument("out")
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"])
+    ap.add_argument("--ckpt", default=None)
+    args, extra = ap.parse_known_args()
+    args.extra = extra
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
+    ckpt = args.ckpt or os.environ["SD_WEBUI_CKPT_SDXL" if args.arch == "sdxl" else "SD_WEBUI_CKPT"]
+    t0 = time.perf_counter()
+    result: dict = {"scenario": args.scenario}
+    try:
+        boot(out, ckpt, args.extra)
+        result["boot_s"] = time.perf_counter() - t0
+        result.update(globals()[f"scenario_{args.scenario}"](args))
+        result["ok"] = True
+    except BaseException:
+        result["ok"] = False
+        result["error"] = traceback.format_exc()
+    result["seconds"] = time.perf_counter() - t0
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    os._exit(0)  # the WebUI leaves non-daemon threads behind
+
+
+if __name__ == "__main__":
+    main()

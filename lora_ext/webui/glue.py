@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from lora_ext.errors import LoraExtError
 from lora_ext.webui.controller import Activation, LoraController
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def _register_bundled_embeddings(act: Activation) -> None:
                 log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s, model %s)",
                             emb_name, name, emb.shape, db.expected_shape)
                 continue
-            emb.shorthash = _BundledHash(act.hashes.get(name, ""))
+            emb.shorthash = _BundledHash(name)
             db.register_embedding(emb, shared.sd_model)
             state().bundled[emb_name] = emb
 
@@ -302,10 +303,20 @@ def _unregister_bundled_embeddings() -> None:
 
 
 class _BundledHash(str):
-    """TI hash of a bundled embedding in the infotext: the LoRA's hash, if "lora_bundled_ti_to_infotext" is on."""
+    """"TI hashes" entry of a bundled embedding: the LoRA's name (as the built-in writes it), or nothing when
+    "lora_bundled_ti_to_infotext" is off (the WebUI formats it with an f-string, hence `__format__` and `__bool__`)."""
+
+    def _shown(self) -> str:
+        return str.__str__(self) if _opt("lora_bundled_ti_to_infotext", True) else ""
 
     def __str__(self) -> str:
-        return str.__str__(self) if _opt("lora_bundled_ti_to_infotext", True) else ""
+        return self._shown()
+
+    def __format__(self, spec: str) -> str:
+        return format(self._shown(), spec)
+
+    def __bool__(self) -> bool:
+        return bool(self._shown())
 
 
 # ------------------------------------------------------------------------------------------------------ callbacks
@@ -329,6 +340,14 @@ def _builtin_restore() -> int:
     model = _loaded_model()
     if model is None or networks is None or not hasattr(networks, "network_restore_weights_from_backup"):
         return 0
+    from modules import sd_hijack
+
+    db = sd_hijack.model_hijack.embedding_db
+    for net in networks.loaded_networks:  # its bundled embeddings, registered while its LoRAs were active
+        for emb_name, emb in getattr(net, "bundle_embeddings", {}).items():
+            if getattr(emb, "loaded", None):
+                db.register_embedding_by_name(None, model, emb_name)
+                emb.loaded = None
     networks.loaded_networks.clear()
     restored = 0
     with torch.no_grad():
@@ -340,10 +359,22 @@ def _builtin_restore() -> int:
     return restored
 
 
+def _clear_cond_cache() -> None:
+    """The WebUI reuses conditionings for an identical prompt + tags; after the tag changes hands they may have been
+    computed with the other handler's text-encoder weights."""
+    from modules import processing
+
+    for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
+        for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            if isinstance(cls.__dict__.get(attr), list):
+                setattr(cls, attr, [None, None])
+
+
 def _apply_ownership(*_: Any) -> None:
     from modules import extra_networks
 
     st = state()
+    _clear_cond_cache()
     with st.lock:
         current = extra_networks.extra_network_registry.get("lora")
         if _opt(_OWN, True):
@@ -406,12 +437,34 @@ def _on_infotext_pasted(infotext: str, d: dict) -> None:
         h = hashes.get(m.group(2))
         if not h:
             return m.group(0)
-        entry = st.index.by_hash(h)
+        entry = _find_by_hash(st.index, h)
         if entry is None:
             return m.group(0)
         return f"<{m.group(1)}:{st.index.display_name(entry, preferred)}"
 
     d["Prompt"] = _re_lora_name.sub(replace, prompt)
+
+
+_PASTE_HASH_BUDGET = 4 << 30  # bytes of not-yet-hashed LoRA files we are willing to read to resolve a pasted hash
+
+
+def _find_by_hash(index: Any, short: str) -> Any:
+    """The entry with this hash. Files never hashed (listing does not hash) are hashed on demand, smallest first,
+    up to `_PASTE_HASH_BUDGET` bytes, so a LoRA downloaded under another name is still found."""
+    entry = index.by_hash(short)
+    if entry is not None:
+        return entry
+    budget = _PASTE_HASH_BUDGET
+    for candidate in sorted((e for e in index.entries() if not e.shorthash), key=lambda e: e.size):
+        if candidate.size > budget:
+            break
+        budget -= candidate.size
+        try:
+            if index.full_hash(candidate).lower().startswith(short.lower()):
+                return index.entry_for_path(candidate.path) or candidate
+        except LoraExtError as err:
+            log.debug("lora_ext: cannot hash %s: %s", candidate.path, err)
+    return None
 
 
 def _on_script_unloaded() -> None:

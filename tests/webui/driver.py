@@ -69,6 +69,9 @@ def generate(prompt: str, seed: int = 1234, steps: int = 3, size: int = 64, **kw
     import numpy as np
     from modules import processing, shared
 
+    from lora_ext.webui import glue
+
+    glue._clear_cond_cache()  # every image computes its own conditioning (no reuse across handlers)
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
         sampler_name="Euler", seed=seed, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True, **kw)
@@ -102,8 +105,8 @@ def make_loras(arch: str) -> dict[str, str]:
     specs = {
         "t_lora": (SynthSpec("lora", rank=4), select_transformer, 1),
         "t_locon": (SynthSpec("lora", rank=4), select_locon, 2),
-        "t_loha": (SynthSpec("loha", rank=4), select_transformer, 3),
-        "t_lokr": (SynthSpec("lokr", rank=4), select_transformer, 4),
+        "t_loha": (SynthSpec("loha", rank=4, std=0.25), select_transformer, 3),
+        "t_lokr": (SynthSpec("lokr", rank=4, std=0.1), select_transformer, 4),
         "t_dora": (SynthSpec("lora", rank=4, dora=True), select_transformer, 5),
         "t_compvis": (SynthSpec("lora", rank=4, naming="kohya-compvis"), select_transformer, 6),
     }
@@ -260,11 +263,10 @@ def scenario_optimizations(args) -> dict:
     made = make_loras(args.arch)
     names = list(made)
     prompt = f"a cat <lora:{names[0]}:0.8> <lora:{names[2]}:0.5>"
-    available = [o.name for o in sd_hijack.optimizers]
+    available = [o.title() for o in sd_hijack.optimizers]
     rows = []
     for name in ["None", *available]:
         shared.opts.set("cross_attention_optimization", name)
-        sd_hijack.model_hijack.undo_optimizations()
         sd_hijack.model_hijack.apply_optimizations(name)
         set_owner(False)
         ref, _, _ = generate(prompt)
@@ -340,8 +342,10 @@ def scenario_infotext(args) -> dict:
     set_owner(True)
     _, info, _ = generate(f"a cat <lora:{names[0]}:0.8>")
     hashes = _infotext_field(info, "Lora hashes")
-    # the same file under another name: a pasted infotext that names the old one must resolve to it
-    shutil.copy(lora_dir / f"{names[0]}.safetensors", lora_dir / "renamed_copy.safetensors")
+    # the same tensors under another name and without the alias metadata (the hash covers tensor data only): a
+    # pasted infotext that names the old file must resolve to this one
+    save_safetensors_atomic(load_tensors(lora_dir / f"{names[0]}.safetensors"), lora_dir / "renamed_copy.safetensors",
+                            metadata={})
     (lora_dir / f"{names[0]}.safetensors").unlink()
     glue.state().index.refresh()
     d = {"Prompt": f"a cat <lora:{names[0]}:0.8>", "Lora hashes": hashes}

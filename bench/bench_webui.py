@@ -1,17 +1,22 @@
 """lora_ext vs the built-in Lora extension inside one real AUTOMATIC1111 WebUI process (run with $SD_WEBUI_PYTHON).
 
 Full-size SD1.5-shaped random checkpoint (harness FULL=1: models-src/full-sd15-random.safetensors), three rank-16
-LoRAs on every transformer Linear + text encoder (the harness's full_r16 and two random ones of the same shape).
-Measured for each handler, ours first (the built-in keeps its backups for the life of the process):
-- first use: a generation with LoRA A (the first ever) minus the median generation without LoRA;
-- switch: a generation with LoRA B right after one with A, minus the base median;
-- restore: a generation without LoRA right after one with A, minus the base median (the built-in restores lazily,
-  in that generation; ours at the end of the previous one, which is part of that one's time: reported separately too);
-- per-step with A+B+C active: the median time between sampler steps (on_cfg_denoiser), against the same without LoRA;
-- extra memory: RSS growth over the handler's runs, and the bytes its backups hold.
+LoRAs on the UNet's attention projections (q, k, v, out of attn1/attn2) and the text encoder's attention + MLP: the
+harness's full_r16 and two random ones on the same 200 modules (~178M touched parameters, the issue's workload).
+Measured for each handler: ours keeping layer backups for fast switching (the default), ours freeing them after each
+generation (setting lora_ext_keep_backups off), then the built-in (it keeps its backups for the life of the process,
+so it goes last). A handler's work is timed where it happens: ours in activate (merge) + deactivate (restore), the
+built-in in load_networks + its lazy per-layer merge/restore inside the forward passes.
+- first use: the LoRA work of the first generation with LoRA A (nothing parsed or backed up before);
+- switch: the LoRA work of a generation with B right after one with A (ours includes restoring B at its end);
+- restore: ours: the deactivate part; the built-in: its work in a generation without LoRA right after one with A;
+- per-step with A+B+C active: median time between sampler steps (on_cfg_denoiser), against the same without LoRA,
+  interleaved;
+- extra memory: RSS growth over the phase (after, and peak sampled every 10 ms), and the bytes backups hold after.
 Prints one JSON object; ratios are ours / built-in.
 
 usage: SD_WEBUI_DIR=... $SD_WEBUI_PYTHON bench/bench_webui.py [--ckpt PATH] [--steps 4] [--size 64] [--repeat 3]
+       [--phases ours,ours-free,builtin] [--isolate] [--out FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -38,7 +44,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--phases", default="ours,ours-free,builtin",
+                    help="comma list of ours-free, ours, builtin, measured in this order")
+    ap.add_argument("--isolate", action="store_true",
+                    help="measure each phase in its own WebUI process (memory and first use without the other "
+                         "phases' allocations) and merge the results")
     args = ap.parse_args()
+    if args.isolate:
+        return isolated(args)
     webui = Path(os.environ["SD_WEBUI_DIR"]).resolve()
     work = Path(tempfile.mkdtemp(prefix="lora_ext_bench_"))
     (work / "data" / "extensions").mkdir(parents=True)
@@ -66,7 +79,7 @@ def main() -> None:
 
     from lora_ext.formats.safetensors_io import save_safetensors_atomic
     from lora_ext.patch.ldm import adapter_for_ldm
-    from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_transformer
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
     from lora_ext.webui import glue
 
     full = webui / "models" / "Lora" / "full_r16.safetensors"
@@ -76,7 +89,7 @@ def main() -> None:
     adapter = adapter_for_ldm(model)
     for i, name in enumerate(names):
         if not (lora_dir / f"{name}.safetensors").exists():
-            save_safetensors_atomic(make_lora_tensors(adapter, SynthSpec("lora", rank=16), select_transformer,
+            save_safetensors_atomic(make_lora_tensors(adapter, SynthSpec("lora", rank=16), select_attention,
                                                       seed=i), lora_dir / f"{name}.safetensors")
     del adapter
     glue.state().index.refresh()
@@ -88,79 +101,158 @@ def main() -> None:
 
     script_callbacks.on_cfg_denoiser(on_step)
 
-    def gen(prompt: str, steps: int = args.steps) -> tuple[float, list[float]]:
+    # time spent in each handler's own work, per generation
+    import networks  # the built-in Lora extension (on sys.path once the WebUI loaded it)
+
+    work = {"t": 0.0, "activate": 0.0, "deactivate": 0.0}
+
+    def timed(fn, key=None):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                dt = time.perf_counter() - t
+                work["t"] += dt
+                if key:
+                    work[key] += dt
+        return wrapper
+
+    networks.load_networks = timed(networks.load_networks)
+    networks.network_apply_weights = timed(networks.network_apply_weights)
+    glue._activate = timed(glue._activate, "activate")
+    glue._deactivate = timed(glue._deactivate, "deactivate")
+
+    def gen(prompt: str, steps: int = args.steps) -> dict:
         step_times.clear()
+        for k in work:
+            work[k] = 0.0
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=model, prompt=prompt, negative_prompt="", steps=steps, width=args.size, height=args.size,
             sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
         t = time.perf_counter()
         with closing(p):
             processing.process_images(p)
-        dt = time.perf_counter() - t
         gaps = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
-        return dt, gaps
-
-    def base_median(n: int = 3) -> float:
-        return statistics.median(gen("a photo of a cat")[0] for _ in range(n))
+        return {"total": time.perf_counter() - t, "handler": work["t"], "activate": work["activate"],
+                "deactivate": work["deactivate"], "gaps": gaps}
 
     tag = {n: f"<lora:{n}:0.8>" for n in names}
     all3 = " ".join(f"<lora:{n}:0.5>" for n in names)
+    base_prompt = "a photo of a cat"
 
-    def measure(owner: str) -> dict:
-        shared.opts.set(glue._OWN, owner == "ours")
-        gen("a photo of a cat")  # warm-up without LoRA
-        base = base_median()
+    def measure(owner: str, keep_backups: bool = True) -> dict:
+        shared.opts.set(glue._OWN, owner != "builtin")
+        shared.opts.set("lora_ext_keep_backups", keep_backups)
+        glue.state().controller.cache.clear()  # every phase starts with nothing parsed: "first use" is first
+        gen(base_prompt)  # warm-up without LoRA
         rss0 = proc.memory_info().rss
-        first = gen(f"a photo of a cat {tag['bench_a']}")[0] - base
+        peak = [rss0]
+        sampling = threading.Event()
+
+        def sample_rss() -> None:  # the peak inside generations (backups may be freed at their end)
+            while not sampling.is_set():
+                peak.append(proc.memory_info().rss)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        first = gen(f"{base_prompt} {tag['bench_a']}")
+        peak.append(proc.memory_info().rss)
         switches, restores = [], []
         for _ in range(args.repeat):
-            switches.append(gen(f"a photo of a cat {tag['bench_b']}")[0] - base)
-            gen(f"a photo of a cat {tag['bench_a']}")
-            restores.append(gen("a photo of a cat")[0] - base)
-            gen(f"a photo of a cat {tag['bench_a']}")
-        _, gaps_base = gen("a photo of a cat", steps=args.steps * 3)
-        gen(f"a photo of a cat {all3}")
-        _, gaps_lora = gen(f"a photo of a cat {all3}", steps=args.steps * 3)
+            switches.append(gen(f"{base_prompt} {tag['bench_b']}"))
+            peak.append(proc.memory_info().rss)
+            gen(f"{base_prompt} {tag['bench_a']}")
+            restores.append(gen(base_prompt))
+        gaps_base, gaps_lora = [], []
+        gen(f"{base_prompt} {all3}")
+        for _ in range(args.repeat):  # interleaved, so that drift hits both alike
+            gaps_base += gen(base_prompt, steps=args.steps * 3)["gaps"]
+            r = gen(f"{base_prompt} {all3}", steps=args.steps * 3)
+            gaps_lora += r["gaps"]
+            peak.append(proc.memory_info().rss)
+        sampling.set()
+        sampler.join()
         rss1 = proc.memory_info().rss
-        res = {"base_s": base, "first_use_s": first, "switch_s": statistics.median(switches),
-               "restore_s": statistics.median(restores), "step_base_s": statistics.median(gaps_base),
-               "step_3loras_s": statistics.median(gaps_lora), "extra_rss_mib": (rss1 - rss0) / 2**20}
+        med = statistics.median
+        res = {
+            # a generation's LoRA work: ours = activate (merge) + deactivate (restore) of that generation;
+            # the built-in = load_networks + its lazy per-layer merge/restore inside the forward passes
+            "first_use_s": first["handler"],
+            "switch_s": med(r["handler"] for r in switches),
+            "restore_s": med(r["handler"] for r in restores) if owner == "builtin"
+            else med(r["deactivate"] for r in switches),
+            "generation_s": med(r["total"] for r in switches),
+            "step_base_s": med(gaps_base), "step_3loras_s": med(gaps_lora),
+            "extra_rss_after_mib": (rss1 - rss0) / 2**20, "extra_rss_peak_mib": (max(peak) - rss0) / 2**20,
+        }
         res["step_overhead"] = res["step_3loras_s"] / res["step_base_s"] - 1
-        if owner == "ours":
+        if owner != "builtin":
+            res["switch_parts_s"] = {"activate": med(r["activate"] for r in switches),
+                                     "deactivate": med(r["deactivate"] for r in switches)}
             ctl = glue.state().controller
-            res["backup_mib"] = (ctl.patcher.backup_bytes if ctl.patcher else 0) / 2**20
+            res["backup_mib_after"] = (ctl.patcher.backup_bytes if ctl.patcher else 0) / 2**20
             res["cache_mib"] = ctl.cache.nbytes / 2**20
-            t = time.perf_counter()
-            ctl.activate(model, [[names[0], "0.8"]])
-            t_apply = time.perf_counter()
-            ctl.activate(model, [[names[1], "0.8"]])
-            t_switch = time.perf_counter()
-            ctl.restore()
-            t_restore = time.perf_counter()
-            res["engine_first_apply_after_restore_s"] = t_apply - t
-            res["engine_switch_s"] = t_switch - t_apply
-            res["engine_restore_s"] = t_restore - t_switch
             ctl.forget_model()
         else:
             backups = [m.network_weights_backup for m in model.modules()
                        if isinstance(getattr(m, "network_weights_backup", None), torch.Tensor)]
-            res["backup_mib"] = sum(b.numel() * b.element_size() for b in backups) / 2**20
+            res["backup_mib_after"] = sum(b.numel() * b.element_size() for b in backups) / 2**20
             res["layers_backed_up"] = len(backups)
         return res
 
-    ours = measure("ours")
-    builtin = measure("builtin")
-    ratios = {k: ours[k] / builtin[k] for k in ("first_use_s", "switch_s", "restore_s", "extra_rss_mib", "backup_mib")
-              if builtin.get(k)}
+    phases = {}
+    for phase in args.phases.split(","):
+        if phase == "ours-free":
+            phases["ours_free_backups"] = measure("ours", keep_backups=False)
+        elif phase == "ours":
+            phases["ours_keep_backups"] = measure("ours", keep_backups=True)
+        elif phase == "builtin":
+            phases["builtin"] = measure("builtin")
+        else:
+            raise SystemExit(f"unknown phase {phase!r}")
     out = {"bench": "webui_lora_handlers", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "ckpt": Path(args.ckpt).name, "steps": args.steps, "size": args.size, "ours": ours, "builtin": builtin,
-           "ratios_ours_over_builtin": ratios}
+           "ckpt": Path(args.ckpt).name, "steps": args.steps, "size": args.size, "isolated": False, **phases}
+    emit(add_ratios(out), args.out)
+    os._exit(0)
+
+
+RATIO_KEYS = ("first_use_s", "switch_s", "restore_s", "extra_rss_after_mib", "extra_rss_peak_mib", "backup_mib_after")
+
+
+def add_ratios(out: dict) -> dict:
+    builtin = out.get("builtin")
+    if builtin:
+        for ours in ("ours_keep_backups", "ours_free_backups"):
+            if ours in out:
+                out[f"ratios_{ours}_over_builtin"] = {k: out[ours][k] / builtin[k] for k in RATIO_KEYS
+                                                      if builtin.get(k)}
+    return out
+
+
+def emit(out: dict, path: str | None) -> None:
     text = json.dumps(out, indent=1)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    os._exit(0)
+    if path:
+        Path(path).write_text(text)
+
+
+def isolated(args: argparse.Namespace) -> None:
+    import subprocess
+
+    merged: dict = {}
+    for phase in args.phases.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / "part.json"
+            cmd = [sys.executable, __file__, "--ckpt", args.ckpt, "--steps", str(args.steps), "--size", str(args.size),
+                   "--repeat", str(args.repeat), "--phases", phase, "--out", str(part)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            data = json.loads(part.read_text())
+        merged.update(data)
+    merged["isolated"] = True
+    emit(add_ratios(merged), args.out)
 
 
 if __name__ == "__main__":

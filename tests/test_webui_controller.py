@@ -162,3 +162,17 @@ def test_new_model_object_restores_and_forgets_the_old_one(model, tmp_path, ldm_
 def test_tag_text():
     assert tag_text(["x", "0.5", "te=1"]) == "<lora:x:0.5:te=1>"
     assert tag_text(["x"], "lyco") == "<lyco:x>"
+
+
+def test_backups_freed_on_restore_when_not_retained(model, tmp_path):
+    pa, _ = _lora_file(tmp_path, "a", model, 1)
+    ctl = LoraController(DictResolver({"a": pa}))
+    ctl.activate(model, [["a", "1"]])
+    ctl.restore()
+    kept = ctl.patcher.backup_bytes
+    w = _module(model, Q).weight
+    assert kept >= w.numel() * w.element_size()  # retained for a fast next switch by default
+    ctl.retain_bytes = 0  # the setting changes on an existing patcher too
+    ctl.activate(model, [["a", "1"]])
+    ctl.restore()
+    assert ctl.patcher.backup_bytes == 0

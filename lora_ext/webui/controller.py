@@ -65,7 +65,7 @@ class LoraController:
                  backup_device: str = "auto") -> None:
         self.resolver = resolver
         self.cache = cache or LoraCache()
-        self.retain_bytes = retain_bytes
+        self._retain_bytes = retain_bytes
         self.backup_device = backup_device
         self._lock = threading.RLock()
         self._patcher: Patcher | None = None
@@ -79,6 +79,18 @@ class LoraController:
         return self._patcher
 
     @property
+    def retain_bytes(self) -> int | None:
+        """Bytes of backups of restored layers kept for the next generation (None: all, 0: free on restore)."""
+        return self._retain_bytes
+
+    @retain_bytes.setter
+    def retain_bytes(self, value: int | None) -> None:
+        with self._lock:
+            self._retain_bytes = value
+            if self._patcher is not None:
+                self._patcher.retain_bytes = value
+
+    @property
     def is_pristine(self) -> bool:
         return self._patcher is None or self._patcher.is_pristine
 
@@ -89,7 +101,7 @@ class LoraController:
         from lora_ext.patch.ldm import adapter_for_ldm
 
         self._patcher = Patcher(adapter_for_ldm(sd_model), backup_device=self.backup_device,
-                                retain_bytes=self.retain_bytes)
+                                retain_bytes=self._retain_bytes)
         self._model = sd_model
         return self._patcher
 

@@ -203,6 +203,9 @@ def scenario_no_builtin(args) -> dict:
     unknown = {"lora_unet_made_up_layer.lora_down.weight": torch.randn(4, 8, generator=g),
                "lora_unet_made_up_layer.lora_up.weight": torch.randn(8, 4, generator=g)}
     save_safetensors_atomic(unknown, lora_dir / "unknown_version.safetensors")
+    # a second file with the name of names[2], in a subfolder: listed later, so the name reaches it
+    (lora_dir / "sub").mkdir()
+    shutil.copy(lora_dir / f"{names[2]}.safetensors", lora_dir / "sub" / f"{names[2]}.safetensors")
     _refresh()
 
     page = next((p for p in ui_extra_networks.extra_pages if p.title == "Lora"), None)
@@ -239,6 +242,8 @@ def scenario_no_builtin(args) -> dict:
     out["card_generation"] = {"text": text, "effect": float(np.abs(img - base).mean()),
                               "diff_to_name_tag": int(np.abs(img - same).max()), "comments": comments,
                               "hashes": driver._infotext_field(info, "Lora hashes")}
+    _, _, top_comments = driver.generate("a cat " + out["cards"]["/" + names[2]]["text"])
+    out["card_generation_top_level_duplicate"] = {"comments": top_comments}
 
     client = TestClient(driver.APP)
     out["status"] = client.get("/lora_ext/status").json()

@@ -154,7 +154,10 @@ def test_cards_page_replaces_the_builtin_page(run_api):
     mult = res["default_multiplier"]
     names = list(res["files"])
     cards = res["cards"]
-    assert set(cards) == set(names) | {"aliased", "unknown_version"}  # other_family (SDXL) hidden on SD1
+    # other_family (SDXL) hidden on SD1; names[2] twice: the name reaches sub/, the top-level file is "/name"
+    assert set(cards) == set(names) | {"aliased", "unknown_version", "/" + names[2]}
+    assert Path(cards[names[2]]["filename"]) == Path(res["lora_dir"]) / "sub" / f"{names[2]}.safetensors"
+    assert Path(cards["/" + names[2]]["filename"]) == Path(res["lora_dir"]) / f"{names[2]}.safetensors"
     for name, card in cards.items():
         if name == "aliased":
             assert card["text"] == _expected_text(name, mult, alias="My Alias")
@@ -190,6 +193,7 @@ def test_cards_render_and_their_text_applies_the_lora(run_api):
     assert gen["text"] == "<lora:My Alias:" + str(res["default_multiplier"]) + ">"
     assert gen["effect"] > 0.5 and gen["diff_to_name_tag"] == 0 and gen["comments"] == ""
     assert gen["hashes"].startswith("My Alias: ")
+    assert res["card_generation_top_level_duplicate"]["comments"] == ""
     assert res["status"]["owner"] == "lora_ext.webui.glue" and res["status"]["previous"] is None
 
 

@@ -1,0 +1,178 @@
+"""The "Lora" cards page of the WebUI's extra-networks panel, listing lora_ext's catalogue, for when the built-in Lora
+extension is disabled or absent. When the built-in is active nothing is registered: its page keeps working and the
+`<lora:...>` tags its cards insert reach our extra network.
+
+Behaviour follows the built-in page (A1111 v1.10 `ExtraNetworksPageLora`): the card inserts
+`<lora:NAME:WEIGHT>` (NAME per the "When adding to prompt, refer to Lora by" setting; WEIGHT the user metadata's
+"preferred weight", else the "default multiplier" setting, evaluated in the browser), followed by the user metadata's
+"activation text"; its "negative text" goes to the negative prompt as `(text:1)`. LoRAs detected as made for another
+SD version than the loaded model are hidden unless "Always show all networks on the Lora page" is on. The user
+metadata editor is the WebUI's default one (description, notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "Lora"  # directory name of A1111's built-in Lora extension (extensions-builtin/Lora)
+TITLE = "Lora"
+SD_VERSIONS = ("Unknown", "SD1", "SD2", "SDXL")
+
+
+def builtin_lora_active() -> bool:
+    """True when A1111's built-in Lora extension is enabled and its page module was loaded."""
+    from modules import extensions
+
+    enabled = any(ext.is_builtin and ext.name == BUILTIN for ext in extensions.active())
+    return enabled and "ui_extra_networks_lora" in sys.modules
+
+
+def setup(st: Any) -> None:
+    """Register the page (in on_before_ui) when the built-in Lora extension is not active. Called at every script
+    load (start-up and "Reload UI")."""
+    from modules import script_callbacks
+
+    if builtin_lora_active():
+        return
+    _register_settings()
+
+    def before_ui() -> None:
+        from modules import ui_extra_networks
+
+        if builtin_lora_active():
+            return
+        if any(getattr(p, "title", None) == TITLE for p in ui_extra_networks.extra_pages):
+            log.info("lora_ext: another extension already registered a %s cards page; not adding ours", TITLE)
+            return
+        ui_extra_networks.register_page(make_page(st))
+
+    script_callbacks.on_before_ui(before_ui, name="lora_ext_cards_page")
+
+
+def _register_settings() -> None:
+    """The built-in page's two display settings, when the built-in did not register them."""
+    import gradio as gr
+    from modules import shared
+
+    templates = shared.options_templates
+    settings = {
+        "lora_show_all": shared.OptionInfo(False, "Always show all networks on the Lora page").info(
+            "otherwise, those detected as for incompatible version of Stable Diffusion will be hidden"),
+        "lora_hide_unknown_for_versions": shared.OptionInfo([], "Hide networks of unknown versions for model versions",
+                                                            gr.CheckboxGroup, {"choices": ["SD1", "SD2", "SDXL"]}),
+    }
+    missing = {k: v for k, v in settings.items() if k not in templates}
+    if missing:
+        templates.update(shared.options_section(("extra_networks", "Extra Networks"), missing))
+
+
+def _opt(name: str, default: Any) -> Any:
+    from modules import shared
+
+    return getattr(shared.opts, name, default) if shared.opts is not None else default
+
+
+def _model_version(model: Any) -> str:
+    if getattr(model, "is_sdxl", False):
+        return "SDXL"
+    if getattr(model, "is_sd2", False):
+        return "SD2"
+    return "SD1"
+
+
+def hidden_for_model(sd_version: str, model: Any) -> bool:
+    """The built-in's filter: hide a LoRA made for another SD version than `model` (None: nothing loaded, show)."""
+    if model is None or _opt("lora_show_all", False):
+        return False
+    model_version = _model_version(model)
+    if sd_version == "Unknown":
+        return model_version in (_opt("lora_hide_unknown_for_versions", []) or [])
+    if getattr(model, "is_sdxl", False) or getattr(model, "is_sd2", False) or getattr(model, "is_sd1", False):
+        return sd_version != model_version
+    return False
+
+
+def make_page(st: Any) -> Any:
+    """An `ExtraNetworksPage` titled "Lora" over `st.index`."""
+    from modules import shared, ui_extra_networks
+    from modules.ui_extra_networks import quote_js
+
+    from lora_ext.webui.api import lookup_key
+
+    class LoraExtCardsPage(ui_extra_networks.ExtraNetworksPage):
+        def __init__(self) -> None:
+            super().__init__(TITLE)
+
+        def refresh(self) -> None:
+            st.index.refresh()
+
+        def create_item(self, name: str, index: int | None = None, enable_filter: bool = True) -> dict | None:
+            entry = st.index.get(name)
+            if entry is None:
+                return None
+            filename = str(entry.path)
+            path = os.path.splitext(filename)[0]
+            metadata = dict(entry.metadata)
+            search_terms = [self.search_terms_from_path(filename)]
+            if entry.shorthash:
+                search_terms.append(entry.shorthash)
+            key = lookup_key(st.index, entry)
+            item: dict[str, Any] = {
+                "name": key,
+                "filename": filename,
+                "shorthash": entry.shorthash or "",
+                "preview": self.find_preview(path) or self.find_embedded_preview(path, key, metadata),
+                "description": self.find_description(path),
+                "search_terms": search_terms,
+                "local_preview": f"{path}.{shared.opts.samples_format}",
+                "metadata": metadata,
+                "sort_keys": {"default": index, **self.get_sort_keys(filename)},
+                "sd_version": entry.sd_version,
+            }
+            self.read_user_metadata(item)
+            user = item["user_metadata"]
+            alias = st.index.display_name(entry, _opt("lora_preferred_name", "Alias from file"))
+            found = st.index.get(alias)
+            if found is None or found.path != entry.path:  # the text must reach this very file
+                alias = key
+            weight = user.get("preferred weight", 0.0)
+            item["prompt"] = (quote_js(f"<lora:{alias}:") + " + "
+                              + (str(weight) if weight else "opts.extra_networks_default_multiplier") + " + "
+                              + quote_js(">"))
+            activation = user.get("activation text")
+            if activation:
+                item["prompt"] += " + " + quote_js(" " + activation)
+            negative = user.get("negative text")
+            item["negative_prompt"] = quote_js("(" + negative + ":1)") if negative else quote_js("")
+            sd_version = entry.sd_version
+            if user.get("sd version") in SD_VERSIONS:
+                sd_version = item["sd_version"] = user["sd version"]
+            if enable_filter and hidden_for_model(sd_version, _loaded_model()):
+                return None
+            return item
+
+        def list_items(self) -> Any:
+            # one card per file: a file whose name another file took is keyed `sub/dir/name` (what reaches it)
+            for i, entry in enumerate(st.index.entries()):
+                item = self.create_item(lookup_key(st.index, entry), i)
+                if item is not None:
+                    yield item
+
+        def allowed_directories_for_previews(self) -> list[str]:
+            from lora_ext.webui.glue import lora_dirs
+
+            return [str(d) for d in lora_dirs()]
+
+    return LoraExtCardsPage()
+
+
+def _loaded_model() -> Any:
+    """The WebUI's current model, or None; never starts loading one (`shared.sd_model` would)."""
+    from modules import sd_models
+
+    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)

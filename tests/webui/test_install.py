@@ -57,8 +57,10 @@ def test_install_from_url_then_own_the_tag(tmp_path):
     (data / "extensions").mkdir(parents=True)
     script = tmp_path / "install.py"
     script.write_text(INSTALL)
-    proc = subprocess.run([py, str(script), webui, str(data), f"file://{REPO}"], capture_output=True, text=True,
-                          timeout=900)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "lora_ext").symlink_to(REPO, target_is_directory=True)  # the URL's last part names the folder
+    proc = subprocess.run([py, str(script), webui, str(data), f"file://{tmp_path}/src/lora_ext"], capture_output=True,
+                          text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "INSTALLED: ['lora_ext']" in out, out[-4000:]

@@ -363,6 +363,8 @@ def main() -> None:
         t_make, sizes = timed(lambda: make_tree(main_tree, args.n, args.layouts, args.arch, seed=1))
         if args.layouts:
             make_tree(distinct_tree, args.n, 0, args.arch, seed=2)
+        if hasattr(os, "sync"):
+            os.sync()  # the trees' dirty pages would otherwise be flushed by the first cache file's fsync
 
         runs = {k: Runs(args.wait_idle) for k in ("cold", "cold_distinct", "warm_same_process", "refresh",
                                                     "full_parse")}

@@ -464,7 +464,8 @@ class LoraIndex:
             found = snap.lookup(text)
             if found is not None and found.path == entry.path:
                 return text
-        return entry.relpath.rsplit(".", 1)[0]
+        text = entry.relpath.rsplit(".", 1)[0]
+        return text if "/" in text else "/" + text  # "/name": the top-level file when a subfolder has one too
 
     @property
     def forbidden_aliases(self) -> frozenset[str]:

@@ -216,6 +216,9 @@ def main() -> None:
            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "ckpt": Path(args.ckpt).name, "steps": args.steps, "size": args.size, "isolated": False, **phases}
     emit(add_ratios(out), args.out)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # data dir and LoRA files; the link to the repo is unlinked, not followed
     os._exit(0)
 
 

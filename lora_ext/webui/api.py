@@ -161,9 +161,7 @@ def lora_detail(st: Any, name: str) -> dict[str, Any]:
 def _load(st: Any, entry: Any, name: str) -> Any:
     path = Path(entry.path)
     try:
-        # the controller's lock serializes the (not thread-safe) cache with generations
-        with st.controller._lock:
-            return st.controller.cache.get(path, name=name)
+        return st.controller.load(path, name=name)
     except FileNotFoundError:
         raise LoraNotFoundError(f"the file of LoRA {name!r} is gone ({path}); POST {PREFIX}/refresh") from None
     except LoraExtError:

@@ -105,6 +105,11 @@ class LoraController:
         self._model = sd_model
         return self._patcher
 
+    def load(self, path: Path, name: str | None = None) -> LoraNetwork:
+        """The parsed file, through the shared cache (serialized with generations: the cache is not thread-safe)."""
+        with self._lock:
+            return self.cache.get(path, name=name)
+
     # ---------------------------------------------------------------------------------------------------- actions
 
     def activate(self, sd_model: Any, tags: Sequence[Sequence[str]], *, kind: str = "lora") -> Activation:

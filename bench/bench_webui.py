@@ -7,9 +7,11 @@ Measured for each handler: ours keeping layer backups for fast switching (the de
 generation (setting lora_ext_keep_backups off), then the built-in (it keeps its backups for the life of the process,
 so it goes last). A handler's work is timed where it happens: ours in activate (merge) + deactivate (restore), the
 built-in in load_networks + its lazy per-layer merge/restore inside the forward passes.
-- first use: the LoRA work of the first generation with LoRA A (nothing parsed or backed up before);
-- switch: the LoRA work of a generation with B right after one with A (ours includes restoring B at its end);
-- restore: ours: the deactivate part; the built-in: its work in a generation without LoRA right after one with A;
+- first use: the LoRA work of the first generation with LoRA A (nothing parsed or backed up before; ours: merge +
+  restore);
+- switch: the generation with B right after one with A: ours merges B (A was restored at the end of its generation;
+  `switch_with_restore_s` adds that restore, the like-for-like figure); the built-in restores A and merges B there;
+- restore: ours: deactivate; the built-in: its work in a generation without LoRA right after one with A;
 - per-step with A+B+C active: median time between sampler steps (on_cfg_denoiser), against the same without LoRA,
   interleaved;
 - extra memory: RSS growth over the phase (after, and peak sampled every 10 ms), and the bytes backups hold after.
@@ -176,21 +178,27 @@ def main() -> None:
         sampler.join()
         rss1 = proc.memory_info().rss
         med = statistics.median
+        ours_phase = owner != "builtin"
+
+        def own(r: dict) -> float:
+            # ours: activate (merge) + deactivate (restore) of that generation; the built-in's forward patches stay
+            # installed whoever owns the tag, and their per-layer early returns are not our work
+            return r["activate"] + r["deactivate"] if ours_phase else r["handler"]
+
         res = {
-            # a generation's LoRA work: ours = activate (merge) + deactivate (restore) of that generation;
-            # the built-in = load_networks + its lazy per-layer merge/restore inside the forward passes
-            "first_use_s": first["handler"],
-            "switch_s": med(r["handler"] for r in switches),
-            "restore_s": med(r["handler"] for r in restores) if owner == "builtin"
-            else med(r["deactivate"] for r in switches),
+            "first_use_s": own(first),
+            # ours: merging B (A was restored at the end of its own generation); the built-in: restoring A and
+            # merging B, both lazily inside B's forward passes
+            "switch_s": med(r["activate"] for r in switches) if ours_phase else med(r["handler"] for r in switches),
+            "restore_s": med(r["deactivate"] for r in switches) if ours_phase else med(r["handler"] for r in restores),
             "generation_s": med(r["total"] for r in switches),
             "step_base_s": med(gaps_base), "step_3loras_s": med(gaps_lora),
             "extra_rss_after_mib": (rss1 - rss0) / 2**20, "extra_rss_peak_mib": (max(peak) - rss0) / 2**20,
         }
+        if ours_phase:  # a switch as the built-in does it: our restore of A (end of A's generation) + merge of B
+            res["switch_with_restore_s"] = res["switch_s"] + res["restore_s"]
         res["step_overhead"] = res["step_3loras_s"] / res["step_base_s"] - 1
-        if owner != "builtin":
-            res["switch_parts_s"] = {"activate": med(r["activate"] for r in switches),
-                                     "deactivate": med(r["deactivate"] for r in switches)}
+        if ours_phase:
             ctl = glue.state().controller
             res["backup_mib_after"] = (ctl.patcher.backup_bytes if ctl.patcher else 0) / 2**20
             res["cache_mib"] = ctl.cache.nbytes / 2**20
@@ -230,8 +238,9 @@ def add_ratios(out: dict) -> dict:
     if builtin:
         for ours in ("ours_keep_backups", "ours_free_backups"):
             if ours in out:
-                out[f"ratios_{ours}_over_builtin"] = {k: out[ours][k] / builtin[k] for k in RATIO_KEYS
-                                                      if builtin.get(k)}
+                ratios = {k: out[ours][k] / builtin[k] for k in RATIO_KEYS if builtin.get(k)}
+                ratios["switch_with_restore_s"] = out[ours]["switch_with_restore_s"] / builtin["switch_s"]
+                out[f"ratios_{ours}_over_builtin"] = ratios
     return out
 
 

@@ -176,3 +176,42 @@ def test_backups_freed_on_restore_when_not_retained(model, tmp_path):
     ctl.activate(model, [["a", "1"]])
     ctl.restore()
     assert ctl.patcher.backup_bytes == 0
+
+
+def test_start_stop_window_switches_the_unet_part_only(model, tmp_path):
+    """<lora:a:1:start=2:stop=4> over 6 steps: the text encoder has the LoRA throughout, the UNet at steps 2 and 3."""
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    ctl = LoraController(DictResolver({"a": pa}))
+    act = ctl.activate(model, [["a", "1", "start=2", "stop=4"]])
+    assert act.problems == []
+    want_fc = fc0 + _delta(ta, FC1_KOHYA)
+    unet_on = []
+    for step in range(6):
+        ctl.at_step(step, 6)
+        torch.testing.assert_close(_module(model, FC1).weight.detach(), want_fc, rtol=0, atol=1e-6)
+        q = _module(model, Q).weight.detach()
+        if torch.equal(q, q0):
+            unet_on.append(False)
+        else:
+            torch.testing.assert_close(q, q0 + _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+            unet_on.append(True)
+    assert unet_on == [False, False, True, True, False, False]
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0) and torch.equal(_module(model, FC1).weight, fc0)
+    assert ctl.at_step(3, 6) is None  # nothing windowed after the generation
+
+
+def test_fractional_window_and_no_window_is_untouched(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = LoraController(DictResolver({"a": pa}))
+    ctl.activate(model, [["a", "1", "stop=0.5"]])  # floor(0.5 * 10) = 5: steps 0..4
+    on = []
+    for step in range(10):
+        ctl.at_step(step, 10)
+        on.append(not torch.equal(_module(model, Q).weight, q0))
+    assert on == [True] * 5 + [False] * 5
+    ctl.activate(model, [["a", "1"]])
+    assert ctl.at_step(7, 10) is None

@@ -8,6 +8,10 @@ Contract
   others are applied. Never raises for a user's input.
 - `restore()` puts every weight back bit-exactly; `forget_model()` restores and drops every reference to the model
   (call it before the WebUI replaces or reloads the model).
+- `start=`/`stop=` (lora-block-weight's step window): the text encoder gets the LoRA for the whole generation (the
+  conditioning is computed once, before sampling); the UNet gets it for sampling steps `start <= step < stop`.
+  `activate` merges the UNet part as for step 0; `at_step(step, total)`, called before each sampling step, re-merges
+  only the layers whose multiplier changes at that step (twice per window at most).
 - One controller per process (the WebUI has one current model); calls are serialized with a lock because the UI and
   the API can both start generations.
 
@@ -71,6 +75,8 @@ class LoraController:
         self._patcher: Patcher | None = None
         self._model: Any = None  # the patcher's adapter holds the model anyway; forget_model() drops both
         self.last: Activation | None = None
+        self._windowed: list[tuple[ActiveLora, LoraRef]] = []  # the active set when some LoRA has start=/stop=
+        self._step_key: tuple | None = None
 
     # ---------------------------------------------------------------------------------------------------- state
 
@@ -140,9 +146,6 @@ class LoraController:
                 except OSError as err:
                     act.problems.append(f"{text}: cannot read {path}: {err}")
                     continue
-                if ref.start is not None or ref.stop is not None:
-                    act.problems.append(f"{text}: start=/stop= are not supported inside the WebUI yet; the LoRA is "
-                                        "active for all steps")
                 lora = ActiveLora(net, te=ref.te, unet=ref.unet, dyn=ref.dyn, block_weights=ref.lbw)
                 sources.append((ref, path))
                 actives.append(lora)
@@ -151,7 +154,11 @@ class LoraController:
             except (ValueError, LoraExtError) as err:
                 act.problems.append(f"LoRAs not applied: this model is not supported ({err})")
                 return self._finish(act)
-            report = patcher.apply(actives, skip_bad=True)
+            windowed = any(r.start is not None or r.stop is not None for r, _ in sources)
+            self._windowed = list(zip(actives, [r for r, _ in sources], strict=True)) if windowed else []
+            first = self._for_step(0, None) if windowed else actives
+            self._step_key = tuple(a.unet for a in first) if windowed else None
+            report = patcher.apply(first, skip_bad=True)
             act.report = report
             for lora, (ref, path), rep in zip(actives, sources, report.networks, strict=True):
                 if rep.error:
@@ -167,6 +174,29 @@ class LoraController:
                     act.hashes[ref.name.translate(_INFOTEXT_DROP)] = short
             return self._finish(act)
 
+    def _for_step(self, step: int, total: int | None) -> list[ActiveLora]:
+        """The active set at a sampling step: windowed LoRAs keep their text-encoder part, their UNet part is on
+        only inside the window (`total` None: before sampling, as for step 0 of an unknown count)."""
+        out = []
+        for lora, ref in self._windowed:
+            inside = step in ref.active_steps(total if total is not None else 1 << 30)
+            out.append(lora if inside else ActiveLora(lora.network, te=lora.te, unet=0.0, dyn=lora.dyn,
+                                                      block_weights=lora.block_weights))
+        return out
+
+    def at_step(self, step: int, total: int) -> PatchReport | None:
+        """Before sampling step `step` (0-based) of `total`: update the UNet part of windowed LoRAs. No-op (None)
+        when no active LoRA has a window or nothing changes at this step."""
+        with self._lock:
+            if not self._windowed or self._patcher is None:
+                return None
+            actives = self._for_step(step, total)
+            key = tuple(a.unet for a in actives)
+            if key == self._step_key:
+                return None
+            self._step_key = key
+            return self._patcher.apply(actives, skip_bad=True)
+
     def _shorthash(self, path: Path) -> str | None:
         try:
             return self.resolver.shorthash(path)
@@ -181,6 +211,7 @@ class LoraController:
     def restore(self) -> PatchReport | None:
         """Put every weight back (bit-exact). Safe to call at any time, also twice."""
         with self._lock:
+            self._windowed = []
             if self._patcher is None:
                 return None
             return self._patcher.restore()

@@ -413,6 +413,23 @@ def _on_app_started(demo: Any, app: Any) -> None:
             log.debug("lora_ext: REST routes not available")
 
 
+def _on_cfg_denoiser(params: Any) -> None:
+    """Before each sampling step: LoRAs with start=/stop= switch their UNet part on or off."""
+    st = state()
+    if st.controller is None:
+        return
+    steps = int(params.total_sampling_steps)
+    step = int(params.sampling_step)  # lags by one after the first call (set by the sampler's per-step callback)
+    denoiser = getattr(params, "denoiser", None)
+    try:  # the denoiser counts its own calls: exact, also for samplers that call it twice per step
+        calls, call = int(denoiser.total_steps), int(denoiser.step)
+        if calls > 0 and steps > 0:
+            step = min(steps - 1, call * steps // calls)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    st.controller.at_step(step, max(steps, 1))
+
+
 def _on_model_loaded(sd_model: Any) -> None:
     st = state()
     if st.controller is not None:
@@ -499,6 +516,7 @@ def setup() -> None:
     _apply_cache_size()
     script_callbacks.on_app_started(_on_app_started, name="lora_ext_take_over_lora_tag")
     script_callbacks.on_model_loaded(_on_model_loaded, name="lora_ext_model_loaded")
+    script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="lora_ext_step_windows")
     script_callbacks.on_infotext_pasted(_on_infotext_pasted, name="lora_ext_infotext_pasted")
     script_callbacks.on_script_unloaded(_on_script_unloaded, name="lora_ext_unloaded")
     try:

@@ -376,6 +376,38 @@ def scenario_infotext(args) -> dict:
             "bundle_ti_ours": _infotext_field(ours_info, "TI hashes"), "bundle_registered_after": registered_after}
 
 
+def scenario_window(args) -> dict:
+    """start=/stop=: the UNet part of the LoRA is merged only inside the window, the text encoder's throughout."""
+    import torch
+    from modules import script_callbacks, shared
+
+    made = make_loras(args.arch)
+    name = list(made)[0]
+    set_owner(True)
+    fresh = snapshot()
+    unet_key = next(k for k in fresh if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight"))
+    te_key = next(k for k in fresh if k.startswith("cond_stage_model.") and k.endswith("mlp.fc1.weight"))
+    seen: list[tuple[int, bool, bool]] = []
+
+    def probe(params):
+        sd = shared.sd_model.state_dict()
+        seen.append((int(params.denoiser.step), not torch.equal(sd[unet_key], fresh[unet_key]),
+                     not torch.equal(sd[te_key], fresh[te_key])))
+
+    script_callbacks.on_cfg_denoiser(probe)  # after ours (registered at start-up): sees the weights of that step
+    windowed, _, comments = generate(f"a cat <lora:{name}:1:start=2:stop=4>", steps=6)
+    steps_seen = list(seen)
+    seen.clear()
+    whole, _, _ = generate(f"a cat <lora:{name}:1:start=0:stop=6>", steps=6)
+    plain, _, _ = generate(f"a cat <lora:{name}:1>", steps=6)
+    never, _, _ = generate(f"a cat <lora:{name}:1:start=6>", steps=6)
+    te_only, _, _ = generate(f"a cat <lora:{name}:1:0>", steps=6)
+    script_callbacks.remove_callbacks_for_function(probe)
+    return {"steps": steps_seen, "comments": comments, "whole_vs_plain": diff(whole, plain),
+            "never_vs_te_only": diff(never, te_only), "windowed_vs_plain": diff(windowed, plain),
+            "windowed_vs_te_only": diff(windowed, te_only), "changed_after": same_weights(fresh, snapshot())[:3]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")

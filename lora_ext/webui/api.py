@@ -170,15 +170,10 @@ def _load(st: Any, entry: Any, name: str) -> Any:
         raise LoraFileError(path, f"cannot read the file: {err}") from None
 
 
-def _loaded_model() -> Any:
-    """The WebUI's current model, or None; never starts loading one (`shared.sd_model` would)."""
-    from modules import sd_models
-
-    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
-
-
 def _coverage(net: Any) -> tuple[dict[str, Any] | None, str | None]:
-    model = _loaded_model()
+    from lora_ext.webui.glue import loaded_model
+
+    model = loaded_model()
     if model is None:
         return None, "no model is loaded"
     from lora_ext.patch import ldm

@@ -17,11 +17,12 @@ import os
 import sys
 from typing import Any
 
+from lora_ext.webui.glue import loaded_model
+
 log = logging.getLogger(__name__)
 
 BUILTIN = "Lora"  # directory name of A1111's built-in Lora extension (extensions-builtin/Lora)
 TITLE = "Lora"
-SD_VERSIONS = ("Unknown", "SD1", "SD2", "SDXL")
 
 
 def builtin_lora_active() -> bool:
@@ -132,7 +133,7 @@ def make_page(st: Any) -> Any:
                 "local_preview": f"{path}.{shared.opts.samples_format}",
                 "metadata": metadata,
                 "sort_keys": {"default": index, **self.get_sort_keys(filename)},
-                "sd_version": entry.sd_version,
+                "sd_version": entry.effective_sd_version,  # the sidecar's "sd version" wins, as in A1111
             }
             self.read_user_metadata(item)
             user = item["user_metadata"]
@@ -149,10 +150,7 @@ def make_page(st: Any) -> Any:
                 item["prompt"] += " + " + quote_js(" " + activation)
             negative = user.get("negative text")
             item["negative_prompt"] = quote_js("(" + negative + ":1)") if negative else quote_js("")
-            sd_version = entry.sd_version
-            if user.get("sd version") in SD_VERSIONS:
-                sd_version = item["sd_version"] = user["sd version"]
-            if enable_filter and hidden_for_model(sd_version, _loaded_model()):
+            if enable_filter and hidden_for_model(item["sd_version"], loaded_model()):
                 return None
             return item
 
@@ -171,8 +169,3 @@ def make_page(st: Any) -> Any:
     return LoraExtCardsPage()
 
 
-def _loaded_model() -> Any:
-    """The WebUI's current model, or None; never starts loading one (`shared.sd_model` would)."""
-    from modules import sd_models
-
-    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)

@@ -322,11 +322,11 @@ class _BundledHash(str):
 # ------------------------------------------------------------------------------------------------------ callbacks
 
 
-def _loaded_model() -> Any:
-    """The WebUI's current model if one is loaded (`shared.sd_model` would start loading one)."""
+def loaded_model() -> Any:
+    """The WebUI's current model if one is loaded, else None; never starts loading one (`shared.sd_model` would)."""
     from modules import sd_models
 
-    return getattr(sd_models.model_data, "sd_model", None)
+    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
 
 
 def _builtin_restore() -> int:
@@ -337,7 +337,7 @@ def _builtin_restore() -> int:
     import torch
 
     networks = sys.modules.get("networks")
-    model = _loaded_model()
+    model = loaded_model()
     if model is None or networks is None or not hasattr(networks, "network_restore_weights_from_backup"):
         return 0
     from modules import sd_hijack

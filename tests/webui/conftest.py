@@ -25,28 +25,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def driver(tmp_path_factory):
-    """driver(scenario, arch="sd1", *webui_args) -> the scenario's result dict (cached per session)."""
+def scenario_runner(tmp_path_factory, script: Path):
+    """run(scenario, arch="sd1", *webui_args) -> the result dict that `script` (driver.py or driver_api.py, run with
+    $SD_WEBUI_PYTHON) wrote for that scenario; each scenario runs once per session."""
     results: dict[tuple, dict] = {}
 
     def run(scenario: str, arch: str = "sd1", *extra: str) -> dict:
         key = (scenario, arch, extra)
         if key not in results:
-            out = tmp_path_factory.mktemp(f"{scenario}-{arch}")
-            cmd = [os.environ.get("SD_WEBUI_PYTHON", sys.executable), str(DRIVER), scenario, str(out), "--arch", arch,
+            out = tmp_path_factory.mktemp(f"{script.stem}-{scenario}-{arch}")
+            cmd = [os.environ.get("SD_WEBUI_PYTHON", sys.executable), str(script), scenario, str(out), "--arch", arch,
                    *extra]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             result_file = out / "result.json"
             if not result_file.exists():
-                pytest.fail(f"driver {scenario} wrote no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                pytest.fail(f"{script.name} {scenario} wrote no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                             f"{proc.stderr[-5000:]}")
             res = json.loads(result_file.read_text())
             res["_out"] = str(out)
             res["_log"] = proc.stdout[-20000:] + proc.stderr[-20000:]
             if not res.get("ok"):
-                pytest.fail(f"driver {scenario} failed:\n{res.get('error')}\n--- log ---\n{res['_log'][-6000:]}")
+                pytest.fail(f"{script.name} {scenario} failed:\n{res.get('error')}\n--- log ---\n{res['_log'][-6000:]}")
             results[key] = res
         return results[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def driver(tmp_path_factory):
+    """driver(scenario, arch="sd1", *webui_args) -> the scenario's result dict (cached per session)."""
+    return scenario_runner(tmp_path_factory, DRIVER)

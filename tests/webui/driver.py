@@ -420,12 +420,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
     ckpt = args.ckpt or os.environ["SD_WEBUI_CKPT_SDXL" if args.arch == "sdxl" else "SD_WEBUI_CKPT"]
+    run_scenario(out, ckpt, args.extra, lambda: globals()[f"scenario_{args.scenario}"](args), args.scenario)
+
+
+def run_scenario(out: Path, ckpt: str, extra: list[str], scenario, name: str) -> None:
+    """Boot the WebUI, run `scenario()` and write what it returned (or the traceback) to OUT/result.json; exits."""
     t0 = time.perf_counter()
-    result: dict = {"scenario": args.scenario}
+    result: dict = {"scenario": name}
     try:
-        boot(out, ckpt, args.extra)
+        boot(out, ckpt, extra)
         result["boot_s"] = time.perf_counter() - t0
-        result.update(globals()[f"scenario_{args.scenario}"](args))
+        result.update(scenario())
         result["ok"] = True
     except BaseException:
         result["ok"] = False
@@ -433,7 +438,6 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - t0
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     os._exit(0)  # the WebUI leaves non-daemon threads behind
-
 
 if __name__ == "__main__":
     main()

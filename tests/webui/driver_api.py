@@ -18,8 +18,6 @@ import json
 import os
 import shutil
 import sys
-import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -267,20 +265,7 @@ def main() -> None:
         (out / "data").mkdir(exist_ok=True)
         (out / "data" / "config.json").write_text(json.dumps({"disabled_extensions": ["Lora"]}))
     ckpt = os.environ["SD_WEBUI_CKPT_SDXL" if args.arch == "sdxl" else "SD_WEBUI_CKPT"]
-    t0 = time.perf_counter()
-    result: dict = {"scenario": args.scenario}
-    try:
-        driver.boot(out, ckpt, extra)
-        result["boot_s"] = time.perf_counter() - t0
-        result.update(globals()[f"scenario_{args.scenario}"](args))
-        result["ok"] = True
-    except BaseException:
-        result["ok"] = False
-        result["error"] = traceback.format_exc()
-    result["seconds"] = time.perf_counter() - t0
-    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    os._exit(0)  # the WebUI leaves non-daemon threads behind
-
+    driver.run_scenario(out, ckpt, extra, lambda: globals()[f"scenario_{args.scenario}"](args), args.scenario)
 
 if __name__ == "__main__":
     main()

@@ -8,15 +8,12 @@ References: the built-in Lora extension's own reading of the same files in the s
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import lora_ext
+from tests.webui.conftest import scenario_runner
 
 DRIVER = Path(__file__).with_name("driver_api.py")
 HARNESS_FILES = {"sd1": ["tiny_lora", "tiny_lora_compvis"], "sdxl": ["tiny_sdxl_lora"]}
@@ -25,26 +22,7 @@ HARNESS_FILES = {"sd1": ["tiny_lora", "tiny_lora_compvis"], "sdxl": ["tiny_sdxl_
 @pytest.fixture(scope="session")
 def run_api(tmp_path_factory):
     """run_api(scenario, arch="sd1") -> the scenario's result dict (cached per session)."""
-    results: dict[tuple, dict] = {}
-
-    def run(scenario: str, arch: str = "sd1") -> dict:
-        key = (scenario, arch)
-        if key not in results:
-            out = tmp_path_factory.mktemp(f"api-{scenario}-{arch}")
-            cmd = [os.environ.get("SD_WEBUI_PYTHON", sys.executable), str(DRIVER), scenario, str(out), "--arch", arch]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            result_file = out / "result.json"
-            if not result_file.exists():
-                pytest.fail(f"driver_api {scenario} wrote no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                            f"{proc.stderr[-5000:]}")
-            res = json.loads(result_file.read_text())
-            if not res.get("ok"):
-                pytest.fail(f"driver_api {scenario} failed:\n{res.get('error')}\n--- log ---\n"
-                            f"{(proc.stdout + proc.stderr)[-6000:]}")
-            results[key] = res
-        return results[key]
-
-    return run
+    return scenario_runner(tmp_path_factory, DRIVER)
 
 
 def _route_modules(res: dict, path: str) -> list[str]:

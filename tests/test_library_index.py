@@ -715,3 +715,23 @@ def test_display_name_of_a_top_level_file_shadowed_by_a_subfolder_file(tmp_path)
     shown = idx.display_name(top)
     assert idx.get(shown) == top, shown
     assert idx.get("alpha") != top  # the bare name is taken by the subfolder file, as in A1111
+
+
+def test_full_hash_without_persist_writes_the_cache_once_on_save(tmp_path, monkeypatch):
+    root = tmp_path / "Lora"
+    for i in range(3):
+        write(root / f"f{i}.safetensors")
+    cache = tmp_path / "cache.json"
+    idx = LoraIndex([root], cache_file=cache)
+    entries = idx.refresh()
+    import lora_ext.library.index as index_mod
+
+    writes = []
+    real = index_mod.write_bytes_atomic
+    monkeypatch.setattr(index_mod, "write_bytes_atomic", lambda *a, **k: writes.append(a[0]) or real(*a, **k))
+    hashes = [idx.full_hash(e, persist=False) for e in entries]
+    assert writes == []
+    idx.save()
+    assert writes == [cache]
+    again = LoraIndex([root], cache_file=cache)  # a new process sees the hashes
+    assert sorted(e.shorthash for e in again.refresh()) == sorted(h[:12] for h in hashes)

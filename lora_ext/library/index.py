@@ -473,13 +473,13 @@ class LoraIndex:
         return self._current().forbidden
 
     # --- hashes ---------------------------------------------------------------------------------------------------
-    def full_hash(self, entry: LoraEntry) -> str:
+    def full_hash(self, entry: LoraEntry, *, persist: bool = True) -> str:
         """The file's full hash as A1111 uses it: the `sshs_model_hash` metadata when set, else the sha256 of the
         tensor data (`.safetensors`, the "addnet" hash) or of the whole file (others), lowercase hex.
 
         Computing reads the whole file (outside the lock); the result is kept for this (size, mtime_ns) of the file,
-        shown as the entry's `shorthash` from then on and persisted. Raises `LoraFileError` if the file cannot be
-        read.
+        shown as the entry's `shorthash` from then on and persisted (`persist=False`: kept in memory until `save()`,
+        for callers that hash many files in a row). Raises `LoraFileError` if the file cannot be read.
         """
         key = str(entry.path)
         with self._lock:
@@ -506,8 +506,14 @@ class LoraIndex:
                         [replace(e, shorthash=shorthash) if str(e.path) == key else e for e in snap.entries],
                         self._known_hashes(),
                     )
-                self._save_cache()
+                if persist:
+                    self._save_cache()
         return value
+
+    def save(self) -> None:
+        """Write the cache file now if anything changed since it was last written (no-op without a cache file)."""
+        with self._lock:
+            self._save_cache()
 
     # --- internals ------------------------------------------------------------------------------------------------
     def _current(self) -> _Snapshot:

@@ -472,15 +472,18 @@ def _find_by_hash(index: Any, short: str) -> Any:
     if entry is not None:
         return entry
     budget = _PASTE_HASH_BUDGET
-    for candidate in sorted((e for e in index.entries() if not e.shorthash), key=lambda e: e.size):
-        if candidate.size > budget:
-            break
-        budget -= candidate.size
-        try:
-            if index.full_hash(candidate).lower().startswith(short.lower()):
-                return index.entry_for_path(candidate.path) or candidate
-        except LoraExtError as err:
-            log.debug("lora_ext: cannot hash %s: %s", candidate.path, err)
+    try:
+        for candidate in sorted((e for e in index.entries() if not e.shorthash), key=lambda e: e.size):
+            if candidate.size > budget:
+                break
+            budget -= candidate.size
+            try:
+                if index.full_hash(candidate, persist=False).lower().startswith(short.lower()):
+                    return index.entry_for_path(candidate.path) or candidate
+            except LoraExtError as err:
+                log.debug("lora_ext: cannot hash %s: %s", candidate.path, err)
+    finally:
+        index.save()  # the hashes learnt on the way, written once
     return None
 
 

@@ -1,4 +1,4 @@
-"""`python -m lora_ext ...`: inspect, tiny-model, generate, demo.
+"""`python -m lora_ext ...`: inspect, tiny-model, generate, train, demo.
 
 Each subcommand is a thin layer over library calls; errors of type LoraExtError are printed as one clear line on
 stderr and give exit status 2. `--json` prints machine-readable results on stdout.
@@ -198,38 +198,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `python -m lora_ext.train ARGS --json-events` in a child process (a crash or OOM there cannot take this
     process down): its JSON event lines are streamed to stdout, its progress line goes to stderr, and its exit status
-    is returned (0 finished, 3 cancelled, 2 error, 1 crash). Ctrl-C reaches the child too, which saves a checkpoint
-    and stops; `python -m lora_ext train --help` shows the training options."""
-    import os
+    is returned (0 finished, 3 cancelled, 2 error, 1 crash). `python -m lora_ext train --help` shows the options.
+
+    The rules of lora_ext.train.process hold: when this process's stdout closes (`| head`), forwarding stops and the
+    training goes on (this process waits for it); SIGINT, SIGTERM or SIGHUP here are passed on as SIGTERM, so the
+    child saves a checkpoint and stops; if this process is killed outright, the child notices and does the same."""
     import signal
-    import subprocess
 
-    import lora_ext
+    from lora_ext.train.process import start_training
 
-    cmd = [sys.executable, "-m", "lora_ext.train", *args.train_args, "--json-events"]
-    if args.verbose:
-        cmd.append("--verbose")
-    env = dict(os.environ)
-    root = str(Path(lora_ext.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1, env=env) as child:
-        while True:
-            try:
-                for line in child.stdout or ():
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                break
-            except KeyboardInterrupt:  # the child got the same Ctrl-C (or gets SIGTERM now): wait for its checkpoint
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-        return child.wait()
+    child = start_training(args.train_args, verbose=args.verbose)
+    forward = {"on": True}
+
+    def stop_child(signum: int, frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, stop_child) for s in handled}
+    try:
+        with child:
+            for line in child.stdout or ():
+                if forward["on"]:
+                    try:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    except (OSError, ValueError):  # our reader went away: keep draining, the child goes on
+                        forward["on"] = False
+                        _silence_stdout()
+            return child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _silence_stdout() -> None:
+    """Point a broken stdout at /dev/null, so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 # -------------------------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_ext", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lora_ext")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -278,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
+    p.description = (f"LoRA for Stable Diffusion. Commands: {', '.join(sub.choices)}. "
+                     "`python -m lora_ext COMMAND --help` shows each one's options.")
     return p
 
 

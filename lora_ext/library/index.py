@@ -36,6 +36,8 @@ Beyond A1111:
   header by (path, size, mtime_ns), so a warm listing is a directory walk plus a `stat` per file. The header's
   metadata itself is not cached: `LoraEntry.metadata` reads it from the file on first access.
 - a file that cannot be read is still listed, with `sd_version` Unknown and the reason in `problems`.
+- training run folders and their checkpoints (`lora_ext.runfolder.is_run_folder`) are not walked: their
+  `lora.safetensors`/`.pt` files are training state, not LoRAs to use (A1111 lists them).
 
 Headers are read with a fast path for the compact layout the safetensors library writes (metadata first, entries
 in data order): only the metadata is JSON-decoded, the keys are cut out of the text and the shapes of the few keys
@@ -66,6 +68,7 @@ from lora_ext.formats.hashes import SHORT_HASH_LEN, addnet_hash_safetensors, sha
 from lora_ext.formats.keys import split_key
 from lora_ext.formats.metadata import base_model_from_metadata
 from lora_ext.formats.safetensors_io import MAX_HEADER_SIZE, read_header, write_bytes_atomic
+from lora_ext.runfolder import is_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -591,6 +594,9 @@ class LoraIndex:
                 except OSError:
                     continue
                 dirs.append((de.is_symlink(), _natural_key(de.name), de.name, (dst.st_dev, dst.st_ino)))
+        if is_run_folder(names, {entry[2] for entry in dirs}):  # training state, not LoRAs (lora_ext.runfolder)
+            logger.debug("%s is a training run folder; not listed", d)
+            return frozenset(), [], []
         subdirs = []
         for *_, name, key in sorted(dirs):  # a folder reached twice is walked once: real folders first, then by name
             if key not in visited:

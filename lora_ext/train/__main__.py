@@ -8,7 +8,9 @@ process (accelerate's simple launcher).
 progress events as JSON lines on stdout (the console progress line goes to stderr).
 
 Exit status: 0 finished (the LoRA is written), 3 cancelled (a checkpoint was saved), 2 an expected error (the message
-on stderr says what to do; also the last "error" event), 1 an unexpected crash (traceback on stderr).
+on stderr, once, says what to do; also the last "error" event), 1 an unexpected crash (traceback on stderr).
+Started through lora_ext.train.process (as `python -m lora_ext train` and the WebUI's job runner do), the process
+stops with a checkpoint when its runner exits, and keeps training when only its stdout is closed: see that module.
 """
 
 from __future__ import annotations

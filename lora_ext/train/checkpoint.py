@@ -1,15 +1,19 @@
 """Checkpoints of a training run: everything needed to continue it exactly.
 
-Layout of a run folder (the loop owns it):
+Layout of a run folder (the loop owns it; by default `<output_dir>/../lora_ext_runs/<output_name>`, see
+lora_ext.runfolder):
 
     <run_dir>/config.toml                 the run's configuration (a resumed run checks against it)
     <run_dir>/events.jsonl                progress events (see lora_ext.train.events)
     <run_dir>/STOP                        created by a user or the WebUI: save and stop within one step
     <run_dir>/checkpoints/step-00000120/  one checkpoint:
         lora.safetensors                  the LoRA in kohya format, fp32 (loads in every tool; resume reads it)
-        state.json                        global step, epoch, position in the epoch, dataset hash, loss average
+        state.json                        global step, epoch, position in the epoch, dataset hash, loss average,
+                                          the run's id and total steps
         training.pt                       optimizer and lr-scheduler state dicts
         rng-<process>.pt                  python / numpy / torch / CUDA RNG states and the loop's generators
+    <run_dir>/samples/                    sample images (step-<step>-<prompt>.png)
+    <run_dir>/cache/latents/              the latent cache on disk (cache_latents_to_disk)
 
 A checkpoint is written into a temporary folder next to the others and renamed into place when complete, so a
 crash or kill never leaves a half-written `step-*` folder; only the last `keep_last` are kept. `.pt` files are read
@@ -32,8 +36,10 @@ import torch
 
 from lora_ext.errors import TrainingError
 from lora_ext.formats.safetensors_io import fsync_dir
+from lora_ext.runfolder import CHECKPOINT_STATE_FILE as STATE_FILE
+from lora_ext.runfolder import CHECKPOINT_TRAINING_FILE as TRAINING_FILE
+from lora_ext.runfolder import CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
@@ -119,7 +125,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = []
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit() \
-                and (p / "state.json").is_file():
+                and (p / STATE_FILE).is_file():
             found.append((int(p.name[len(_PREFIX):]), p))
     return [p for _, p in sorted(found)]
 
@@ -156,11 +162,11 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, *, lora: Mapping[str,
     try:
         save_safetensors_atomic({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora.items()},
                                 tmp / "lora.safetensors", dict(lora_metadata))
-        _torch_save_synced({"optimizer": dict(optimizer), "lr_scheduler": dict(lr_scheduler)}, tmp / "training.pt")
+        _torch_save_synced({"optimizer": dict(optimizer), "lr_scheduler": dict(lr_scheduler)}, tmp / TRAINING_FILE)
         for index, states in enumerate(rng):
             _torch_save_synced(dict(states), tmp / f"rng-{index}.pt")
         text = json.dumps(asdict(state), indent=1, sort_keys=True)
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:  # written last: marks the folder complete
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:  # written last: marks the folder complete
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -200,13 +206,9 @@ def _load_pt(path: Path) -> Any:
                             "an older checkpoint (delete this folder) or start a new run") from exc
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint folder (see the module docstring). Raises TrainingError naming the file at fault."""
-    from lora_ext.errors import LoraFileError
-    from lora_ext.formats.safetensors_io import load_tensors, read_header
-
-    path = Path(path)
-    state_file = path / "state.json"
+def read_state(path: Path) -> CheckpointState:
+    """The scalar state of a checkpoint folder (state.json only). Raises TrainingError naming the file."""
+    state_file = Path(path) / STATE_FILE
     try:
         raw = json.loads(state_file.read_text(encoding="utf-8"))
         state = CheckpointState(**raw)
@@ -215,13 +217,23 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if state.format != FORMAT_VERSION:
         raise TrainingError(f"{state_file}: checkpoint format {state.format} is not supported (expected "
                             f"{FORMAT_VERSION})")
+    return state
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint folder (see the module docstring). Raises TrainingError naming the file at fault."""
+    from lora_ext.errors import LoraFileError
+    from lora_ext.formats.safetensors_io import load_tensors, read_header
+
+    path = Path(path)
+    state = read_state(path)
     lora_file = path / "lora.safetensors"
     try:
         header = read_header(lora_file)
         lora = load_tensors(lora_file, header=header)
     except LoraFileError as exc:
         raise TrainingError(f"{lora_file}: cannot read the checkpoint's LoRA ({exc})") from exc
-    training = _load_pt(path / "training.pt")
+    training = _load_pt(path / TRAINING_FILE)
     rng = {int(p.stem.split("-", 1)[1]): _load_pt(p) for p in sorted(path.glob("rng-*.pt"))}
     return Checkpoint(path=path, state=state, lora=lora, lora_metadata=dict(header.metadata),
                       optimizer=training["optimizer"], lr_scheduler=training["lr_scheduler"], rng=rng)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ext.errors import ConfigError
+from lora_ext.runfolder import RUN_CONFIG_FILE, default_runs_dir
 
 try:
     import tomllib
@@ -38,7 +39,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "fp32")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEFAULT_EPOCHS = 10
-RUN_CONFIG_FILE = "config.toml"  # the configuration a run saves in its run folder
 _BLOCK_NAME = re.compile(r"^(IN(0\d|1[01])|M00|OUT(0\d|1[01]))$")
 # resolution when none is given: by model family (SD2 v-prediction models are 768 px models)
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
@@ -48,7 +48,8 @@ RESUME_MUTABLE = frozenset({
     "output_dir", "output_name", "overwrite", "max_train_steps", "max_train_epochs", "save_every_n_steps",
     "save_every_n_epochs", "save_last_n", "sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
     "sample_negative", "sample_steps", "sample_cfg", "sample_seed", "sample_width", "sample_height", "save_precision",
-    "description", "preferred_weight", "dataloader_workers", "resume", "dry_run", "run_dir", "cache_latents_to_disk",
+    "description", "preferred_weight", "dataloader_workers", "resume", "dry_run", "run_dir", "runs_dir",
+    "cache_latents_to_disk", "preview",
 })
 
 
@@ -70,7 +71,9 @@ class TrainConfig:
     prediction_type: str | None = _f(None, "epsilon | v_prediction; none = the model's own")
     output_dir: str = _f("models/Lora", "folder the finished LoRA is written to")
     output_name: str | None = _f(None, "file stem of the LoRA (<output_dir>/<output_name>.safetensors; required)")
-    run_dir: str | None = _f(None, "folder for checkpoints, samples, events; none = <output_dir>/.runs/<output_name>")
+    run_dir: str | None = _f(None, "folder for checkpoints, samples, events; none = <runs_dir>/<output_name>")
+    runs_dir: str | None = _f(None, "parent of run folders; none = 'lora_ext_runs' beside output_dir (models/Lora -> "
+                                    "models/lora_ext_runs: checkpoints never land among the LoRAs)")
     overwrite: bool = _f(False, "replace an existing output file / start over in a non-empty run folder")
     save_precision: str = _f("fp16", "dtype of the exported file: fp16 | bf16 | fp32")
     description: str = _f("", "description for the <name>.json sidecar")
@@ -93,7 +96,7 @@ class TrainConfig:
     resolution: int | None = _f(None, "training resolution (side of the square area); none = 512 SD1 / 768 SD2-v / "
                                       "1024 SDXL")
     enable_bucket: bool = _f(True, "aspect-ratio buckets")
-    min_bucket_reso: int = _f(256, "smallest bucket side")
+    min_bucket_reso: int | None = _f(None, "smallest bucket side; none = resolution / 2, at most 256")
     max_bucket_reso: int | None = _f(None, "largest bucket side; none = 2 x resolution")
     bucket_reso_steps: int = _f(64, "bucket side step (multiple of 8)")
     bucket_no_upscale: bool = _f(True, "never upscale small images to fill a bucket")
@@ -150,6 +153,8 @@ class TrainConfig:
     sample_seed: int = _f(1234, "seed of the sample images (prompt i uses seed + i)")
     sample_width: int | None = _f(None, "sample width; none = resolution")
     sample_height: int | None = _f(None, "sample height; none = resolution")
+    preview: bool = _f(True, "render <output_name>.preview.png for the LoRA's card at the end: the last sample image, "
+                             "else one image of the first caption")
     # --- run control
     dry_run: bool = _f(False, "print the dataset summary and exit (the model is not loaded)")
     resume: str | None = _f(None, "run folder to continue (its last checkpoint)")
@@ -157,10 +162,10 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------------- derived
     @property
     def run_path(self) -> Path:
-        """The run folder: `run_dir`, else <output_dir>/.runs/<output_name>."""
+        """The run folder: `run_dir`, else <runs_dir>/<output_name> (see lora_ext.runfolder)."""
         if self.run_dir:
             return Path(self.run_dir)
-        return Path(self.output_dir) / ".runs" / str(self.output_name)
+        return Path(self.runs_dir or default_runs_dir(self.output_dir)) / str(self.output_name)
 
     @property
     def output_path(self) -> Path:
@@ -483,8 +488,13 @@ def _validate(c: TrainConfig) -> None:
     for name in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         v = getattr(c, name)
         _need(v is None or (v > 0 and v % 8 == 0), name, f"{v} must be a positive multiple of 8")
-    if c.max_bucket_reso is not None and c.resolution is not None:
-        _need(c.max_bucket_reso >= c.resolution, "max_bucket_reso", "must be >= resolution")
+    if c.resolution is not None and c.enable_bucket:
+        _need(c.min_bucket_reso is None or c.min_bucket_reso <= c.resolution, "min_bucket_reso",
+              f"--min_bucket_reso {c.min_bucket_reso} is above --resolution {c.resolution}; lower it or leave it unset "
+              "(it then follows the resolution)")
+        _need(c.max_bucket_reso is None or c.max_bucket_reso >= c.resolution, "max_bucket_reso",
+              f"--max_bucket_reso {c.max_bucket_reso} is below --resolution {c.resolution}; raise it or leave it unset "
+              "(2 x resolution)")
     _need(0.0 <= c.crop_zoom < 1.0, "crop_zoom", "must be in [0, 1)")
     _need(0.0 <= c.color_jitter < 1.0, "color_jitter", "must be in [0, 1) (0.1 = +-10% brightness/contrast/saturation)")
     _need(c.dataloader_workers >= 0, "dataloader_workers", "must be >= 0")

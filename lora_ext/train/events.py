@@ -4,8 +4,9 @@ Every event is one JSON object per line in <run_dir>/events.jsonl (appended: a r
 optionally echoed on stdout (`--json-events`, what `python -m lora_ext train` and the WebUI job runner read) and
 passed to an in-process callback. Common fields: `type`, `time` (unix seconds). Types and their fields:
 
-    start       run_dir, config, arch, total_steps, total_epochs, steps_per_epoch, global_step (0 or resumed),
-                num_processes, dataset (the dataset report), resumed_from (checkpoint path or null)
+    start       run_dir, pid (the training process), config, arch, total_steps, total_epochs, steps_per_epoch,
+                global_step (0 or resumed), num_processes, dataset (the dataset report), resumed_from (checkpoint
+                path or null)
     step        step, total_steps, epoch, loss (raw), loss_avg (exponential moving average, beta 0.9, bias-
                 corrected), lr (UNet group), lr_te (null without text-encoder LoRA), it_s, eta_s, peak_memory_bytes,
                 memory_kind ("cuda" max_memory_allocated | "rss" peak resident set size)
@@ -15,7 +16,11 @@ passed to an in-process callback. Common fields: `type`, `time` (unix seconds). 
     warning     message
     error       message, step (or null), error (exception class), checkpoint (last good one or null)
     done        status ("finished" | "cancelled"), step, epoch, output (exported file or null), checkpoint,
-                elapsed_s
+                reason (why a run was cancelled, else null), elapsed_s; already_exported: true when a resumed run
+                had finished and its file was already written (nothing was done)
+
+Events of a run that fails before its run folder exists (a missing model, an empty dataset) reach the echo and the
+callback only: no folder is created for a run that never started.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from typing import IO, Any
 
 import torch
 
+from lora_ext.runfolder import EVENTS_FILE  # noqa: F401 - re-exported beside the format it names
+
 logger = logging.getLogger(__name__)
 
 EVENT_TYPES = ("start", "step", "epoch", "checkpoint", "sample", "warning", "error", "done")
-EVENTS_FILE = "events.jsonl"
 
 
 def _json_default(value: Any) -> Any:
@@ -57,20 +63,35 @@ def _finite_or_none(x: float | None) -> float | None:
 class EventLog:
     """Writes events. Only the main process of a multi-process run should have `enabled=True`.
 
-    path: the events.jsonl file (None = no file). echo: stream for a copy of every line (e.g. sys.stdout).
-    callback: called with each event dict (in-process runners). Lines are flushed as written.
+    path: the events.jsonl file; None = not yet: events are kept in memory and written first when `open(path)` is
+    called (a run creates its folder only once its inputs are known to be good). echo: stream for a copy of every
+    line (e.g. sys.stdout); when writing to it fails (a closed pipe), echoing stops and the file goes on (noted there
+    as a warning). callback: called with each event dict (in-process runners). Lines are flushed as written.
     """
 
     def __init__(self, path: Path | None, *, echo: IO[str] | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, enabled: bool = True) -> None:
-        self.path = path
+        self.path: Path | None = None
         self.echo = echo
         self.callback = callback
         self.enabled = enabled
         self._file: IO[str] | None = None
-        if enabled and path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
+        self._pending: list[str] = []
+        if path is not None:
+            self.open(path)
+
+    def open(self, path: Path) -> None:
+        """Start writing to `path` (appending; created with its folder), beginning with the events kept so far."""
+        if not self.enabled or (self._file is not None and self.path == path):
+            return
+        self.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
+        for line in self._pending:
+            self._file.write(line + "\n")
+        self._pending.clear()
+        self._file.flush()
 
     def emit(self, type: str, **fields: Any) -> dict[str, Any]:
         """Write one event (NaN/inf floats become null, so the line stays valid JSON); returns it."""
@@ -84,12 +105,24 @@ class EventLog:
         if self._file is not None:
             self._file.write(line + "\n")
             self._file.flush()
+        else:
+            self._pending.append(line)
         if self.echo is not None:
-            self.echo.write(line + "\n")
-            self.echo.flush()
+            self._echo(line)
         if self.callback is not None:
             self.callback(event)
         return event
+
+    def _echo(self, line: str) -> None:
+        try:
+            self.echo.write(line + "\n")
+            self.echo.flush()
+        except (OSError, ValueError) as exc:  # BrokenPipeError, EIO, or a closed file object
+            stream, self.echo = self.echo, None
+            _silence(stream)
+            logger.info("event stream closed (%s); events continue in %s", exc, self.path or "the run folder")
+            self.emit("warning", message=f"the event stream (stdout) was closed ({type(exc).__name__}); training goes "
+                                         f"on, its events are in {self.path or 'events.jsonl'}")
 
     def close(self) -> None:
         if self._file is not None:
@@ -101,6 +134,19 @@ class EventLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _silence(stream: IO[str] | None) -> None:
+    """Point a broken standard stream at /dev/null, so that the interpreter's final flush does not fail again (the
+    Python documentation's advice for SIGPIPE). Other streams are left alone."""
+    if stream is None or stream not in (sys.stdout, sys.stderr):
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -189,19 +235,21 @@ class ConsoleProgress:
             return
         self._last = now
         line = format_step(event)
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100)[:160])
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self._write("\r" + line.ljust(100)[:160] if self.tty else line + "\n")
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        if self.tty:
-            self.stream.write("\r" + " " * 100 + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        self._write(("\r" + " " * 100 + "\r" if self.tty else "") + text + "\n")
+
+    def _write(self, text: str) -> None:
+        """Write and flush; a stream that fails (a closed terminal or pipe) switches the display off, never the run."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.enabled = False
+            _silence(self.stream)
 
 
 def _fmt_seconds(s: float | None) -> str:

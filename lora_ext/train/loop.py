@@ -24,8 +24,9 @@ Randomness: noise, timesteps and the VAE posterior come from one torch.Generator
 caption shuffling come from the dataset (a function of seed, epoch, index); LoRA dropout uses the global torch RNG.
 All of them are in the checkpoints, so a resumed run continues bit-exactly on CPU.
 
-Cancel: SIGINT/SIGTERM or a file named STOP in the run folder; the loop finishes the optimizer step in progress,
-writes a checkpoint and returns status "cancelled".
+Cancel: SIGINT/SIGTERM/SIGHUP, a file named STOP in the run folder, or (for a child started through
+lora_ext.train.process) its runner exiting; the loop finishes the optimizer step in progress, writes a checkpoint and
+returns status "cancelled". A closed stdout does not stop it (events go on in events.jsonl).
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ import io
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +57,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_ext.errors import ConfigError, DatasetError, LoraExtError, TrainingError
+from lora_ext.formats.safetensors_io import read_header, write_bytes_atomic
+from lora_ext.runfolder import EVENTS_FILE, RUN_CONFIG_FILE, SAMPLES, STOP_FILE
 from lora_ext.train import checkpoint as ckpt
-from lora_ext.train.config import DEFAULT_EPOCHS, RUN_CONFIG_FILE, TrainConfig, check_resume_compatible, load_config
+from lora_ext.train.config import DEFAULT_EPOCHS, TrainConfig, check_resume_compatible, load_config
 from lora_ext.train.events import ConsoleProgress, EventLog, LossAverage, Throughput, peak_memory
+from lora_ext.train.export import sidecar_paths
 from lora_ext.train.optim import build_lr_scheduler, build_optimizer, check_optimizer_available, optimizer_warnings
+from lora_ext.train.process import runner_gone, runner_pid
 
 logger = logging.getLogger(__name__)
 
-STOP_FILE = "STOP"
+RUN_ID_METADATA = "lora_ext.run_id"  # in the exported file: which run wrote it (a resumed run may replace its own)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -157,11 +165,15 @@ def steps_per_epoch(num_batches: int, num_processes: int, accum: int) -> int:
 
 
 class StopRequest:
-    """A cancel request: SIGINT/SIGTERM (while `signals()` is active) or the STOP file in the run folder."""
+    """A cancel request: SIGINT/SIGTERM/SIGHUP (while `signals()` is active), the STOP file in the run folder, or the
+    runner that started this process through `lora_ext.train.process` having gone away (see that module)."""
 
-    def __init__(self, stop_file: Path) -> None:
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+    def __init__(self, stop_file: Path, runner: int | None = None) -> None:
         self.stop_file = stop_file
         self.signum: int | None = None
+        self.runner = runner  # the runner's pid, when it is this process's parent
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
@@ -171,11 +183,11 @@ class StopRequest:
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
-        """Catch SIGINT/SIGTERM while active (main thread only; elsewhere only the STOP file works)."""
+        """Catch SIGINT/SIGTERM/SIGHUP while active (main thread only; elsewhere only the STOP file works)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         try:
             yield
         finally:
@@ -183,12 +195,14 @@ class StopRequest:
                 signal.signal(s, h)
 
     def requested(self) -> bool:
-        return self.signum is not None or self.stop_file.exists()
+        return self.signum is not None or self.stop_file.exists() or runner_gone(self.runner)
 
     @property
     def reason(self) -> str:
         if self.signum is not None:
             return f"signal {signal.Signals(self.signum).name}"
+        if runner_gone(self.runner):
+            return f"the process that started the training (pid {self.runner}) exited"
         return f"stop file {self.stop_file}"
 
 
@@ -485,6 +499,10 @@ def micro_step_loss(batch: Mapping[str, Any], model: nn.Module, ctx: LossContext
 # ========================================================================================================== run folder
 
 
+def _resume_command(run_dir: Path) -> str:
+    return f"python -m lora_ext.train --resume {run_dir}"
+
+
 def resolve_resume(config: TrainConfig) -> tuple[TrainConfig, Path | None]:
     """(config, checkpoint to resume from). With `resume`, the run folder's saved config is the reference: the
     given config must agree on every field a resumed run may not change (ConfigError otherwise)."""
@@ -495,36 +513,120 @@ def resolve_resume(config: TrainConfig) -> tuple[TrainConfig, Path | None]:
     if not saved_file.is_file():
         raise ConfigError(f"resume: {run_dir} is not a run folder (no {RUN_CONFIG_FILE}); give the folder a previous "
                           "run wrote (its start event names it)")
-    saved = load_config(saved_file)
-    check_resume_compatible(saved, config, run_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
-        raise TrainingError(f"resume: {run_dir} has no complete checkpoint yet; start the run again without --resume "
-                            "(add --overwrite)")
+        raise TrainingError(f"resume: {run_dir} has no complete checkpoint yet (the run stopped before its first "
+                            f"save), so there is nothing to continue; start it again without --resume, e.g. "
+                            f"python -m lora_ext.train --config {saved_file}")
+    check_resume_compatible(load_config(saved_file), config, run_dir)
     return dataclasses.replace(config, run_dir=str(run_dir)), latest
 
 
+def check_fresh_run_dir(config: TrainConfig) -> None:
+    """A new run may use its run folder unless that holds a run with a checkpoint (something to continue): then
+    TrainingError naming a command that continues it, unless `overwrite`. A folder without a checkpoint (a start
+    that failed, a run stopped before its first save) holds nothing to protect and is reused."""
+    run_dir = config.run_path
+    latest = None if config.overwrite else ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return
+    state = ckpt.read_state(latest)
+    if check_output(config, state.extra.get("run_id")).owner == "run":
+        raise TrainingError(f"{run_dir} holds a finished run that wrote {config.output_path}; to train it again from "
+                            "the start pass --overwrite (the file and the run's checkpoints are replaced), or choose "
+                            "another output_name")
+    hint = f"continue it with `{_resume_command(run_dir)}` (its saved settings are used)"
+    saved_file = run_dir / RUN_CONFIG_FILE
+    with contextlib.suppress(LoraExtError):
+        check_resume_compatible(load_config(saved_file), dataclasses.replace(config, resume=str(run_dir)), run_dir)
+        saved_file = None
+    if saved_file is not None:
+        hint = (f"it was started with other settings ({saved_file}), which `{_resume_command(run_dir)}` would "
+                "continue")
+    raise TrainingError(f"{run_dir} already holds a training run with checkpoints; {hint}. To start over instead, "
+                        "pass --overwrite (its checkpoints are deleted) or choose another output_name / run_dir")
+
+
 def prepare_run_dir(config: TrainConfig, resuming: bool) -> Path:
-    """Create the run folder (a fresh run refuses a folder holding another run unless overwrite); save config."""
+    """Create the run folder and save the config. A new run first clears what an earlier start left there (only
+    reached when `check_fresh_run_dir` allowed it: no checkpoint, or overwrite); the latent cache is kept (its entries
+    are keyed by their content)."""
     run_dir = config.run_path
     if not resuming:
-        existing = [p for p in (run_dir / ckpt.CHECKPOINTS, run_dir / "events.jsonl") if p.exists()]
-        if existing and not config.overwrite:
-            raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir}, or "
-                                "pass --overwrite to start over (its checkpoints are deleted)")
-        if existing:
-            import shutil
-
-            for p in (run_dir / ckpt.CHECKPOINTS, run_dir / "samples"):
-                shutil.rmtree(p, ignore_errors=True)
-            (run_dir / "events.jsonl").unlink(missing_ok=True)
+        for p in (run_dir / ckpt.CHECKPOINTS, run_dir / SAMPLES):
+            shutil.rmtree(p, ignore_errors=True)
+        (run_dir / EVENTS_FILE).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = dataclasses.replace(config, resume=None, dry_run=False, run_dir=str(run_dir))
-    from lora_ext.formats.safetensors_io import write_bytes_atomic
-
     write_bytes_atomic(run_dir / RUN_CONFIG_FILE, saved.to_toml().encode("utf-8"))
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop the new run at once
     return run_dir
+
+
+@dataclass
+class OutputCheck:
+    """What is at the output path before a run. owner: "none" (nothing there), "run" (exported by this run, at
+    `steps`) or "other" (another file: replaced only with overwrite)."""
+
+    owner: str
+    steps: int | None = None
+
+
+def check_output(config: TrainConfig, run_id: str | None) -> OutputCheck:
+    """Who wrote `config.output_path`: this run (metadata `lora_ext.run_id`), someone else, or nobody."""
+    path = config.output_path
+    if not (path.exists() or path.is_symlink()):
+        return OutputCheck("none")
+    try:
+        meta = read_header(path).metadata
+    except LoraExtError:
+        return OutputCheck("other")
+    if run_id is None or meta.get(RUN_ID_METADATA) != run_id:
+        return OutputCheck("other")
+    steps = meta.get("ss_steps", "")
+    return OutputCheck("run", int(steps) if steps.isdigit() else None)
+
+
+def _resume_target(config: TrainConfig, checkpoint: Path) -> tuple[ckpt.CheckpointState, int | None]:
+    """(the checkpoint's state, the run's total steps when known without the dataset: max_train_steps, or the
+    checkpoint's own total when max_train_steps/max_train_epochs are those the run was started with)."""
+    state = ckpt.read_state(checkpoint)
+    if config.max_train_steps:
+        return state, config.max_train_steps
+    saved = load_config(Path(config.run_path) / RUN_CONFIG_FILE)
+    same = (saved.max_train_steps, saved.max_train_epochs) == (config.max_train_steps, config.max_train_epochs)
+    total = state.extra.get("total_steps")
+    return state, int(total) if same and isinstance(total, int) else None
+
+
+def preflight(config: TrainConfig) -> None:
+    """Fail before anything is created or loaded: the base model must exist, and where its family can be read
+    without loading it (diffusers folder, .safetensors), the dataset must yield at least one image at the resolved
+    resolution and bucket limits. What needs the model (decoding every image, class images) is checked after
+    loading it, still before the run folder is created."""
+    from lora_ext.errors import ModelLoadError
+    from lora_ext.train.dataset import scan_dataset
+
+    model = Path(str(config.pretrained_model))
+    if not model.exists():
+        raise ModelLoadError(f"pretrained_model: {model} does not exist; give a diffusers folder or a single-file "
+                             "checkpoint (--pretrained_model PATH)")
+    if not (model.is_dir() or model.suffix.lower() == ".safetensors"):
+        return
+    arch, prediction_type = peek_model_family(model, config.prediction_type)
+    spec = dataset_spec(config, config.resolved_resolution(arch, prediction_type))
+    records, scanned = scan_dataset(spec)
+    if not records:
+        raise _no_images_error(scanned)
+
+
+def _no_images_error(scanned: Any) -> DatasetError:
+    """The dataset yielded nothing: say why, naming the first files that were skipped and the reason."""
+    skipped = "; ".join(f"{path}: {reason}" for path, reason in scanned.skipped[:3])
+    more = f" (and {len(scanned.skipped) - 3} more)" if len(scanned.skipped) > 3 else ""
+    why = "; ".join(scanned.problems[1:3] if skipped else scanned.problems[:3]) or "nothing found"
+    return DatasetError("no usable image in the dataset: " + (f"skipped {skipped}{more}; " if skipped else "") + why
+                        + ". Fix or remove those files (or point to another folder); --dry-run shows the full report")
 
 
 # ==================================================================================================== dataset assembly
@@ -570,10 +672,11 @@ def _rng_untouched() -> Iterator[None]:
 
 
 def render_samples(pipe: Any, model: nn.Module, config: TrainConfig, resolution: int, out_dir: Path, step: int,
-                   autocast: Callable[[], Any]) -> list[tuple[Path, Any]]:
-    """Sample images of `sample_prompts` with the current LoRA at weight 1 (`model` = the Denoiser holding the network,
-    put in eval mode meanwhile: no LoRA dropout); [(png path, PIL image)]."""
-    from lora_ext.formats.safetensors_io import write_bytes_atomic
+                   autocast: Callable[[], Any], prompts: Sequence[str] | None = None, label: str = ""
+                   ) -> list[tuple[Path, Any]]:
+    """Sample images of `prompts` (default `sample_prompts`) with the current LoRA at weight 1 (`model` = the Denoiser
+    holding the network, put in eval mode meanwhile: no LoRA dropout); [(png path, PIL image)]. Files are
+    step-<step>-<i>[-<label>].png in `out_dir`."""
     from lora_ext.models.sampling import generate_image
 
     width = config.sample_width or resolution
@@ -585,16 +688,26 @@ def render_samples(pipe: Any, model: nn.Module, config: TrainConfig, resolution:
     model.network.set_enabled(True)
     try:
         with _rng_untouched(), autocast():
-            for i, prompt in enumerate(config.sample_prompts):
+            for i, prompt in enumerate(config.sample_prompts if prompts is None else prompts):
                 image = generate_image(pipe, prompt, config.sample_negative, seed=config.sample_seed + i,
                                        steps=config.sample_steps, width=width, height=height, cfg=config.sample_cfg)
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
-                path = write_bytes_atomic(out_dir / f"step-{step:08d}-{i:02d}.png", buf.getvalue())
+                name = f"step-{step:08d}-{i:02d}" + (f"-{label}" if label else "")
+                path = write_bytes_atomic(out_dir / f"{name}.png", buf.getvalue())
                 out.append((path, image))
     finally:
         model.train(was_training)
     return out
+
+
+def preview_prompt(records: Sequence[Any], config: TrainConfig) -> str:
+    """The prompt of the card's preview when no sample prompt gives one: the first training image's caption with the
+    trigger word in front (as training saw it, without shuffling or dropout)."""
+    from lora_ext.train.dataset import apply_trigger
+
+    caption = next((r.caption for r in records if not r.is_class), "")
+    return apply_trigger(caption, config.trigger_word) or config.trigger_word
 
 
 # =============================================================================================================== train
@@ -609,36 +722,101 @@ def train(config: TrainConfig, *, echo: IO[str] | None = None,
     """Run a training (or continue one: `config.resume`). Events go to <run_dir>/events.jsonl, `echo` (a stream for
     JSON lines) and `on_event`; the console progress line to `console` (default stderr). Raises LoraExtError
     subclasses for every expected failure (ConfigError, DatasetError, ModelLoadError, TrainingError), after an
-    "error" event."""
-    # -- 1. configuration, accelerator, run folder, events -------------------------------------------------------------
-    config.validate()
-    config, resume_from = resolve_resume(config)
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    check_optimizer_available(config.optimizer)
-    if config.output_path.exists() and not config.overwrite:
-        raise TrainingError(f"{config.output_path} already exists; pass --overwrite (it is replaced when the run "
-                            "finishes) or choose another output_name")
-    accelerator = _make_accelerator(config)
-    main = accelerator.is_main_process
-    run_dir = prepare_run_dir(config, resume_from is not None) if main else config.run_path
-    accelerator.wait_for_everyone()
-    events = EventLog(run_dir / "events.jsonl", echo=echo, callback=on_event, enabled=main)
+    "error" event.
+
+    Nothing is created before the inputs are known to be good (configuration, model, dataset): the run folder is made
+    once the model is loaded and the dataset scanned. Resuming a run that already reached its last step exports its
+    LoRA if that was not done (a run killed between its last checkpoint and the export), else does nothing."""
+    main = int(os.environ.get("RANK", "0")) == 0  # before accelerate: the launcher's rank (0 when not launched)
+    events = EventLog(None, echo=echo, callback=on_event, enabled=main)
     progress = ConsoleProgress(console, enabled=main)
-    stop = StopRequest(run_dir / STOP_FILE)
     state = _RunState()
     t_start = time.time()
     try:
+        # -- 1. everything that can be checked before anything is created or loaded --------------------------------
+        config.validate()
+        config, resume_from = resolve_resume(config)
+        if resume_from is not None:
+            events.open(config.run_path / EVENTS_FILE)
+            state.last_checkpoint = resume_from
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+        check_optimizer_available(config.optimizer)
+        if resume_from is None:
+            check_fresh_run_dir(config)
+        plan = _plan_output(config, resume_from)
+        if plan.already_exported:
+            return _already_exported(config, plan, events, progress)
+        preflight(config)
+        # -- 2. the run ------------------------------------------------------------------------------------------------
+        accelerator = _make_accelerator(config)
+        events.enabled = progress.enabled = accelerator.is_main_process
+        stop = StopRequest(config.run_path / STOP_FILE, runner=_own_runner())
         with stop.signals():
-            return _train(config, accelerator, run_dir, resume_from, events, progress, stop, state, t_start)
-    except (Exception, KeyboardInterrupt) as exc:
+            return _train(config, accelerator, resume_from, plan, events, progress, stop, state, t_start)
+    except (Exception, KeyboardInterrupt) as exc:  # the caller prints the message (once)
         message = str(exc) if isinstance(exc, LoraExtError) else f"{type(exc).__name__}: {exc}"
-        progress.message(f"error: {message}")
-        events.emit("error", message=message, error=type(exc).__name__, step=state.global_step,
+        events.emit("error", message=message, error=type(exc).__name__, step=state.global_step or None,
                     checkpoint=str(state.last_checkpoint) if state.last_checkpoint else None)
         raise
     finally:
         events.close()
+
+
+def _own_runner() -> int | None:
+    """The runner's pid when this process was started by it through lora_ext.train.process (a process that got the
+    variable from further up, e.g. through `accelerate launch`, is not its child: it ignores it)."""
+    pid = runner_pid()
+    return pid if pid == os.getppid() else None
+
+
+@dataclass
+class OutputPlan:
+    """What the run will do with its output. run_id: this run's id (new, or from the checkpoint; None for runs
+    written before ids existed); replace: the export may replace the files there (overwrite, this run's own older
+    export, or sidecars left without their LoRA file); already_exported: a resumed run that finished and whose file
+    is there: nothing to do."""
+
+    run_id: str | None
+    replace: bool
+    already_exported: bool = False
+    state: ckpt.CheckpointState | None = None
+
+
+def _plan_output(config: TrainConfig, resume_from: Path | None) -> OutputPlan:
+    state, total = (None, None) if resume_from is None else _resume_target(config, resume_from)
+    run_id = uuid.uuid4().hex if state is None else state.extra.get("run_id")
+    found = check_output(config, run_id)
+    if found.owner == "other" and not config.overwrite:
+        raise TrainingError(f"{config.output_path} already exists; pass --overwrite (it is replaced when the run "
+                            "finishes) or choose another output_name")
+    if state is not None and total is not None and state.global_step > total:
+        raise _beyond_total(config, state.global_step, total)
+    done = (state is not None and state.global_step == total and found.owner == "run"
+            and found.steps == state.global_step and sidecar_paths(config.output_path)[0].is_file())
+    # sidecars (.json, .preview.png) whose LoRA file is gone are replaced with the new LoRA's
+    return OutputPlan(run_id, replace=config.overwrite or found.owner in ("run", "none"), already_exported=done,
+                      state=state)
+
+
+def _beyond_total(config: TrainConfig, step: int, total: int) -> ConfigError:
+    return ConfigError(f"max_train_steps: the run in {config.run_path} already reached step {step}, beyond the "
+                       f"{total} steps asked for now; give max_train_steps {step} or more (or enough "
+                       "max_train_epochs) to export or continue it")
+
+
+def _already_exported(config: TrainConfig, plan: OutputPlan, events: EventLog, progress: ConsoleProgress
+                      ) -> TrainResult:
+    state = plan.state
+    assert state is not None
+    epoch = state.epoch + (1 if state.step_in_epoch else 0)
+    progress.message(f"finished: the run in {config.run_path} reached its last step ({state.global_step}) and "
+                     f"{config.output_path} is already exported; nothing to do")
+    checkpoint = ckpt.latest_checkpoint(config.run_path)
+    events.emit("done", status="finished", step=state.global_step, epoch=epoch, output=str(config.output_path),
+                checkpoint=str(checkpoint) if checkpoint else None, reason=None, elapsed_s=0.0, already_exported=True)
+    return TrainResult(status="finished", run_dir=config.run_path, global_step=state.global_step, epoch=epoch,
+                       output=config.output_path, checkpoint=checkpoint)
 
 
 def _make_accelerator(config: TrainConfig) -> Any:
@@ -661,7 +839,7 @@ class _RunState:
     last_checkpoint: Path | None = None
 
 
-def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Path | None, events: EventLog,
+def _train(config: TrainConfig, accelerator: Any, resume_from: Path | None, plan: OutputPlan, events: EventLog,
            progress: ConsoleProgress, stop: StopRequest, state: _RunState, t_start: float) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
     from diffusers import DDPMScheduler
@@ -708,8 +886,7 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
     accelerator.wait_for_everyone()
     records, scanned = scan_dataset(spec, decode=True)
     if not records:
-        raise DatasetError("no usable image in the dataset: " + ("; ".join(scanned.problems[:3]) or "nothing found")
-                           + ". Run with --dry-run for the full report")
+        raise _no_images_error(scanned)
     data_hash = dataset_hash(records)
     dataset = TrainDataset(records, spec)
     sampler = BucketBatchSampler(dataset, config.train_batch_size, config.seed)
@@ -720,6 +897,8 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
                        config.max_train_steps, config.gradient_accumulation_steps, n_proc, scan=scanned)
     for problem in scanned.problems:
         emit("warning", message=problem)
+    if resume_from is not None and plan.state is not None and plan.state.global_step > total_steps:
+        raise _beyond_total(config, plan.state.global_step, total_steps)
 
     # -- 4. the trainable LoRA network (fp32 parameters, engine math, hooks on the frozen layers) ----------------------
     network = LoraTrainingNetwork(
@@ -734,6 +913,13 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
                 _enable_text_encoder_checkpointing(te)
     model = Denoiser(arch, pipe.unet, text_encoders, network, clip_skip=config.clip_skip,
                      train_text_encoder=config.train_text_encoder)
+
+    # -- the inputs are good: the run folder is created (or continued) now ---------------------------------------------
+    run_dir = config.run_path
+    if main:
+        prepare_run_dir(config, resume_from is not None)
+        events.open(run_dir / EVENTS_FILE)
+    accelerator.wait_for_everyone()
 
     # -- 5. optimizer and learning-rate schedule -----------------------------------------------------------------------
     groups = network.param_groups(config.learning_rate, config.effective_text_encoder_lr)
@@ -783,9 +969,6 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
             emit("warning", message=f"the checkpoint was written by {saved.state.num_processes} processes, this run "
                                     f"has {n_proc}: random streams restart (the run is not bit-identical)")
         global_step, first_epoch, skip_steps = saved.state.global_step, saved.state.epoch, saved.state.step_in_epoch
-        if global_step >= total_steps:
-            raise ConfigError(f"max_train_steps: the run in {run_dir} already reached step {global_step} of "
-                              f"{total_steps}; give a larger max_train_steps (or max_train_epochs) to continue it")
         loss_avg.load_state_dict(saved.state.loss_avg or loss_avg.state_dict())
         saved_layout = saved.state.extra.get("sampler", {}).get("fingerprint")
         if saved_layout not in (None, sampler.fingerprint):
@@ -797,16 +980,16 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
         state.last_checkpoint = resume_from
     state.global_step, state.epoch = global_step, first_epoch
 
-    emit("start", run_dir=str(run_dir), arch=arch, prediction_type=prediction_type, resolution=resolution,
-         total_steps=total_steps, total_epochs=num_epochs, steps_per_epoch=per_epoch, global_step=global_step,
-         num_processes=n_proc, resumed_from=str(resume_from) if resume_from else None,
+    emit("start", run_dir=str(run_dir), pid=os.getpid(), arch=arch, prediction_type=prediction_type,
+         resolution=resolution, total_steps=total_steps, total_epochs=num_epochs, steps_per_epoch=per_epoch,
+         global_step=global_step, num_processes=n_proc, resumed_from=str(resume_from) if resume_from else None,
          trainable_parameters=sum(p.numel() for p in trainable), modules=network.module_counts(),
          dataset=report.to_dict(), config=config.to_dict())
     progress.message(f"training {arch} LoRA: {total_steps} steps ({num_epochs} epochs x {per_epoch}), run folder "
                      f"{run_dir}" + (f", resumed at step {global_step}" if global_step else ""))
 
     # -- helpers that close over the run -------------------------------------------------------------------------------
-    samples_dir = run_dir / "samples"
+    samples_dir = run_dir / SAMPLES
     marks = {"saved": global_step if resume_from is not None else -1, "sampled": -1}
     last_preview: list[Any] = [None]
 
@@ -823,7 +1006,7 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
             st = ckpt.CheckpointState(global_step=global_step, epoch=position[0], step_in_epoch=position[1],
                                       dataset_hash=data_hash, num_processes=n_proc, loss_avg=loss_avg.state_dict(),
                                       extra={"sampler": sampler.state_dict(batches_consumed=batches_done),
-                                             "total_steps": total_steps})
+                                             "total_steps": total_steps, "run_id": plan.run_id})
             meta = {**network.metadata_fields(), "lora_ext.checkpoint_step": str(global_step),
                     "ss_output_name": str(config.output_name), "ss_v2": str(arch == "sd2"),
                     "ss_base_model_version": base_model_version(arch, prediction_type)}
@@ -925,9 +1108,15 @@ def _train(config: TrainConfig, accelerator: Any, run_dir: Path, resume_from: Pa
             sample(done_epoch)
         if marks["saved"] != global_step:
             save(position)
+        if main and config.preview and last_preview[0] is None:
+            prompt = preview_prompt(records, config)
+            rendered = render_samples(pipe, unwrapped, config, resolution, samples_dir, global_step,
+                                      accelerator.autocast, prompts=[prompt], label="preview")
+            last_preview[0] = rendered[0][1]
+            emit("sample", step=global_step, epoch=done_epoch, paths=[str(rendered[0][0])], prompts=[prompt])
         if main:
-            output = _export(network, config, arch, prediction_type, report, resolution, global_step, done_epoch,
-                             num_epochs, n_proc, last_preview[0], t_start)
+            output = _export(network, config, spec, arch, prediction_type, report, global_step, done_epoch,
+                             num_epochs, n_proc, last_preview[0] if config.preview else None, t_start, plan)
         accelerator.wait_for_everyone()
     progress.message(f"{status}: step {global_step}/{total_steps}" + (f", wrote {output}" if output else "")
                      + (f"; continue with --resume {run_dir}" if status == "cancelled" else ""))
@@ -954,12 +1143,15 @@ def _enable_text_encoder_checkpointing(text_encoder: Any) -> None:
         text_encoder.enable_input_require_grads()
 
 
-def _export(network: Any, config: TrainConfig, arch: str, prediction_type: str, report: Any, resolution: int,
-            global_step: int, epoch: int, num_epochs: int, num_processes: int, preview: Any, t_start: float) -> Path:
-    """Write the final LoRA with the exporter (kohya keys, sd-scripts metadata, sidecars, read-back check)."""
+def _export(network: Any, config: TrainConfig, spec: Any, arch: str, prediction_type: str, report: Any,
+            global_step: int, epoch: int, num_epochs: int, num_processes: int, preview: Any, t_start: float,
+            plan: OutputPlan) -> Path:
+    """Write the final LoRA with the exporter (kohya keys, sd-scripts metadata with this run's id, sidecars,
+    read-back check)."""
     from lora_ext.train.export import build_metadata, export_lora, model_file_hashes
 
-    cfg = {**config.to_dict(), "resolution": resolution}
+    cfg = {**config.to_dict(), "resolution": spec.resolution, "min_bucket_reso": spec.effective_min_bucket_reso,
+           "max_bucket_reso": spec.effective_max_bucket_reso}
     dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in report.sources if s.kind != "class"}
     reg_dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in report.sources if s.kind == "class"}
     metadata = build_metadata(cfg, report, arch, prediction_type=prediction_type, steps=global_step, epoch=epoch,
@@ -968,12 +1160,14 @@ def _export(network: Any, config: TrainConfig, arch: str, prediction_type: str, 
                               bucket_info=report.bucket_info(),
                               model_hashes=model_file_hashes(str(config.pretrained_model)),
                               network_fields=network.metadata_fields(), num_processes=num_processes)
+    if plan.run_id:
+        metadata[RUN_ID_METADATA] = plan.run_id
     sidecar: dict[str, Any] = {"preferred weight": config.preferred_weight}
     if config.trigger_word:
         sidecar["activation text"] = config.trigger_word
     if config.description:
         sidecar["description"] = config.description
-    return export_lora(network, config.output_path, metadata=metadata, pipe_arch=arch, overwrite=config.overwrite,
+    return export_lora(network, config.output_path, metadata=metadata, pipe_arch=arch, overwrite=plan.replace,
                        sidecar=sidecar, preview=preview, dtype=SAVE_DTYPES[config.save_precision])
 
 

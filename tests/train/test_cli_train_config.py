@@ -39,7 +39,11 @@ def test_defaults_are_the_documented_ones():
     assert c.effective_text_encoder_lr == pytest.approx(0.5e-4)
     assert c.resolved_resolution("sd1") == 512 and c.resolved_resolution("sdxl") == 1024
     assert c.resolved_resolution("sd2", "v_prediction") == 768
-    assert _valid(output_dir="o").run_path == Path("o/.runs/x")
+    # run folders live beside the LoRA folder, never inside it (the WebUI would list checkpoints as LoRAs)
+    assert _valid().run_path == Path("models/lora_ext_runs/x")
+    assert _valid(output_dir="a/o").run_path == Path("a/lora_ext_runs/x")
+    assert _valid(output_dir=".").run_path == Path("lora_ext_runs/x")
+    assert _valid(runs_dir="r").run_path == Path("r/x") and _valid(run_dir="d", runs_dir="r").run_path == Path("d")
 
 
 def test_toml_then_flags_precedence(tmp_path):

@@ -77,14 +77,28 @@ def test_spec_validation() -> None:
         DatasetSpec(train_data_dir="x", resolution=512, bucket_reso_steps=60)
     with pytest.raises(DatasetError, match="min_bucket_reso"):
         DatasetSpec(train_data_dir="x", resolution=512, min_bucket_reso=200)
-    with pytest.raises(DatasetError, match="resolution 512 must lie"):
+    with pytest.raises(DatasetError, match="^min_bucket_reso 576 is above resolution 512: lower --min_bucket_reso"):
         DatasetSpec(train_data_dir="x", resolution=512, min_bucket_reso=576)
+    with pytest.raises(DatasetError, match="^max_bucket_reso 256 is below resolution 512: raise --max_bucket_reso"):
+        DatasetSpec(train_data_dir="x", resolution=512, max_bucket_reso=256)
     spec = DatasetSpec(train_data_dir="x")
     with pytest.raises(DatasetError, match="resolution is not set"):
         spec.bucket_params()
     assert spec.resolved("sdxl").bucket_params() == BucketParams(1024, 256, 2048, 64, True, True)
     assert spec.resolved("sd2", v_prediction=True).resolution == 768
     assert spec.resolved("sd1").resolution == 512
+
+
+@pytest.mark.parametrize(("resolution", "steps", "limits"), [
+    (64, 64, (64, 128)), (128, 64, (64, 256)), (256, 64, (128, 512)), (512, 64, (256, 1024)),
+    (768, 64, (256, 1536)), (1024, 64, (256, 2048)), (64, 8, (32, 128)), (200, 8, (96, 400)),
+])
+def test_unset_bucket_limits_follow_the_resolution(resolution, steps, limits) -> None:
+    """min = resolution / 2, at most 256 (kohya's default at 512 px), on the step grid; max = 2 x resolution. Any
+    resolution alone is accepted (`--resolution 64` used to fail on a min_bucket_reso of 256 the user never set)."""
+    p = DatasetSpec(train_data_dir="x", resolution=resolution, bucket_reso_steps=steps).bucket_params()
+    assert (p.min_reso, p.max_reso) == limits
+    assert p.min_reso <= resolution <= p.max_reso and p.min_reso % steps == 0
 
 
 @st.composite

@@ -33,7 +33,7 @@ def test_two_process_run_through_accelerate_launch(sd15_model, tmp_path):  # noq
            "--min_bucket_reso", "64", "--max_train_steps", "4", "--save_every_n_steps", "2"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    events = read_events(tmp_path / "out" / ".runs" / "ddp" / "events.jsonl")
+    events = read_events(tmp_path / "lora_ext_runs" / "ddp" / "events.jsonl")
     start = events[0]
     assert start["type"] == "start" and start["num_processes"] == 2
     assert start["steps_per_epoch"] == 2  # 4 samples, batch 1, split over 2 processes

@@ -98,7 +98,7 @@ def test_cli_smoke_run_writes_a_kohya_file_that_loads_everywhere(sd15_model, tmp
                  "--sample_steps", "2", "--trigger_word", "sks"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     streamed = [json.loads(line) for line in r.stdout.splitlines()]
-    run_dir = tmp_path / "out" / ".runs" / "smoke"
+    run_dir = tmp_path / "lora_ext_runs" / "smoke"
     assert streamed == read_events(run_dir / "events.jsonl")  # the CLI streams exactly the run's events
     assert streamed[0]["type"] == "start" and streamed[-1]["type"] == "done"
     assert streamed[-1]["status"] == "finished" and "finished: step 2/2" in r.stderr

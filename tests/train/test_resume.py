@@ -130,18 +130,21 @@ def test_resume_refuses_changed_training_settings(sd15_model, tmp_path):  # noqa
     from lora_ext.train.loop import train
 
     data = write_images(tmp_path / "data", 2)
-    cfg = tiny_config(sd15_model, data, tmp_path / "out", max_train_steps=1)
+    cfg = tiny_config(sd15_model, data, tmp_path / "out", max_train_steps=2)
     result = train(cfg, console=_quiet())
     with pytest.raises(ConfigError, match="^network_dim: .*was started with 4, now 8"):
         train(dataclasses.replace(cfg, resume=str(result.run_dir), network_dim=8), console=_quiet())
     # a fresh run with the same name does not silently reuse or delete the old one
-    with pytest.raises(TrainingError, match="already exists|already holds a training run"):
+    with pytest.raises(TrainingError, match=f"holds a finished run that wrote {cfg.output_path}; .* --overwrite"):
         train(cfg, console=_quiet())
     (result.output).unlink()
-    with pytest.raises(TrainingError, match=f"--resume {result.run_dir}"):
+    with pytest.raises(TrainingError, match=f"already holds a training run with checkpoints; continue it with "
+                                            f"`python -m lora_ext.train --resume {result.run_dir}`"):
         train(cfg, console=_quiet())
-    with pytest.raises(ConfigError, match="^max_train_steps: .*already reached step 1 of 1"):
-        train(dataclasses.replace(cfg, resume=str(result.run_dir)), console=_quiet())
+    with pytest.raises(TrainingError, match="started with other settings"):
+        train(dataclasses.replace(cfg, learning_rate=1e-3), console=_quiet())
+    with pytest.raises(ConfigError, match="^max_train_steps: .*already reached step 2, beyond the 1 steps asked for"):
+        train(dataclasses.replace(cfg, resume=str(result.run_dir), max_train_steps=1), console=_quiet())
     assert list_checkpoints(result.run_dir)
     events = read_events(result.run_dir / "events.jsonl")
     assert [e["type"] for e in events].count("done") == 1

@@ -87,7 +87,7 @@ class DatasetSpec:
     caption_dropout: float = 0.0
     resolution: int | None = None
     enable_bucket: bool = True
-    min_bucket_reso: int = 256
+    min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = True
@@ -130,26 +130,35 @@ class DatasetSpec:
         step = self.bucket_reso_steps
         if step <= 0 or step % 8:
             raise DatasetError(f"bucket_reso_steps must be a positive multiple of 8 (the VAE's factor), got {step}")
-        if self.min_bucket_reso <= 0 or self.min_bucket_reso % step:
+        if self.min_bucket_reso is not None and (self.min_bucket_reso <= 0 or self.min_bucket_reso % step):
             raise DatasetError(
-                f"min_bucket_reso {self.min_bucket_reso} must be a positive multiple of bucket_reso_steps {step}"
+                f"min_bucket_reso {self.min_bucket_reso} must be a positive multiple of bucket_reso_steps {step} "
+                "(--min_bucket_reso, --bucket_reso_steps)"
             )
-        if self.max_bucket_reso is not None and (
-            self.max_bucket_reso % step or self.max_bucket_reso < self.min_bucket_reso
-        ):
+        if self.max_bucket_reso is not None and self.max_bucket_reso % step:
             raise DatasetError(
-                f"max_bucket_reso {self.max_bucket_reso} must be a multiple of bucket_reso_steps {step} and >= "
-                f"min_bucket_reso {self.min_bucket_reso}"
+                f"max_bucket_reso {self.max_bucket_reso} must be a multiple of bucket_reso_steps {step} "
+                "(--max_bucket_reso, --bucket_reso_steps)"
             )
         if self.resolution is not None:
             res = self.resolution
             if res <= 0 or res % 8:
-                raise DatasetError(f"resolution must be a positive multiple of 8, got {res}")
-            if self.enable_bucket and not self.min_bucket_reso <= res <= self.effective_max_bucket_reso:
-                raise DatasetError(
-                    f"resolution {res} must lie between min_bucket_reso {self.min_bucket_reso} and max_bucket_reso "
-                    f"{self.effective_max_bucket_reso}"
-                )
+                raise DatasetError(f"resolution must be a positive multiple of 8, got {res} (--resolution)")
+            if self.enable_bucket:
+                lo, hi = self.effective_min_bucket_reso, self.effective_max_bucket_reso
+                if lo > res:
+                    raise DatasetError(
+                        f"min_bucket_reso {lo} is above resolution {res}: lower --min_bucket_reso to at most {res} "
+                        "or leave it unset (it then follows --resolution)"
+                        if self.min_bucket_reso is not None else
+                        f"resolution {res} is below --bucket_reso_steps {step}: raise --resolution or lower "
+                        "--bucket_reso_steps"
+                    )
+                if hi < res:
+                    raise DatasetError(
+                        f"max_bucket_reso {hi} is below resolution {res}: raise --max_bucket_reso to at least {res} "
+                        "or leave it unset (2 x --resolution)"
+                    )
         if self.instance_prompt and self.instance_dir is None:
             raise DatasetError(
                 "instance_prompt is set but instance_dir is not: set instance_dir to the instance images"
@@ -169,6 +178,17 @@ class DatasetSpec:
         else:
             values = {n: getattr(config, n) for n in names if hasattr(config, n)}
         return cls(**values)
+
+    @property
+    def effective_min_bucket_reso(self) -> int:
+        """min_bucket_reso, or when unset half the resolution (at most 256, kohya's default for 512 px), rounded down
+        to a multiple of bucket_reso_steps and at least one step (resolution must be set then)."""
+        if self.min_bucket_reso is not None:
+            return self.min_bucket_reso
+        if self.resolution is None:
+            raise DatasetError("resolution is not set: call DatasetSpec.resolved(arch) or set resolution")
+        step = self.bucket_reso_steps
+        return max(step, min(256, self.resolution // 2) // step * step)
 
     @property
     def effective_max_bucket_reso(self) -> int:
@@ -197,7 +217,7 @@ class DatasetSpec:
             raise DatasetError("resolution is not set: call DatasetSpec.resolved(arch) or set resolution")
         return BucketParams(
             resolution=self.resolution,
-            min_reso=self.min_bucket_reso,
+            min_reso=self.effective_min_bucket_reso,
             max_reso=self.effective_max_bucket_reso,
             step=self.bucket_reso_steps,
             no_upscale=self.bucket_no_upscale,

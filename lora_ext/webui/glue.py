@@ -499,11 +499,26 @@ def _on_script_unloaded() -> None:
         extra_networks.register_extra_network_alias(st.previous, "lyco")
 
 
+FORGE_NOTICE = ("lora_ext: Stable Diffusion WebUI Forge detected: <lora:...> tags are left to Forge's built-in Lora; "
+                "lora_ext takes over nothing here until it supports Forge's model runtime")
+
+
+def _on_app_started_forge(demo: Any, app: Any) -> None:
+    print(FORGE_NOTICE, flush=True)
+
+
 def setup() -> None:
     """Register settings and callbacks with the WebUI. Called at every load of the scripts (start-up and "Reload
-    UI", which clears all callbacks first); the catalogue, parsed-file cache and patcher survive reloads."""
+    UI", which clears all callbacks first); the catalogue, parsed-file cache and patcher survive reloads. In Forge
+    (lora_ext.webui.host) only the start-up notice is registered: the tag, the model and the routes stay Forge's."""
     global _state
     from modules import script_callbacks
+
+    from lora_ext.webui import host
+
+    if host.detect() == host.FORGE:
+        script_callbacks.on_app_started(_on_app_started_forge, name="lora_ext_forge_notice")
+        return
 
     from lora_ext.library.index import LoraIndex
     from lora_ext.patch.cache import LoraCache

@@ -21,6 +21,7 @@ RUNS_FOLDER = "lora_ext_runs"  # default parent of run folders, beside the outpu
 RUN_CONFIG_FILE = "config.toml"  # the configuration a run saves in its run folder
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"  # create it in the run folder to save a checkpoint and stop within one step
+SAVE_FILE = "SAVE"  # create it in the run folder to save a checkpoint after the step in progress (training goes on)
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 CHECKPOINT_STATE_FILE = "state.json"

@@ -225,18 +225,18 @@ def test_training_learns_the_dataset(sd15_model, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(sd15_model, tmp_path, monkeypatch):
-    from lora_ext.train import loop
+    from lora_ext.train import loop, loss
     from lora_ext.train.checkpoint import list_checkpoints, load_checkpoint
 
     calls = {"n": 0}
-    real = loop.diffusion_loss
+    real = loss.diffusion_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    monkeypatch.setattr(loss, "diffusion_loss", poisoned)
     data = write_images(tmp_path / "data", 2)
     cfg = tiny_config(sd15_model, data, tmp_path / "out", max_train_steps=5, save_every_n_steps=1)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3 \(epoch 2\).*step-00000002"):

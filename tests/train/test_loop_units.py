@@ -18,16 +18,10 @@ import torch
 
 from lora_ext.errors import TrainingError
 from lora_ext.train import checkpoint as ckpt
+from lora_ext.train.denoiser import encode_text, tokenize
 from lora_ext.train.events import EventLog, LossAverage, format_step, read_events
-from lora_ext.train.loop import (
-    EpochBatches,
-    StopRequest,
-    compute_snr,
-    diffusion_loss,
-    encode_text,
-    steps_per_epoch,
-    tokenize,
-)
+from lora_ext.train.loop import EpochBatches, RunControl, steps_per_epoch
+from lora_ext.train.loss import compute_snr, diffusion_loss
 
 # ----------------------------------------------------------------------------------------------------- loss formula
 
@@ -285,16 +279,27 @@ def test_progress_line_format():
 
 
 def test_stop_request_by_file_and_signal(tmp_path):
-    stop = StopRequest(tmp_path / "STOP")
-    assert not stop.requested()
+    stop = RunControl(tmp_path)
+    assert not stop.stop_requested() and not stop.save_requested()
     (tmp_path / "STOP").touch()
-    assert stop.requested() and "STOP" in stop.reason
+    assert stop.stop_requested() and "STOP" in stop.reason
     (tmp_path / "STOP").unlink()
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     with stop.signals():
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested() and stop.reason == "signal SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is before
+        assert stop.stop_requested() and stop.reason == "signal SIGTERM"
+    assert {s: signal.getsignal(s) for s in before} == before
+    (tmp_path / "SAVE").touch()
+    assert stop.save_requested()
+    stop.save_done()
+    assert not stop.save_requested() and not (tmp_path / "SAVE").exists()
+
+
+def test_a_runner_that_exits_is_a_stop_request(tmp_path):
+    """A child started through lora_ext.train.process stops when its runner is no longer its parent."""
+    assert not RunControl(tmp_path, runner=os.getppid()).stop_requested()
+    gone = RunControl(tmp_path, runner=os.getppid() + 100000)  # as after the runner died and we were re-parented
+    assert gone.stop_requested() and f"(pid {os.getppid() + 100000}) exited" in gone.reason
 
 
 def test_events_json_is_one_object_per_line(tmp_path):

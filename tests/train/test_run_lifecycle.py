@@ -336,3 +336,23 @@ def test_the_cli_help_lists_every_subcommand():
     for command in ("inspect", "tiny-model", "generate", "train", "demo"):
         assert f" {command}," in described.replace("\n", " ") or f" {command}." in described.replace("\n", " "), \
             described
+
+
+@pytest.mark.slow
+def test_save_now_writes_a_checkpoint_and_training_goes_on(sd15_model, tmp_path):  # noqa: F811
+    """The SAVE file in the run folder (the tab's "save now"): a checkpoint after the step in progress, then on."""
+    from lora_ext.train.loop import train
+
+    data = write_images(tmp_path / "data", 2)
+    cfg = tiny_config(sd15_model, data, tmp_path / "Lora", max_train_steps=4, preview=False)
+
+    def save_at_2(event: dict) -> None:
+        if event["type"] == "step" and event["step"] == 2:
+            (cfg.run_path / "SAVE").touch()
+
+    result = train(cfg, on_event=save_at_2, console=_quiet())
+    assert (result.status, result.global_step) == ("finished", 4)
+    saved = [e["step"] for e in _events(cfg.run_path) if e["type"] == "checkpoint"]
+    assert saved == [2, 4]  # no periodic saves configured: 2 is the requested one, 4 the final one
+    assert not (cfg.run_path / "SAVE").exists()
+    assert load_checkpoint(cfg.run_path / "checkpoints" / "step-00000002").state.global_step == 2

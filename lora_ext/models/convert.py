@@ -614,20 +614,7 @@ def unet_config_from_ldm(
         rev[0] = mid_depth
 
     attention_levels = [i for i, d in enumerate(down_depths) if d] + [last]
-    head_dim: int | list[int]
-    if heads is not None:
-        bad = [channels[i] for i in attention_levels if channels[i] % heads]
-        if bad:
-            raise ModelLoadError(f"{what}: channel counts {bad} are not divisible by {heads} heads; pass unet_heads")
-        head_dim = heads
-    elif head_channels is not None:
-        bad = [channels[i] for i in attention_levels if channels[i] % head_channels]
-        if bad:
-            raise ModelLoadError(
-                f"{what}: channel counts {bad} are not multiples of {head_channels}-channel heads; pass "
-                "unet_heads or unet_head_channels"
-            )
-        head_dim = [max(c // head_channels, 1) for c in channels]
+    head_dim = _attention_head_dim(channels, attention_levels, heads, head_channels, what)
 
     time_dim = int(_need(sd, "time_embed.0.weight", what).shape[0])
     if time_dim != 4 * model_channels:
@@ -648,23 +635,44 @@ def unet_config_from_ldm(
     }
     if rev != list(reversed(tl)):
         config["reverse_transformer_layers_per_block"] = rev
-    if "label_emb.weight" in sd:
-        raise ModelLoadError(f"{what}: class-conditional UNet (label_emb.weight) is not supported")
-    if "label_emb.0.0.weight" in sd:
-        adm_in = int(sd["label_emb.0.0.weight"].shape[1])
-        if addition_pooled_dim is None:  # not known: assume SDXL's 256-wide time embeddings
-            addition_pooled_dim = adm_in - 6 * 256
-        if addition_pooled_dim <= 0 or (adm_in - addition_pooled_dim) <= 0 or (adm_in - addition_pooled_dim) % 6:
-            raise ModelLoadError(
-                f"{what}: label_emb input width {adm_in} is not pooled text ({addition_pooled_dim}) + 6 time embeds"
-            )
-        config.update(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=(adm_in - addition_pooled_dim) // 6,
-            projection_class_embeddings_input_dim=adm_in,
-        )
+    config.update(_addition_embedding(sd, addition_pooled_dim, what))
     _check_modules(sd, list(unet_module_map(config).values()), what)
     return config
+
+
+def _attention_head_dim(channels: list[int], attention_levels: list[int], heads: int | None,
+                        head_channels: int | None, what: str) -> int | list[int]:
+    """diffusers' attention_head_dim: a fixed head count, or heads per level from a fixed head width."""
+    if heads is not None:
+        bad = [channels[i] for i in attention_levels if channels[i] % heads]
+        if bad:
+            raise ModelLoadError(f"{what}: channel counts {bad} are not divisible by {heads} heads; pass unet_heads")
+        return heads
+    assert head_channels is not None
+    bad = [channels[i] for i in attention_levels if channels[i] % head_channels]
+    if bad:
+        raise ModelLoadError(
+            f"{what}: channel counts {bad} are not multiples of {head_channels}-channel heads; pass "
+            "unet_heads or unet_head_channels"
+        )
+    return [max(c // head_channels, 1) for c in channels]
+
+
+def _addition_embedding(sd: Mapping[str, Tensor], addition_pooled_dim: int | None, what: str) -> dict[str, Any]:
+    """SDXL's size/crop + pooled-text input (`label_emb.0.0`) as diffusers config fields; {} when there is none."""
+    if "label_emb.weight" in sd:
+        raise ModelLoadError(f"{what}: class-conditional UNet (label_emb.weight) is not supported")
+    if "label_emb.0.0.weight" not in sd:
+        return {}
+    adm_in = int(sd["label_emb.0.0.weight"].shape[1])
+    if addition_pooled_dim is None:  # not known: assume SDXL's 256-wide time embeddings
+        addition_pooled_dim = adm_in - 6 * 256
+    if addition_pooled_dim <= 0 or (adm_in - addition_pooled_dim) <= 0 or (adm_in - addition_pooled_dim) % 6:
+        raise ModelLoadError(
+            f"{what}: label_emb input width {adm_in} is not pooled text ({addition_pooled_dim}) + 6 time embeds"
+        )
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": (adm_in - addition_pooled_dim) // 6,
+            "projection_class_embeddings_input_dim": adm_in}
 
 
 def vae_config_from_ldm(sd: Mapping[str, Tensor], *, arch: str, image_size: int) -> dict[str, Any]:

@@ -223,92 +223,29 @@ def build_metadata(config: Mapping[str, Any], dataset_report: Mapping[str, Any] 
     a = _arch(arch)
     cfg = _as_dict(config)
     rep = _as_dict(dataset_report)
-    v_pred = is_v_prediction(prediction_type)
-    now = time.time()
-    started = float(started_at if started_at is not None else now)
-
-    def c(key: str, default: Any = None) -> Any:
-        value = cfg.get(key)
-        return default if value is None else value
-
-    lr = float(c("learning_rate", 1e-4))
-    train_te = bool(c("train_text_encoder", False))
-    te_lr = c("text_encoder_lr", 0.5 * lr) if train_te else None
-    dim = int(c("network_dim", 4))
-    alpha = c("network_alpha", dim)
+    started = float(started_at if started_at is not None else time.time())
+    c = _Getter(cfg)
     reso = c("resolution", default_resolution(a, prediction_type))
     reso_wh = tuple(int(v) for v in reso) if isinstance(reso, (list, tuple)) else (int(reso), int(reso))
     if len(reso_wh) == 1:
         reso_wh = (reso_wh[0], reso_wh[0])
-    batch = int(c("train_batch_size", 1))
-    accum = int(c("gradient_accumulation_steps", 1))
-    steps_per_epoch = rep.get("steps_per_epoch")
-    total_steps = c("max_train_steps", rep.get("total_steps"))
-    if num_epochs is None:
-        num_epochs = c("max_train_epochs")
-        if num_epochs is None and total_steps and steps_per_epoch:
-            num_epochs = math.ceil(int(total_steps) / int(steps_per_epoch))
-    images = rep.get("train_samples", rep.get("repeats_total", rep.get("images")))  # repeats included, as sd-scripts
-    reg_images = rep.get("class_samples", rep.get("class_images", 0))
     clip_skip = c("clip_skip")
     clip_skip = int(clip_skip) if clip_skip is not None and int(clip_skip) > 1 else None
-    optimizer = optimizer_name or OPTIMIZER_CLASS.get(str(c("optimizer", "adamw")).lower(), str(c("optimizer", "")))
-    max_bucket = c("max_bucket_reso", 2 * max(reso_wh))
-    tags = tag_frequency if tag_frequency is not None else rep.get("tag_frequency", {})
-    dirs = dataset_dirs if dataset_dirs is not None else rep.get("dataset_dirs", {})
-    reg_dirs = reg_dataset_dirs if reg_dataset_dirs is not None else rep.get("reg_dataset_dirs", {})
-    buckets = bucket_info if bucket_info is not None else rep.get("bucket_info")
-    if buckets is None and bool(c("enable_bucket", True)) and rep.get("buckets") is not None:
-        buckets = compute_bucket_info(rep["buckets"], rep.get("mean_ar_error"))
 
     meta: dict[str, Any] = {
         "ss_session_id": session_id if session_id is not None else secrets.randbelow(2**32),
         "ss_training_started_at": started,
         "ss_output_name": c("output_name", ""),
-        "ss_learning_rate": lr,
-        "ss_text_encoder_lr": te_lr,
-        "ss_unet_lr": lr,
-        "ss_num_train_images": images,
-        "ss_num_reg_images": reg_images,
-        "ss_num_batches_per_epoch": rep.get("batches_per_epoch", steps_per_epoch),
-        "ss_num_epochs": num_epochs,
-        "ss_gradient_checkpointing": bool(c("gradient_checkpointing", False)),
-        "ss_gradient_accumulation_steps": accum,
-        "ss_max_train_steps": total_steps,
-        "ss_lr_warmup_steps": int(c("lr_warmup_steps", 0)),
-        "ss_lr_scheduler": c("lr_scheduler", "constant"),
-        "ss_mixed_precision": c("mixed_precision", "no"),
-        "ss_full_fp16": False,
         "ss_v2": a == "sd2",
         "ss_base_model_version": base_model_version(a, prediction_type),
         "ss_clip_skip": clip_skip,
         "ss_max_token_length": None,
-        "ss_cache_latents": bool(c("cache_latents", False)),
         "ss_seed": c("seed", 42),
         "ss_lowram": False,
-        "ss_noise_offset": _opt(c("noise_offset")),
         "ss_training_comment": c("training_comment"),
-        "ss_optimizer": optimizer,
-        "ss_max_grad_norm": c("max_grad_norm", 1.0),
-        "ss_caption_dropout_rate": c("caption_dropout", 0.0),
-        "ss_prior_loss_weight": c("prior_loss_weight", 1.0),
-        "ss_min_snr_gamma": _opt(c("min_snr_gamma")),
-        "ss_batch_size_per_device": batch,
-        "ss_total_batch_size": batch * accum * int(num_processes),
-        "ss_resolution": reso_wh,
-        "ss_color_aug": bool(c("color_jitter", 0.0)),
-        "ss_flip_aug": bool(c("flip_aug", False)),
-        "ss_random_crop": bool(c("random_crop", False)),
-        "ss_shuffle_caption": bool(c("shuffle_caption", False)),
-        "ss_enable_bucket": bool(c("enable_bucket", True)),
-        "ss_bucket_no_upscale": bool(c("bucket_no_upscale", True)),
-        "ss_min_bucket_reso": int(c("min_bucket_reso", 256)),
-        "ss_max_bucket_reso": int(max_bucket),
-        "ss_keep_tokens": int(c("keep_tokens", 0)),
-        "ss_dataset_dirs": json.dumps(dict(dirs)),
-        "ss_reg_dataset_dirs": json.dumps(dict(reg_dirs)),
-        "ss_tag_frequency": json.dumps({k: dict(v) for k, v in dict(tags).items()}),
-        "ss_bucket_info": json.dumps(buckets),
+        **_optimisation_fields(c, rep, num_epochs, num_processes, optimizer_name),
+        **_dataset_fields(c, rep, reso_wh, tag_frequency=tag_frequency, dataset_dirs=dataset_dirs,
+                          reg_dataset_dirs=reg_dataset_dirs, bucket_info=bucket_info),
     }
     if steps is not None:
         meta["ss_steps"] = int(steps)
@@ -316,18 +253,7 @@ def build_metadata(config: Mapping[str, Any], dataset_report: Mapping[str, Any] 
         meta["ss_epoch"] = int(epoch)
     if finished_at is not None:
         meta["ss_training_finished_at"] = float(finished_at)
-    if network_fields is not None:
-        meta.update(network_fields)
-    else:
-        args: dict[str, str] = {"targets": str(c("network_targets", "attn"))}
-        if c("conv_dim") is not None:
-            args["conv_dim"] = str(c("conv_dim"))
-            args["conv_alpha"] = str(c("conv_alpha", c("conv_dim")))
-        if c("dora", False):
-            args["dora_wd"] = "True"
-        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": dim,
-                     "ss_network_alpha": float(alpha), "ss_network_dropout": None,
-                     "ss_network_args": json.dumps(args)})
+    meta.update(network_fields if network_fields is not None else _network_fields_from_config(c))
     model = c("pretrained_model")
     if model is not None:
         meta["ss_sd_model_name"] = os.path.basename(str(model).rstrip("/\\")) or str(model)
@@ -337,8 +263,107 @@ def build_metadata(config: Mapping[str, Any], dataset_report: Mapping[str, Any] 
     if vae is not None:
         meta["ss_vae_name"] = os.path.basename(str(vae).rstrip("/\\")) or str(vae)
     out = {k: _s(v) for k, v in meta.items()}
-    out.update(_modelspec(cfg, a, v_pred, reso_wh, started, clip_skip))
+    out.update(_modelspec(cfg, a, is_v_prediction(prediction_type), reso_wh, started, clip_skip))
     return out
+
+
+class _Getter:
+    """c(key, default): the config's value, or `default` when the key is missing or None."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = cfg
+
+    def __call__(self, key: str, default: Any = None) -> Any:
+        value = self.cfg.get(key)
+        return default if value is None else value
+
+
+def _optimisation_fields(c: _Getter, rep: Mapping[str, Any], num_epochs: int | None, num_processes: int,
+                         optimizer_name: str | None) -> dict[str, Any]:
+    """ss_* fields of the optimisation: learning rates, steps, epochs, batch sizes, schedule, loss options."""
+    lr = float(c("learning_rate", 1e-4))
+    train_te = bool(c("train_text_encoder", False))
+    batch = int(c("train_batch_size", 1))
+    accum = int(c("gradient_accumulation_steps", 1))
+    steps_per_epoch = rep.get("steps_per_epoch")
+    total_steps = c("max_train_steps", rep.get("total_steps"))
+    if num_epochs is None:
+        num_epochs = c("max_train_epochs")
+        if num_epochs is None and total_steps and steps_per_epoch:
+            num_epochs = math.ceil(int(total_steps) / int(steps_per_epoch))
+    optimizer = optimizer_name or OPTIMIZER_CLASS.get(str(c("optimizer", "adamw")).lower(), str(c("optimizer", "")))
+    return {
+        "ss_learning_rate": lr,
+        "ss_text_encoder_lr": c("text_encoder_lr", 0.5 * lr) if train_te else None,
+        "ss_unet_lr": lr,
+        "ss_num_batches_per_epoch": rep.get("batches_per_epoch", steps_per_epoch),
+        "ss_num_epochs": num_epochs,
+        "ss_gradient_checkpointing": bool(c("gradient_checkpointing", False)),
+        "ss_gradient_accumulation_steps": accum,
+        "ss_max_train_steps": total_steps,
+        "ss_lr_warmup_steps": int(c("lr_warmup_steps", 0)),
+        "ss_lr_scheduler": c("lr_scheduler", "constant"),
+        "ss_mixed_precision": c("mixed_precision", "no"),
+        "ss_full_fp16": False,
+        "ss_noise_offset": _opt(c("noise_offset")),
+        "ss_optimizer": optimizer,
+        "ss_max_grad_norm": c("max_grad_norm", 1.0),
+        "ss_prior_loss_weight": c("prior_loss_weight", 1.0),
+        "ss_min_snr_gamma": _opt(c("min_snr_gamma")),
+        "ss_batch_size_per_device": batch,
+        "ss_total_batch_size": batch * accum * int(num_processes),
+    }
+
+
+def _dataset_fields(c: _Getter, rep: Mapping[str, Any], reso_wh: tuple[int, ...], *,
+                    tag_frequency: Mapping[str, Mapping[str, int]] | None,
+                    dataset_dirs: Mapping[str, Mapping[str, int]] | None,
+                    reg_dataset_dirs: Mapping[str, Mapping[str, int]] | None,
+                    bucket_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """ss_* fields of the dataset: image counts, resolution and buckets, augmentation, captions, folders, tags.
+    Unset bucket limits are the ones training used (lora_ext.train.dataset.spec: min = resolution / 2 up to 256 on
+    the step grid, max = 2 x resolution)."""
+    tags = tag_frequency if tag_frequency is not None else rep.get("tag_frequency", {})
+    dirs = dataset_dirs if dataset_dirs is not None else rep.get("dataset_dirs", {})
+    reg_dirs = reg_dataset_dirs if reg_dataset_dirs is not None else rep.get("reg_dataset_dirs", {})
+    buckets = bucket_info if bucket_info is not None else rep.get("bucket_info")
+    if buckets is None and bool(c("enable_bucket", True)) and rep.get("buckets") is not None:
+        buckets = compute_bucket_info(rep["buckets"], rep.get("mean_ar_error"))
+    step = int(c("bucket_reso_steps", 64))
+    min_bucket = c("min_bucket_reso", max(step, min(256, max(reso_wh) // 2) // step * step))
+    return {
+        "ss_num_train_images": rep.get("train_samples", rep.get("repeats_total", rep.get("images"))),  # repeats in
+        "ss_num_reg_images": rep.get("class_samples", rep.get("class_images", 0)),
+        "ss_cache_latents": bool(c("cache_latents", False)),
+        "ss_caption_dropout_rate": c("caption_dropout", 0.0),
+        "ss_resolution": reso_wh,
+        "ss_color_aug": bool(c("color_jitter", 0.0)),
+        "ss_flip_aug": bool(c("flip_aug", False)),
+        "ss_random_crop": bool(c("random_crop", False)),
+        "ss_shuffle_caption": bool(c("shuffle_caption", False)),
+        "ss_enable_bucket": bool(c("enable_bucket", True)),
+        "ss_bucket_no_upscale": bool(c("bucket_no_upscale", True)),
+        "ss_min_bucket_reso": int(min_bucket),
+        "ss_max_bucket_reso": int(c("max_bucket_reso", 2 * max(reso_wh))),
+        "ss_keep_tokens": int(c("keep_tokens", 0)),
+        "ss_dataset_dirs": json.dumps(dict(dirs)),
+        "ss_reg_dataset_dirs": json.dumps(dict(reg_dirs)),
+        "ss_tag_frequency": json.dumps({k: dict(v) for k, v in dict(tags).items()}),
+        "ss_bucket_info": json.dumps(buckets),
+    }
+
+
+def _network_fields_from_config(c: _Getter) -> dict[str, Any]:
+    """ss_network_* from the config when the network's own `metadata_fields()` are not given."""
+    dim = int(c("network_dim", 4))
+    args: dict[str, str] = {"targets": str(c("network_targets", "attn"))}
+    if c("conv_dim") is not None:
+        args["conv_dim"] = str(c("conv_dim"))
+        args["conv_alpha"] = str(c("conv_alpha", c("conv_dim")))
+    if c("dora", False):
+        args["dora_wd"] = "True"
+    return {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": float(c("network_alpha",
+            dim)), "ss_network_dropout": None, "ss_network_args": json.dumps(args)}
 
 
 def _modelspec(cfg: Mapping[str, Any], arch: str, v_pred: bool, reso: tuple[int, int], timestamp: float,

@@ -5,7 +5,6 @@ processes on the tiny SD1.5 model; outcomes are checked on disk (run folder, LoR
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -13,15 +12,7 @@ from lora_ext.errors import ConfigError
 from lora_ext.train.checkpoint import latest_checkpoint, load_checkpoint
 from lora_ext.train.jobs import GpuHandoff, Job, JobConflict, JobNotFound, JobRunner
 from tests.train.test_loop_train import sd15_model, tiny_config, write_images  # noqa: F401
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.train.test_run_lifecycle import _wait_for
 
 
 class Recorder:
@@ -55,14 +46,14 @@ def test_one_job_at_a_time_save_now_cancel_and_resume(sd15_model, tmp_path):  # 
     runner = JobRunner(tmp_path / "jobs", hooks=rec.hooks())
     cfg = tiny_config(sd15_model, data, tmp_path / "Lora", max_train_steps=100000, preview=False)
     job = runner.submit(cfg)
-    _wait(lambda: runner.get(job.id).step >= 2 or runner.get(job.id).state not in ("queued", "running"), 120,
+    _wait_for(lambda: runner.get(job.id).step >= 2 or runner.get(job.id).state not in ("queued", "running"), 120,
           "two steps")
     assert runner.get(job.id).state == "running", runner.get(job.id)
     with pytest.raises(JobConflict, match=f"training job {job.id} .* is running; wait for it or cancel it"):
         runner.submit(tiny_config(sd15_model, data, tmp_path / "Lora", output_name="other", max_train_steps=1))
 
     runner.save(job.id)
-    _wait(lambda: runner.get(job.id).checkpoint is not None, 120, "the save-now checkpoint")
+    _wait_for(lambda: runner.get(job.id).checkpoint is not None, 120, "the save-now checkpoint")
     assert runner.get(job.id).state == "running"  # training goes on after a save-now
 
     runner.cancel(job.id)

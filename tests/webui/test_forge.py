@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import textwrap
 import urllib.error
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from lora_ext.webui.glue import FORGE_NOTICE
+from tests.webui.test_install import _call, _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FORGE = os.environ.get("SD_WEBUI_HOST") == "forge"
@@ -44,19 +44,6 @@ VERSIONS = ("import importlib.metadata as m, json; print(json.dumps({d: m.versio
 PROMPTS = {"base": "a photo of a cat", "lora": "a photo of a cat <lora:full_lora:0.8>",
            "compvis": "a photo of a cat <lora:full_lora_compvis:0.8>",
            "te_only": "a photo of a cat <lora:full_lora:0.8:0>"}
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _call(url: str, path: str, payload: dict | None = None) -> dict:
-    req = urllib.request.Request(url + path, data=None if payload is None else json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=900) as r:
-        return json.loads(r.read())
 
 
 def _generate_all(mode: str, extra: list[str]) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 import lora_ext.library.index as index_mod
 from lora_ext.formats import hashes
-from lora_ext.formats.keys import SplitKey, split_key
+from lora_ext.formats.keys import PLAIN_SUFFIXES, SplitKey, split_key
 from lora_ext.library import LoraIndex
 
 SD1_TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -334,7 +334,8 @@ def test_algorithm_rank_and_module_count_from_the_header(tmp_path, kind, algorit
 
 def test_plain_suffix_shortcut_agrees_with_split_key():
     """The listing splits kohya keys at the first dot only for suffixes that split_key keeps as they are."""
-    for suffix in index_mod._PLAIN_SUFFIXES:
+    assert {"lora_up.weight", "lora_down.weight", "alpha", "hada_w1_a", "lokr_w1", "diff"} <= PLAIN_SUFFIXES
+    for suffix in PLAIN_SUFFIXES:
         for module in ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te2_text_model_encoder_layers_0_mlp_fc1"):
             assert split_key(f"{module}.{suffix}") == SplitKey(module, suffix)
 

@@ -63,9 +63,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lora_ext.errors import LoraFileError
+from lora_ext.formats.algorithms import ALGORITHMS
 from lora_ext.formats.arch import ARCH_NAMES, detect_arch
 from lora_ext.formats.hashes import SHORT_HASH_LEN, addnet_hash_safetensors, sha256_file
-from lora_ext.formats.keys import split_key
+from lora_ext.formats.keys import PLAIN_SUFFIXES, split_key
 from lora_ext.formats.metadata import base_model_from_metadata
 from lora_ext.formats.safetensors_io import MAX_HEADER_SIZE, read_header, write_bytes_atomic
 from lora_ext.runfolder import is_run_folder
@@ -98,24 +99,8 @@ _ENTRY_OPEN = '{"dtype":'
 _KEY_END = '":{"dtype":'
 _NEXT_KEY = re.compile(r'\},"([^"]*)":\{"dtype":')  # a literal "}" first: the regex engine scans for it in C
 
-# Suffixes that `lora_ext.formats.keys.split_key` returns unchanged after a module name without dots (kohya/LyCORIS
-# "lora_unet_..." names): keys "<dotless module>.<one of these>" are split at their first dot without calling it.
-# ("weight" is not here: whether it is an IA3 key depends on the module prefix, so `split_key` decides.)
-_PLAIN_SUFFIXES = frozenset({
-    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "scale", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b", "w_norm", "b_norm", "on_input",
-})  # fmt: skip
-# algorithm -> the suffixes that mark one module of it (in `lora_ext.formats.algorithms.ALGORITHMS` order)
-_ALGORITHM_ANCHORS = (
-    ("lora", ("lora_down.weight",)),
-    ("loha", ("hada_w1_a",)),
-    ("lokr", ("lokr_w1", "lokr_w1_a")),
-    ("full", ("diff",)),
-    ("norm", ("w_norm",)),
-    ("ia3", ("weight",)),
-)
+# algorithm name -> the suffixes that mark one module of it, in registry order
+_ALGORITHM_ANCHORS = tuple((cls.name, cls.anchors) for cls in ALGORITHMS)
 
 
 # ------------------------------------------------------------------------------------------------------------ records
@@ -914,7 +899,7 @@ class _KeyTable:
         parts = [k.partition(".") for k in keys]
         modules = tuple([p[0] for p in parts])
         suffixes = tuple([p[2] for p in parts])
-        if _PLAIN_SUFFIXES.issuperset(suffixes):
+        if PLAIN_SUFFIXES.issuperset(suffixes):
             self.joined: Sequence[str] = keys
             self.positions: Sequence[int] = range(len(keys))
         else:
@@ -935,29 +920,17 @@ class _KeyTable:
         return self._shape_of(self.positions[p])
 
 
-class _ShapeOnly:
-    """Stands in for a tensor where `lora_ext.formats.arch` only looks at the shape."""
-
-    __slots__ = ("shape",)
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-
 class _ModuleShapes(Mapping):
-    """suffix -> _ShapeOnly of one module, parsed on access."""
+    """suffix -> shape of one module's tensors, parsed on access."""
 
     def __init__(self, table: _KeyTable, module: str) -> None:
         self._table, self._module = table, module
 
-    def __getitem__(self, suffix: str) -> _ShapeOnly:
+    def __getitem__(self, suffix: str) -> tuple[int, ...]:
         shape = self._table.shape(self._module, suffix)
         if shape is None:
             raise KeyError(suffix)
-        return _ShapeOnly(shape)
+        return shape
 
     def __iter__(self) -> Iterator[str]:
         return (s for m, s in zip(self._table.modules, self._table.suffixes) if m == self._module)
@@ -1003,7 +976,7 @@ def _analyse_keys(keys: Sequence[str], shape_of: Callable[[int], tuple[int, ...]
         first = table.positions[table.suffixes.index("lora_down.weight")]
         shape = shape_of(first)
         rank = int(shape[0]) if shape else None
-    guess = detect_arch(_ModulesView(table, modules), None)  # type: ignore[arg-type]  # shapes are all it reads
+    guess = detect_arch(_ModulesView(table, modules), None)
     arch = guess.arch if guess.arch in _ARCH_TO_SD else None
     return _Structure("+".join(kinds) or None, rank, len(modules), arch, guess.evidence)
 

@@ -70,18 +70,18 @@ def detect_arch(modules: Mapping[str, Shapes], base_from_metadata: str | None) -
     names = list(modules)
     if any(_TE2.match(n) for n in names):
         return _from_shapes("sdxl", "has keys for a second text encoder (lora_te2_/text_encoder_2)", base_from_metadata)
-    for name, tensors in modules.items():
+    for name, shapes in modules.items():
         if _CROSS_KV.search(name):
-            width = _in_features(tensors)
+            width = _in_features(shapes)
             if width in _CONTEXT_WIDTH:
                 arch = _CONTEXT_WIDTH[width]
                 return _from_shapes(arch, f"cross-attention reads {width}-wide text features ({name})",
                                     base_from_metadata)
     if any(_DEEP_TRANSFORMER.search(n) and n.startswith(("lora_unet_", "unet.", "lycoris_")) for n in names):
         return _from_shapes("sdxl", "UNet blocks with more than one transformer layer", base_from_metadata)
-    for name, tensors in modules.items():
+    for name, shapes in modules.items():
         if _TE_QPROJ.match(name):
-            width = _in_features(tensors)
+            width = _in_features(shapes)
             if width == 768 and not name.startswith(_SINGLE_TE):
                 continue  # CLIP ViT-L: SD1.x's encoder, and SDXL's first one
             if width in _TE_WIDTH:

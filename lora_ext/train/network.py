@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from lora_ext.errors import TrainingError
 from lora_ext.formats.algorithms import Lora, apply_dora, weight_norm
-from lora_ext.formats.algorithms.base import layer_forward
+from lora_ext.formats.algorithms.base import ALPHA_KEY, DORA_KEY, layer_forward
+from lora_ext.formats.algorithms.lora import DOWN, UP
 from lora_ext.patch import ModelAdapter, Target, adapter_for_pipeline
 from lora_ext.patch.synth import file_module_name
 
@@ -62,7 +63,7 @@ _ATTENTION_PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 _TE_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 _RESNET_PARTS = (".resnets.", ".downsamplers.", ".upsamplers.")
 
-UP, DOWN, ALPHA, DORA = "lora_up.weight", "lora_down.weight", "alpha", "dora_scale"
+ALPHA, DORA = ALPHA_KEY, DORA_KEY
 
 
 # ---------------------------------------------------------------------------------------------------------- selection

@@ -10,8 +10,9 @@ The cache file is JSON with named fields and a version:
     {"format": "lora_ext.library.index", "version": 2,
      "facts": [{"sd_version": ..., "sd_version_source": ..., "sd_version_evidence": ..., "algorithm": ...,
                 "rank": ..., "n_modules": ...}, ...],                  # shared by the files that say the same
-     "files": {path: {"size": ..., "mtime_ns": ..., "alias": ..., "sshs": ..., "facts": <index into "facts">,
-                      "problems": [...], "hash": ...}},
+     "files": {path: {"size": ..., "mtime_ns": ..., "facts": <index into "facts">,
+                      "alias": ..., "sshs": ..., "problems": [...], "hash": ...}},   # the last four left out when
+                                                                                     # None / empty
      "sidecars": {path: {"size": ..., "mtime_ns": ..., "data": {...}, "problem": ...}}}
 
 A file of another format or version, or one that cannot be read, is ignored (and rewritten by the next save); a
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,25 +106,35 @@ class FileRecord:
     problems: tuple[str, ...] = ()
     hash: str | None = None
 
-    _SCHEMA: ClassVar[_Schema] = {"size": _is_int, "mtime_ns": _is_int, "alias": _is_opt_str, "sshs": _is_opt_str,
-                                  "facts": _is_int, "problems": _is_str_list, "hash": _is_opt_str}
+    _FIELDS: ClassVar[frozenset[str]] = frozenset({"size", "mtime_ns", "alias", "sshs", "facts", "problems", "hash"})
+    """The JSON fields; "alias", "sshs", "problems" and "hash" are left out when None / empty."""
 
     @property
     def full_hash(self) -> str | None:
         return self.sshs or self.hash
 
     def to_json(self, facts_index: int) -> dict[str, object]:
-        return {"size": self.size, "mtime_ns": self.mtime_ns, "alias": self.alias, "sshs": self.sshs,
-                "facts": facts_index, "problems": list(self.problems), "hash": self.hash}
+        obj: dict[str, object] = {"size": self.size, "mtime_ns": self.mtime_ns, "facts": facts_index}
+        if self.alias is not None:
+            obj["alias"] = self.alias
+        if self.sshs is not None:
+            obj["sshs"] = self.sshs
+        if self.problems:
+            obj["problems"] = list(self.problems)
+        if self.hash is not None:
+            obj["hash"] = self.hash
+        return obj
 
     @classmethod
     def from_json(cls, obj: object, facts: Sequence[Facts | None]) -> FileRecord | None:
         """None for anything but an object this version wrote whose facts index names valid facts.
 
-        The `_SCHEMA` checks written out: a warm listing reads one record per file, so this is its hot loop."""
-        if type(obj) is not dict or obj.keys() != cls._SCHEMA.keys():
+        The checks are written out: a warm listing reads one record per file, so this is its hot loop."""
+        if type(obj) is not dict or not obj.keys() <= cls._FIELDS:
             return None
-        size, mtime_ns, alias, sshs, fi, problems, full = _file_values(obj)
+        get = obj.get
+        size, mtime_ns, fi = get("size"), get("mtime_ns"), get("facts")
+        alias, sshs, problems, full = get("alias"), get("sshs"), get("problems", []), get("hash")
         if not (type(size) is int and type(mtime_ns) is int and (alias is None or type(alias) is str)
                 and (sshs is None or type(sshs) is str) and type(fi) is int and 0 <= fi < len(facts)
                 and (full is None or type(full) is str) and type(problems) is list
@@ -132,9 +142,6 @@ class FileRecord:
             return None
         found = facts[fi]
         return None if found is None else cls(size, mtime_ns, alias, sshs, found, tuple(problems), full)
-
-
-_file_values = operator.itemgetter(*FileRecord._SCHEMA)  # the values in _SCHEMA's order
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +161,11 @@ class SidecarRecord:
 
     @classmethod
     def from_json(cls, obj: object) -> SidecarRecord | None:
-        return cls(**obj) if _fits(obj, cls._SCHEMA) else None  # type: ignore[arg-type]
+        if type(obj) is not dict or obj.keys() != cls._SCHEMA.keys():
+            return None
+        size, mtime_ns, data, problem = obj["size"], obj["mtime_ns"], obj["data"], obj["problem"]
+        valid = type(size) is int and type(mtime_ns) is int and type(data) is dict
+        return cls(size, mtime_ns, data, problem) if valid and _is_opt_str(problem) else None
 
 
 @dataclass

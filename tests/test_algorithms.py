@@ -532,6 +532,28 @@ def test_apply_dora_matches_the_decomposition_by_hand(shape: tuple[int, ...], pe
     assert torch.allclose(norms, magnitude.flatten(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_apply_dora_is_differentiable_like_the_decomposition_by_hand(shape: tuple[int, ...], per_row: bool) -> None:
+    """Training learns the factors (inside dW) and the magnitude through `apply_dora`: its gradients are those of
+    the by-hand formula (float64 autograd); W is not a leaf that needs one, but gets it if asked."""
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(shape, generator=g)
+    dW = 0.3 * torch.randn(shape, generator=g)
+    mshape = (shape[0], *[1] * (len(shape) - 1)) if per_row else (1, shape[1], *[1] * (len(shape) - 2))
+    magnitude = torch.rand(mshape, generator=g) + 0.5
+    probe = torch.randn(shape, generator=g)
+    grads = []
+    for dtype, formula in ((torch.float32, lambda w, d, m: apply_dora(w, d, m)),
+                           (torch.float64, lambda w, d, m: dora_by_hand(w, d, m, per_row))):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (W, dW, magnitude)]
+        (formula(*leaves) * probe.to(dtype)).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for got, want in zip(*grads):
+        assert got is not None and rel_err(got, want) < 1e-4
+        assert want.abs().max() > 0  # non-trivial
+
+
 def test_dora_axis_resolution() -> None:
     assert dora_axis((6, 6), (1, 6)) == "in"  # LyCORIS wd_on_out=False / A1111
     assert dora_axis((6, 6), (6, 1)) == "out"  # LyCORIS wd_on_out=True

@@ -84,12 +84,13 @@ def test_768_wide_first_text_encoder_alone_is_not_conclusive():
 
 def test_other_algorithms_tell_their_input_width():
     """The width is read from whichever factor meets the input: LoHa `hada_w*_b`, a full `diff`."""
-    loha = {"hada_w1_a": torch.randn(320, R), "hada_w1_b": torch.randn(R, 1024), "hada_w2_a": torch.randn(320, R),
-            "hada_w2_b": torch.randn(R, 1024)}
+    loha = {"hada_w1_a": (320, R), "hada_w1_b": (R, 1024), "hada_w2_a": (320, R), "hada_w2_b": (R, 1024)}
     assert detect_arch({SD1_K: loha}, None).arch == "sd2"
-    assert detect_arch({SDXL_K: {"diff": torch.zeros(640, 2048)}}, None).arch == "sdxl"
-    assert detect_arch({SD1_K: {"lora_down.weight": torch.zeros(R, 768), "lora_up.weight": torch.zeros(320, R)}},
-                       None).arch == "sd1"
+    assert detect_arch({SDXL_K: {"diff": (640, 2048)}}, None).arch == "sdxl"
+    assert detect_arch({SD1_K: {"lora_down.weight": (R, 768), "lora_up.weight": (320, R)}}, None).arch == "sd1"
+    # LoHa's second factor alone, and a Tucker LoRA's 1x1 down, also tell the width
+    assert detect_arch({SD1_K: {"hada_w2_b": (R, 2048)}}, None).arch == "sdxl"
+    assert detect_arch({SD1_K: {"lora_down.weight": (R, 1024, 1, 1)}}, None).arch == "sd2"
 
 
 def test_shapes_before_structure_before_text_encoder():

@@ -46,7 +46,9 @@ from lora_ext.formats.safetensors_io import (
     SafetensorsHeader,
     TensorInfo,
     load_tensors,
+    read_compact_header,
     read_header,
+    read_metadata,
     save_safetensors_atomic,
     write_bytes_atomic,
 )
@@ -220,6 +222,57 @@ def test_corrupt_safetensors_raise_typed_error(tmp_path, name, header, data, dec
         assert reason in err.reason, (call, err.reason)
         assert err.key == key
         assert err.hint
+
+
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_compact_reader_matches_hand_parsed_bytes(tmp_path, with_metadata):
+    """The listing's fast reader: metadata, keys in file order and shapes as the bytes say (the library's layout)."""
+    meta = {"ss_network_dim": "4", "unicode": "\u00fcn\u00ef", "ss_tag_frequency": '{"d": {"cat": 2}}'}
+    path = tmp_path / "ok.safetensors"
+    safetensors.torch.save_file(_sample_tensors(), str(path), metadata=meta if with_metadata else None)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    hand = json.loads(raw[8 : 8 + n])
+    hand_meta = hand.pop("__metadata__", {})
+    header = read_compact_header(path, len(raw))
+    assert header is not None and header.metadata == hand_meta == (meta if with_metadata else {})
+    assert header.keys() == list(hand)
+    assert {k: header.shape(k) for k in hand} == {k: tuple(v["shape"]) for k, v in hand.items()}
+    assert read_metadata(path) == hand_meta
+    # the same tensors under other metadata (other padding): the same layout; other shapes: another
+    other = tmp_path / "other.safetensors"
+    safetensors.torch.save_file(_sample_tensors(), str(other), metadata={"x": "y" * 51} if with_metadata else None)
+    assert read_compact_header(other, other.stat().st_size).layout == header.layout
+    safetensors.torch.save_file({**_sample_tensors(), "empty": torch.zeros(0, 6)}, str(other))
+    assert read_compact_header(other, other.stat().st_size).layout != header.layout
+
+
+def test_compact_reader_leaves_other_layouts_to_the_full_reader(tmp_path):
+    tensors = {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [1], 8, 12)}
+    spaced = _raw_file(tmp_path / "spaced.safetensors", {"__metadata__": {"k": "v"}, **tensors}, b"\0" * 12)
+    header = read_compact_header(spaced, spaced.stat().st_size)
+    assert header is None or header.keys() is None  # spaces: not the compact layout
+    assert read_metadata(spaced) == read_header(spaced).metadata == {"k": "v"}
+    meta_last = _raw_file(tmp_path / "last.safetensors", json.dumps({**tensors, "__metadata__": {"k": "v"}},
+                                                                    separators=(",", ":")).encode(), b"\0" * 12)
+    assert read_compact_header(meta_last, meta_last.stat().st_size) is None
+    assert read_metadata(meta_last) == {"k": "v"}
+
+
+_FRAMING_AND_METADATA = ("header_json_array", "header_bad_utf8", "header_len_past_eof", "header_len_huge",
+                         "trailing_bytes", "metadata_non_str", "metadata_array")
+
+
+@pytest.mark.parametrize("case", [c for c in CORRUPT_SAFETENSORS if c[0] in _FRAMING_AND_METADATA], ids=lambda c: c[0])
+def test_compact_reader_refuses_what_read_header_refuses_in_what_it_reads(tmp_path, case):
+    """The fast reader shares read_header's rules for framing, metadata and where the data ends: it returns None
+    (and the caller's fall-back to read_header names the problem)."""
+    name, header, data, declared, *_ = case
+    compact = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    path = _raw_file(tmp_path / f"{name}.safetensors", compact, data, declared)
+    with pytest.raises(LoraFileError):
+        read_header(path)
+    assert read_compact_header(path, path.stat().st_size) is None
 
 
 @pytest.mark.parametrize("size", [0, 5])

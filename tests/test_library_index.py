@@ -24,9 +24,11 @@ import pytest
 import safetensors.torch
 import torch
 
+import lora_ext.library.cache as cache_mod
 import lora_ext.library.index as index_mod
+import lora_ext.library.scan as scan_mod
 from lora_ext.formats import hashes
-from lora_ext.formats.keys import SplitKey, split_key
+from lora_ext.formats.keys import PLAIN_SUFFIXES, SplitKey, split_key
 from lora_ext.library import LoraIndex
 
 SD1_TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -334,7 +336,8 @@ def test_algorithm_rank_and_module_count_from_the_header(tmp_path, kind, algorit
 
 def test_plain_suffix_shortcut_agrees_with_split_key():
     """The listing splits kohya keys at the first dot only for suffixes that split_key keeps as they are."""
-    for suffix in index_mod._PLAIN_SUFFIXES:
+    assert {"lora_up.weight", "lora_down.weight", "alpha", "hada_w1_a", "lokr_w1", "diff"} <= PLAIN_SUFFIXES
+    for suffix in PLAIN_SUFFIXES:
         for module in ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te2_text_model_encoder_layers_0_mlp_fc1"):
             assert split_key(f"{module}.{suffix}") == SplitKey(module, suffix)
 
@@ -493,7 +496,7 @@ def test_by_hash_unknown_or_ambiguous(tmp_path):
 
 def _count_reads(mp: pytest.MonkeyPatch) -> list[str]:
     reads: list[str] = []
-    fast, full = index_mod._read_header_text, index_mod.read_header
+    fast, full, metadata = scan_mod.read_compact_header, scan_mod.read_header, index_mod.read_metadata
 
     def counting_fast(path, size):
         reads.append(str(path))
@@ -503,8 +506,13 @@ def _count_reads(mp: pytest.MonkeyPatch) -> list[str]:
         reads.append(str(path))
         return full(path)
 
-    mp.setattr(index_mod, "_read_header_text", counting_fast)
-    mp.setattr(index_mod, "read_header", counting_full)
+    def counting_metadata(path):
+        reads.append(str(path))
+        return metadata(path)
+
+    mp.setattr(scan_mod, "read_compact_header", counting_fast)
+    mp.setattr(scan_mod, "read_header", counting_full)
+    mp.setattr(index_mod, "read_metadata", counting_metadata)
     return reads
 
 
@@ -544,10 +552,14 @@ def test_unchanged_listing_does_not_rewrite_the_cache(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"\x00\xff garbage", b"", b'{"hello": 1}', b"[1, 2, 3]", b'{"format": "lora_ext.library.index", "version": 1}',
-     b'{"format": "lora_ext.library.index", "version": 1, "facts": [["SD9"]], "files": {"x": [1]}, "sidecars": 5}',
+    [b"\x00\xff garbage", b"", b'{"hello": 1}', b"[1, 2, 3]", b'{"format": "lora_ext.library.index", "version": 2}',
+     b'{"format": "lora_ext.library.index", "version": 2, "facts": [{"sd_version": "SD9"}], "files": {"x": {}}, '
+     b'"sidecars": 5}',
      b'{"format": "lora_ext.library.index", "version": 999, "facts": [], "files": {}, "sidecars": {}}',
-     b'{"format": "lora_ext.library.index", "version": 1, "facts": [], "files": {', b"[" * 100000],
+     b'{"format": "lora_ext.library.index", "version": 2, "facts": [], "files": {', b"[" * 100000,
+     # version 1 (positional lists): another version, ignored
+     b'{"format": "lora_ext.library.index", "version": 1, "facts": [["SD1", "keys", "x", "lora", 4, 1]], '
+     b'"files": {}, "sidecars": {}}'],
 )
 def test_corrupt_or_foreign_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, content):
     root, cache = tmp_path / "Lora", tmp_path / "index.json"
@@ -560,13 +572,29 @@ def test_corrupt_or_foreign_cache_is_ignored_and_rewritten(tmp_path, monkeypatch
     assert saved["format"] == "lora_ext.library.index" and list(saved["files"]) == [str(e.path)]
 
 
+def test_cache_records_have_named_fields_and_a_version(tmp_path, monkeypatch):
+    root, cache = tmp_path / "Lora", tmp_path / "index.json"
+    path = write(root / "a.safetensors", metadata={"ss_output_name": "A", "sshs_model_hash": "cd" * 32})
+    LoraIndex([root], cache_file=cache).refresh()
+    saved = json.loads(cache.read_bytes())
+    assert saved["version"] == 2
+    st = os.stat(path)
+    rec = saved["files"][str(path.absolute())]
+    assert rec == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "alias": "A", "sshs": "cd" * 32, "facts": 0}
+    reads = _count_reads(monkeypatch)
+    (e,) = LoraIndex([root], cache_file=cache).refresh()  # the fields left out read back as their defaults
+    assert reads == [] and (e.alias, e.shorthash, e.problems) == ("A", "cd" * 6, ())
+    assert set(saved["facts"][0]) == {"sd_version", "sd_version_source", "sd_version_evidence", "algorithm", "rank",
+                                      "n_modules"}
+
+
 def test_a_wrong_record_is_dropped_and_only_that_file_is_reread(tmp_path, monkeypatch):
     root, cache = tmp_path / "Lora", tmp_path / "index.json"
     write(root / "a.safetensors")
     write(root / "b.safetensors")
     LoraIndex([root], cache_file=cache).refresh()
     saved = json.loads(cache.read_bytes())
-    saved["files"][str((root / "b.safetensors").absolute())][0] = "not a size"
+    saved["files"][str((root / "b.safetensors").absolute())]["size"] = "not a size"
     cache.write_text(json.dumps(saved))
     reads = _count_reads(monkeypatch)
     assert len(LoraIndex([root], cache_file=cache).refresh()) == 2
@@ -724,11 +752,9 @@ def test_full_hash_without_persist_writes_the_cache_once_on_save(tmp_path, monke
     cache = tmp_path / "cache.json"
     idx = LoraIndex([root], cache_file=cache)
     entries = idx.refresh()
-    import lora_ext.library.index as index_mod
-
     writes = []
-    real = index_mod.write_bytes_atomic
-    monkeypatch.setattr(index_mod, "write_bytes_atomic", lambda *a, **k: writes.append(a[0]) or real(*a, **k))
+    real = cache_mod.write_bytes_atomic
+    monkeypatch.setattr(cache_mod, "write_bytes_atomic", lambda *a, **k: writes.append(a[0]) or real(*a, **k))
     hashes = [idx.full_hash(e, persist=False) for e in entries]
     assert writes == []
     idx.save()

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from torch import Tensor
+from lora_ext.formats.algorithms import ALGORITHMS
 
 ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner", "sd3": "SD3",
               "flux": "FLUX.1"}
@@ -43,15 +43,16 @@ class ArchGuess:
         return ARCH_NAMES.get(self.arch or "", "unknown")
 
 
-def _in_features(tensors: Mapping[str, Tensor]) -> int | None:
-    """Input width of a module from the factor that reads the input (LoRA down, LoHa w*_b), or a full diff."""
-    for key in ("lora_down.weight", "hada_w1_b", "hada_w2_b"):
-        t = tensors.get(key)
-        if t is not None and t.dim() >= 2:
-            return int(t.shape[1])
-    diff = tensors.get("diff")
-    if diff is not None and diff.dim() == 2:
-        return int(diff.shape[1])
+Shapes = Mapping[str, tuple[int, ...]]
+"""One module's tensor shapes: normalised suffix -> shape."""
+
+
+def _in_features(shapes: Shapes) -> int | None:
+    """Input width of a module, as the registered algorithms read it from their shapes (`Algorithm.input_width`)."""
+    for cls in ALGORITHMS:
+        width = cls.input_width(shapes)
+        if width is not None:
+            return width
     return None
 
 
@@ -62,23 +63,25 @@ def _from_shapes(arch: str, evidence: str, base_from_metadata: str | None) -> Ar
     return ArchGuess(arch, evidence, base_from_metadata)
 
 
-def detect_arch(modules: Mapping[str, Mapping[str, Tensor]], base_from_metadata: str | None) -> ArchGuess:
-    """modules: normalised module name -> {normalised suffix: tensor}; base_from_metadata: what metadata says."""
+def detect_arch(modules: Mapping[str, Shapes], base_from_metadata: str | None) -> ArchGuess:
+    """modules: normalised module name -> {normalised suffix: shape}; base_from_metadata: what metadata says.
+
+    Only shapes are read, so a header alone (no tensor data) is enough."""
     names = list(modules)
     if any(_TE2.match(n) for n in names):
         return _from_shapes("sdxl", "has keys for a second text encoder (lora_te2_/text_encoder_2)", base_from_metadata)
-    for name, tensors in modules.items():
+    for name, shapes in modules.items():
         if _CROSS_KV.search(name):
-            width = _in_features(tensors)
+            width = _in_features(shapes)
             if width in _CONTEXT_WIDTH:
                 arch = _CONTEXT_WIDTH[width]
                 return _from_shapes(arch, f"cross-attention reads {width}-wide text features ({name})",
                                     base_from_metadata)
     if any(_DEEP_TRANSFORMER.search(n) and n.startswith(("lora_unet_", "unet.", "lycoris_")) for n in names):
         return _from_shapes("sdxl", "UNet blocks with more than one transformer layer", base_from_metadata)
-    for name, tensors in modules.items():
+    for name, shapes in modules.items():
         if _TE_QPROJ.match(name):
-            width = _in_features(tensors)
+            width = _in_features(shapes)
             if width == 768 and not name.startswith(_SINGLE_TE):
                 continue  # CLIP ViT-L: SD1.x's encoder, and SDXL's first one
             if width in _TE_WIDTH:

@@ -4,8 +4,9 @@ Files name the same thing many ways. This module only normalises the *suffix* (w
 a few purely syntactic module-name variants of the diffusers/PEFT formats; which model layer a module name refers to is
 decided by the key maps built from the model's own module names (`lora_ext.patch.keymap`), never by string heuristics.
 
-Normalised suffixes are the LyCORIS/kohya names: `lora_up.weight`, `lora_down.weight`, `lora_mid.weight`, `alpha`,
-`scale`, `dora_scale`, `hada_*`, `lokr_*`, `diff`, `diff_b`, `w_norm`, `b_norm`, `weight`/`on_input` (IA3).
+Normalised suffixes are the LyCORIS/kohya names (`lora_up.weight`, `hada_w1_a`, `diff`, ...). Which file suffixes map
+to them is declared by each algorithm class (`suffixes`, `guarded_suffixes`) and by `COMMON_SUFFIXES` (alpha, scale,
+dora_scale); the table here is built from the registry `lora_ext.formats.algorithms.ALGORITHMS`.
 """
 
 from __future__ import annotations
@@ -13,59 +14,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# file suffix -> normalised suffix. Matched longest first, so ".lora_A.default.weight" wins over ".weight".
-_SUFFIXES: dict[str, str] = {
-    # kohya / LyCORIS LoRA & LoCon
-    ".lora_up.weight": "lora_up.weight",
-    ".lora_down.weight": "lora_down.weight",
-    ".lora_mid.weight": "lora_mid.weight",
-    # PEFT / diffusers
-    ".lora_B.weight": "lora_up.weight",
-    ".lora_A.weight": "lora_down.weight",
-    ".lora_B.default.weight": "lora_up.weight",
-    ".lora_A.default.weight": "lora_down.weight",
-    ".lora_B.default_0.weight": "lora_up.weight",
-    ".lora_A.default_0.weight": "lora_down.weight",
-    ".lora.up.weight": "lora_up.weight",
-    ".lora.down.weight": "lora_down.weight",
-    ".lora_linear_layer.up.weight": "lora_up.weight",
-    ".lora_linear_layer.down.weight": "lora_down.weight",
-    "_lora.up.weight": "lora_up.weight",  # old diffusers attention processors: "...processor.to_q_lora.up.weight"
-    "_lora.down.weight": "lora_down.weight",
-    ".lora_magnitude_vector": "dora_scale",  # PEFT DoRA: per-output-row magnitude
-    ".lora_magnitude_vector.default": "dora_scale",
-    ".lora_magnitude_vector.default.weight": "dora_scale",
-    # shared
-    ".alpha": "alpha",
-    ".scale": "scale",
-    ".dora_scale": "dora_scale",
-    # LoHa
-    ".hada_w1_a": "hada_w1_a",
-    ".hada_w1_b": "hada_w1_b",
-    ".hada_w2_a": "hada_w2_a",
-    ".hada_w2_b": "hada_w2_b",
-    ".hada_t1": "hada_t1",
-    ".hada_t2": "hada_t2",
-    # LoKr
-    ".lokr_w1": "lokr_w1",
-    ".lokr_w1_a": "lokr_w1_a",
-    ".lokr_w1_b": "lokr_w1_b",
-    ".lokr_w2": "lokr_w2",
-    ".lokr_w2_a": "lokr_w2_a",
-    ".lokr_w2_b": "lokr_w2_b",
-    ".lokr_t2": "lokr_t2",
-    # full / norm / IA3
-    ".diff": "diff",
-    ".diff_b": "diff_b",
-    ".w_norm": "w_norm",
-    ".b_norm": "b_norm",
-    ".on_input": "on_input",
-}
-_SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
+from lora_ext.formats.algorithms import ALGORITHMS
+from lora_ext.formats.algorithms.base import COMMON_SUFFIXES
 
-# IA3 stores its vector as "<module>.weight"; only accepted for module names with a kohya/LyCORIS prefix so that a
-# stray full state dict is not mistaken for a LoRA.
-_IA3_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+# file suffix -> normalised suffix, from what each registered algorithm declares. Matched longest first, so
+# ".lora_A.default.weight" wins over ".weight".
+SUFFIXES: dict[str, str] = {**COMMON_SUFFIXES}
+for _cls in ALGORITHMS:
+    SUFFIXES.update(_cls.suffixes)
+_SUFFIX_ORDER = sorted(SUFFIXES, key=len, reverse=True)
+
+# Suffixes too generic to accept after any module name (IA3 stores its vector as "<module>.weight"): only after a
+# kohya/LyCORIS prefix, so that a stray full state dict is not mistaken for a LoRA.
+GUARDED_SUFFIXES: dict[str, str] = {k: v for _cls in ALGORITHMS for k, v in _cls.guarded_suffixes.items()}
+_GUARDED_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+
+PLAIN_SUFFIXES = frozenset(s for fs, s in SUFFIXES.items() if fs == f".{s}")
+"""Normalised suffixes that `split_key` returns unchanged after a module name without dots (kohya/LyCORIS
+"lora_unet_..." names): such keys may be split at their first dot without calling it (the catalogue's fast path)."""
 
 _PEFT_WRAPPERS = ("base_model.model.",)
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
@@ -88,9 +54,11 @@ def split_key(key: str) -> SplitKey | None:
     for file_suffix in _SUFFIX_ORDER:
         if key.endswith(file_suffix) and len(key) > len(file_suffix):
             module = key[: -len(file_suffix)]
-            return SplitKey(normalise_module_name(module), _SUFFIXES[file_suffix])
-    if key.endswith(".weight") and key.startswith(_IA3_PREFIXES):
-        return SplitKey(normalise_module_name(key[: -len(".weight")]), "weight")
+            return SplitKey(normalise_module_name(module), SUFFIXES[file_suffix])
+    if key.startswith(_GUARDED_PREFIXES):
+        for file_suffix, suffix in GUARDED_SUFFIXES.items():
+            if key.endswith(file_suffix):
+                return SplitKey(normalise_module_name(key[: -len(file_suffix)]), suffix)
     return None
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lora_ext.errors import LoraFileError, NonFiniteWeightError, ShapeMismatchError
 from lora_ext.formats.algorithms import detect_algorithm
-from lora_ext.formats.algorithms.base import Algorithm
+from lora_ext.formats.algorithms.base import COMMON_KEYS, Algorithm
 from lora_ext.formats.arch import ArchGuess, detect_arch
 from lora_ext.formats.keys import split_bundle_key, split_key
 from lora_ext.formats.metadata import base_model_from_metadata
@@ -30,12 +30,16 @@ _tokens = itertools.count(1)
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One module of a LoRA file: what the file calls it, its algorithm, and its optional DoRA magnitude."""
+    """One module of a LoRA file: what the file calls it, its algorithm, and the file keys it came from."""
 
     name: str  # normalised module name as written in the file
     algorithm: Algorithm
-    dora_scale: Tensor | None
     source_keys: tuple[str, ...]
+
+    @property
+    def dora_scale(self) -> Tensor | None:
+        """The optional DoRA magnitude (held by the algorithm, which checks and applies it)."""
+        return self.algorithm.dora_scale
 
 
 @dataclass
@@ -104,27 +108,27 @@ def parse_lora(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None
 
     modules: dict[str, LoraModule] = {}
     for module_name, parts in grouped.items():
-        dora = parts.get("dora_scale")
         try:
             algo = detect_algorithm(parts)
         except ShapeMismatchError as err:
             raise ShapeMismatchError(path, err.reason, key=f"{module_name}.{err.key}" if err.key else module_name,
                                      hint="the file is damaged or was written by a buggy tool") from None
         if algo is None:
-            if set(parts) <= {"alpha", "scale", "dora_scale"}:
+            if set(parts) <= COMMON_KEYS:
                 unknown.extend(sources[module_name])  # orphan alpha/scale without weights
                 continue
             raise LoraFileError(path, f"unrecognised set of tensors {sorted(parts)} for module {module_name!r}",
                                 key=sources[module_name][0], hint="not a LoRA/LyCORIS module this tool knows")
-        leftover = set(parts) - set(algo.used_keys) - {"alpha", "scale", "dora_scale"}
+        leftover = set(parts) - set(algo.used_keys) - COMMON_KEYS
         if leftover:
             unknown.extend(f"{module_name}.{s}" for s in sorted(leftover))
-        modules[module_name] = LoraModule(module_name, algo, dora, tuple(sources[module_name]))
+        modules[module_name] = LoraModule(module_name, algo, tuple(sources[module_name]))
 
     if not modules and not bundles:
         raise LoraFileError(path, "no LoRA tensors found" + (f" (first keys: {list(tensors)[:3]})" if tensors else ""),
                             hint="this is not a LoRA file (maybe a full checkpoint or an embedding)")
-    arch = detect_arch({m: grouped[m] for m in modules}, base_model_from_metadata(metadata))
+    shapes = {m: {s: tuple(t.shape) for s, t in grouped[m].items()} for m in modules}
+    arch = detect_arch(shapes, base_model_from_metadata(metadata))
     return LoraNetwork(name=name, path=path, metadata=metadata, modules=modules, unknown_keys=unknown,
                        bundled_embeddings=dict(bundles), arch=arch, nbytes=nbytes)
 

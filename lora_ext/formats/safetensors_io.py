@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -123,20 +124,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             if len(head) != 8:  # the file shrank under us
                 raise LoraFileError(p, "file was truncated while reading its header", key="header", hint=_DAMAGED_HINT)
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_SIZE:
-                raise LoraFileError(
-                    p,
-                    f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit",
-                    key="header",
-                    hint=_other_format_hint(head) or _NOT_SAFETENSORS_HINT,
-                )
-            if n > file_size - 8:
-                raise LoraFileError(
-                    p,
-                    f"header length {n} is larger than the {file_size - 8} bytes that follow it",
-                    key="header",
-                    hint=_other_format_hint(head) or _DAMAGED_HINT,
-                )
+            problem = _length_problem(n, file_size)
+            if problem is not None:
+                reason, hint = problem
+                raise LoraFileError(p, reason, key="header", hint=_other_format_hint(head) or hint)
             raw = f.read(n)
     except OSError as exc:
         raise LoraFileError(p, f"cannot read the file: {exc.strerror or exc}") from exc
@@ -147,6 +138,15 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     tensors = {key: _tensor_info(p, key, entry) for key, entry in header_obj.items()}
     _check_layout(p, tensors, data_len=file_size - 8 - n)
     return SafetensorsHeader(path=p, header_size=n, tensors=tensors, metadata=metadata, file_size=file_size)
+
+
+def _length_problem(n: int, file_size: int) -> tuple[str, str] | None:
+    """(reason, hint) when a header length `n` cannot be right for a file of `file_size` bytes, else None."""
+    if n > MAX_HEADER_SIZE:
+        return f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit", _NOT_SAFETENSORS_HINT
+    if n > file_size - 8:
+        return f"header length {n} is larger than the {file_size - 8} bytes that follow it", _DAMAGED_HINT
+    return None
 
 
 def load_tensors(
@@ -338,6 +338,140 @@ def _check_layout(p: Path, tensors: Mapping[str, TensorInfo], data_len: int) -> 
             key="header",
             hint=_NOT_SAFETENSORS_HINT,
         )
+
+
+# ------------------------------------------------------------------------------------------------ fast header reading
+#
+# Listing thousands of LoRA files needs each header's metadata and the shapes of a few keys, not 800 validated
+# entries. The safetensors library writes headers in one compact layout (metadata first, entries in data order, no
+# spaces); for that layout the reader below decodes only the metadata and cuts keys and shapes out of the text. It
+# applies `read_header`'s rules where it reads (framing, metadata, the tensors ending where the file ends) and returns
+# None for anything else, so that the caller falls back to `read_header`, which validates everything and says why.
+
+_DECODER = json.JSONDecoder()
+_META_OPEN = '{"__metadata__":'
+_ENTRY_OPEN = '{"dtype":'
+_KEY_END = '":{"dtype":'
+_NEXT_KEY = re.compile(r'\},"([^"]*)":\{"dtype":')  # a literal "}" first: the regex engine scans for it in C
+
+
+@dataclass(frozen=True, slots=True)
+class CompactHeader:
+    """A header in the safetensors library's compact layout, its tensor entries left as text.
+
+    `layout` identifies the tensor entries (keys, dtypes, shapes, offsets; not the metadata) as (length, Python's keyed
+    SipHash of their bytes): files written by the same trainer with the same settings share it."""
+
+    metadata: dict[str, str]
+    entries: str
+    layout: tuple[int, int]
+
+    def keys(self) -> list[str] | None:
+        """The tensor keys in order; None when the entries are not all compact (spaces, field order, escapes)."""
+        region = self.entries
+        if "\\" in region or not region.startswith(('{"', ',"')):
+            return None
+        end = region.find(_KEY_END, 2)
+        if end < 0 or '"' in region[2:end]:
+            return None
+        keys = [region[2:end], *_NEXT_KEY.findall(region, end)]
+        return keys if len(keys) == region.count('"data_offsets"') else None
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of `key`'s entry (for a key `keys()` returned), None when it cannot be read."""
+        region = self.entries
+        at = region.find(f'"{key}{_KEY_END}')
+        if at < 0:
+            return None
+        a = region.find('"shape":[', at)
+        b = region.find("]", a)
+        if a < 0 or b < 0 or b > region.find("}", at + len(key) + len(_KEY_END)):
+            return None
+        inner = region[a + 9 : b]
+        try:
+            return tuple(int(x) for x in inner.split(",")) if inner else ()
+        except ValueError:
+            return None
+
+
+def read_compact_header(path: str | os.PathLike[str], file_size: int) -> CompactHeader | None:
+    """The header of a file of `file_size` bytes when it is in the compact layout and its tensors end where the file
+    ends; None otherwise (use `read_header`). Raises OSError when the file cannot be read."""
+    got = _read_header_text(path, file_size)
+    if got is None:
+        return None
+    raw, text = got
+    split = _split_metadata(text)
+    if split is None:
+        return None
+    metadata, start = split
+    region = text[start:]
+    last = region.rfind(_ENTRY_OPEN)
+    if last < 0 or _data_end(region, last) != file_size - 8 - len(raw):
+        return None  # no tensors, another layout, or data missing
+    # the entries' bytes without the padding (which depends on the metadata's length)
+    byte_start = start if text.isascii() else len(text[:start].encode("utf-8"))
+    entries = memoryview(raw)[byte_start : raw.rfind(b"}") + 1]
+    return CompactHeader(metadata, region, (len(entries), hash(entries)))
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header metadata of a `.safetensors` file, decoding only the metadata when it comes first (the library's
+    layout), else through `read_header`. Raises `LoraFileError` (or OSError) when it cannot be read."""
+    got = _read_header_text(path, os.stat(path).st_size)
+    split = _split_metadata(got[1]) if got is not None else None
+    if split is not None:
+        return split[0]
+    return read_header(path).metadata
+
+
+def _read_header_text(path: str | os.PathLike[str], file_size: int) -> tuple[bytes, str] | None:
+    """The JSON header as (bytes, text) when the framing follows `read_header`'s rules, else None."""
+    if file_size < 10:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            return None
+        n = int.from_bytes(head, "little")
+        if n < 2 or _length_problem(n, file_size) is not None:
+            return None
+        raw = f.read(n)
+    if len(raw) != n:
+        return None
+    try:
+        return raw, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _split_metadata(text: str) -> tuple[dict[str, str], int] | None:
+    """(metadata, index where the tensor entries start: at the "," after the metadata, or at the opening "{" when
+    there is none) for a header whose metadata comes first or is absent; None for other layouts or bad metadata."""
+    if text.startswith(_META_OPEN):
+        try:
+            meta, end = _DECODER.raw_decode(text, len(_META_OPEN))
+        except ValueError:
+            return None
+        if type(meta) is not dict or not set(map(type, meta.values())) <= {str}:
+            return None  # `_validate_metadata`'s rule: an object of strings
+        return meta, end
+    if f'"{METADATA_KEY}"' in text or not text.startswith("{"):
+        return None
+    return {}, 0
+
+
+def _data_end(region: str, last: int) -> int | None:
+    """The end offset of the entry that starts at `last` (in data order, the end of all tensor data)."""
+    a = region.find('"data_offsets":[', last)
+    b = region.find("]", a)
+    if a < 0 or b < 0:
+        return None
+    parts = region[a + 16 : b].split(",")
+    try:
+        return int(parts[1]) if len(parts) == 2 else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------- writing

@@ -39,83 +39,52 @@ Beyond A1111:
 - training run folders and their checkpoints (`lora_ext.runfolder.is_run_folder`) are not walked: their
   `lora.safetensors`/`.pt` files are training state, not LoRAs to use (A1111 lists them).
 
-Headers are read with a fast path for the compact layout the safetensors library writes (metadata first, entries
-in data order): only the metadata is JSON-decoded, the keys are cut out of the text and the shapes of the few keys
-that matter are parsed; identical tensor layouts (same keys, dtypes, shapes: common across a collection) are
-analysed once per scan. Anything else goes through `safetensors_io.read_header` (full validation). Listing checks a
-header's framing, its metadata and that its tensors end where the file ends; every tensor entry is validated when
-the file is loaded.
+The catalogue is in three parts: this module (naming, lookup, hashes: the entries and A1111's rules above),
+`lora_ext.library.scan` (the walk, what each header says, sidecars and previews) and `lora_ext.library.cache` (the
+per-file records and their versioned cache file). Headers are read with the fast compact-layout reader of
+`lora_ext.formats.safetensors_io` (only the metadata is JSON-decoded; identical tensor layouts are analysed once per
+scan); anything else goes through its validating `read_header`. Listing checks a header's framing, its metadata and
+that its tensors end where the file ends; every tensor entry is validated when the file is loaded.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import re
-import stat
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lora_ext.errors import LoraFileError
-from lora_ext.formats.arch import ARCH_NAMES, detect_arch
 from lora_ext.formats.hashes import SHORT_HASH_LEN, addnet_hash_safetensors, sha256_file
-from lora_ext.formats.keys import split_key
-from lora_ext.formats.metadata import base_model_from_metadata
-from lora_ext.formats.safetensors_io import MAX_HEADER_SIZE, read_header, write_bytes_atomic
-from lora_ext.runfolder import is_run_folder
+from lora_ext.formats.safetensors_io import read_metadata
+from lora_ext.library.cache import SD_VERSIONS, FileRecord, SidecarRecord, load_cache, save_cache
+from lora_ext.library.scan import (
+    LORA_EXTENSIONS,
+    PREVIEW_EXTENSIONS,
+    Found,
+    description_name,
+    inspect,
+    preview_name,
+    read_sidecar,
+    walk,
+)
 
 logger = logging.getLogger(__name__)
 
-LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
-"""File extensions listed (compared lowercased), as A1111's Lora extension."""
-PREVIEW_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif")
-"""A1111's default preview extensions; for each, `<stem>.<ext>` is tried before `<stem>.preview.<ext>`."""
-DESCRIPTION_SUFFIXES = (".txt", ".description.txt")
 PREFERRED_FILENAME = "Filename"
 PREFERRED_ALIAS = "Alias from file"
 ALWAYS_FORBIDDEN_ALIASES = frozenset({"none"})
 """A1111 also lists "Addams", but compares lowercased text with it, so it never matches; "none" is the real one."""
-SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")
-SIDECAR_MAX_BYTES = 1 << 20
-"""A `<stem>.json` sidecar larger than this is not read (A1111's are a few hundred bytes)."""
-CACHE_FORMAT = "lora_ext.library.index"
-CACHE_VERSION = 1
-CACHE_MAX_BYTES = 256 << 20
 
-_ARCH_TO_SD = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-_META_BASE_FIELDS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 _TAG_BREAKING = re.compile(r"[:<>]")
-_DIGIT_RUNS = re.compile(r"([0-9]+)")
-_DECODER = json.JSONDecoder()
-_META_OPEN = '{"__metadata__":'
-_ENTRY_OPEN = '{"dtype":'
-_KEY_END = '":{"dtype":'
-_NEXT_KEY = re.compile(r'\},"([^"]*)":\{"dtype":')  # a literal "}" first: the regex engine scans for it in C
 
-# Suffixes that `lora_ext.formats.keys.split_key` returns unchanged after a module name without dots (kohya/LyCORIS
-# "lora_unet_..." names): keys "<dotless module>.<one of these>" are split at their first dot without calling it.
-# ("weight" is not here: whether it is an IA3 key depends on the module prefix, so `split_key` decides.)
-_PLAIN_SUFFIXES = frozenset({
-    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "scale", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b", "w_norm", "b_norm", "on_input",
-})  # fmt: skip
-# algorithm -> the suffixes that mark one module of it (in `lora_ext.formats.algorithms.ALGORITHMS` order)
-_ALGORITHM_ANCHORS = (
-    ("lora", ("lora_down.weight",)),
-    ("loha", ("hada_w1_a",)),
-    ("lokr", ("lokr_w1", "lokr_w1_a")),
-    ("full", ("diff",)),
-    ("norm", ("w_norm",)),
-    ("ia3", ("weight",)),
-)
+__all__ = ["LORA_EXTENSIONS", "PREFERRED_ALIAS", "PREFERRED_FILENAME", "PREVIEW_EXTENSIONS", "SD_VERSIONS",
+           "LoraEntry", "LoraIndex"]
 
 
 # ------------------------------------------------------------------------------------------------------------ records
@@ -188,136 +157,6 @@ class LoraEntry:
         return v if v in SD_VERSIONS else self.sd_version
 
 
-@dataclass(frozen=True, slots=True)
-class _Structure:
-    """What the tensor keys of a header say, independent of the file: shared by files with the same layout."""
-
-    algorithm: str | None
-    rank: int | None
-    n_modules: int
-    arch: str | None  # "sd1" | "sd2" | "sdxl" | None, from key names and shapes only
-    evidence: str
-    problem: str | None = None  # reason, without the file name
-
-
-@dataclass(frozen=True, slots=True)
-class _Facts:
-    """What a header says about the base model and the algorithm; shared by the files that say the same."""
-
-    sd_version: str
-    sd_version_source: str
-    sd_version_evidence: str
-    algorithm: str | None
-    rank: int | None
-    n_modules: int | None
-
-    def to_json(self) -> list[object]:
-        return [self.sd_version, self.sd_version_source, self.sd_version_evidence, self.algorithm, self.rank,
-                self.n_modules]
-
-    @classmethod
-    def from_json(cls, obj: object) -> _Facts | None:
-        """None for anything but a list this version wrote."""
-        if type(obj) is not list or len(obj) != 6:
-            return None
-        sd, source, evidence, algorithm, rank, n_modules = obj
-        if sd not in SD_VERSIONS or not (_is_str(source) and _is_str(evidence) and _is_opt_str(algorithm)
-                                         and _is_opt_int(rank) and _is_opt_int(n_modules)):
-            return None
-        return cls(sd, source, evidence, algorithm, rank, n_modules)
-
-
-@dataclass(frozen=True, slots=True)
-class _FileRecord:
-    """What the index keeps per file version (also the cache file's record). `sshs` is the full `sshs_model_hash`
-    metadata, `hash` a computed full hash (addnet sha256 or file sha256); both valid for (size, mtime_ns) only."""
-
-    size: int
-    mtime_ns: int
-    alias: str | None
-    sshs: str | None
-    facts: _Facts
-    problems: tuple[str, ...] = ()
-    hash: str | None = None
-
-    @property
-    def full_hash(self) -> str | None:
-        return self.sshs or self.hash
-
-    def to_json(self, facts_index: int) -> list[object]:
-        return [self.size, self.mtime_ns, self.alias, self.sshs, facts_index, list(self.problems) or None, self.hash]
-
-    @classmethod
-    def from_json(cls, obj: object, facts: Sequence[_Facts]) -> _FileRecord | None:
-        """None for anything but a list this version wrote (`facts`: the cache's facts table)."""
-        if type(obj) is not list or len(obj) != 7:
-            return None
-        size, mtime_ns, alias, sshs, fi, problems, full = obj
-        if not (_is_int(size) and _is_int(mtime_ns) and _is_opt_str(alias) and _is_opt_str(sshs) and _is_int(fi)
-                and 0 <= fi < len(facts) and _is_opt_str(full)):
-            return None
-        if problems is None:
-            problems = ()
-        elif type(problems) is list and all(_is_str(x) for x in problems):
-            problems = tuple(problems)
-        else:
-            return None
-        return cls(size, mtime_ns, alias, sshs, facts[fi], problems, full)
-
-
-@dataclass(frozen=True, slots=True)
-class _SidecarRecord:
-    size: int
-    mtime_ns: int
-    data: dict
-    problem: str | None
-
-    def to_json(self) -> list[object]:
-        return [self.size, self.mtime_ns, self.data, self.problem]
-
-    @classmethod
-    def from_json(cls, obj: object) -> _SidecarRecord | None:
-        if type(obj) is not list or len(obj) != 4:
-            return None
-        size, mtime_ns, data, problem = obj
-        if not (_is_int(size) and _is_int(mtime_ns) and type(data) is dict and _is_opt_str(problem)):
-            return None
-        return cls(size, mtime_ns, data, problem)
-
-
-def _is_int(x: object) -> bool:
-    return type(x) is int
-
-
-def _is_opt_int(x: object) -> bool:
-    return x is None or type(x) is int
-
-
-def _is_str(x: object) -> bool:
-    return type(x) is str
-
-
-def _is_opt_str(x: object) -> bool:
-    return x is None or type(x) is str
-
-
-@dataclass(frozen=True, slots=True)
-class _Found:
-    """A LoRA file met by the directory walk."""
-
-    root: Path
-    dir: str
-    rel_dir: tuple[str, ...]
-    name: str
-    size: int
-    mtime_ns: int
-    siblings: frozenset[str]  # names of the non-directory entries of its directory
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.dir, self.name)
-
-
 class _Snapshot:
     """An immutable view of one listing with A1111's lookup tables. `full_hashes`: path -> known full hash."""
 
@@ -383,11 +222,11 @@ class LoraIndex:
         self._preview_extensions = tuple(e.lower().lstrip(".") for e in preview_extensions)
         self._lock = threading.RLock()
         self._snapshot: _Snapshot | None = None
-        self._records: dict[str, _FileRecord] = {}
-        self._sidecars: dict[str, _SidecarRecord] = {}
+        self._records: dict[str, FileRecord] = {}
+        self._sidecars: dict[str, SidecarRecord] = {}
         self._slots: dict[str, tuple[int, int, _MetadataSlot]] = {}
         # path -> (record, sidecar, preview name, description name, entry) of the last listing
-        self._made: dict[str, tuple[_FileRecord, _SidecarRecord | None, str | None, str | None, LoraEntry]] = {}
+        self._made: dict[str, tuple[FileRecord, SidecarRecord | None, str | None, str | None, LoraEntry]] = {}
         self._cache_loaded = False
         self._cache_dirty = False
 
@@ -401,16 +240,16 @@ class LoraIndex:
         entries in listing order. Persists the cache file when anything changed."""
         with self._lock, _gc_paused():
             self._load_cache()
-            found = self._walk()
-            memo: dict[tuple[int, int], _Structure] = {}
-            records: dict[str, _FileRecord] = {}
-            sidecars: dict[str, _SidecarRecord] = {}
+            found = walk(self._dirs, self._include_hidden)
+            memo: dict = {}  # tensor layout -> what its keys say, for this scan (`scan.inspect`)
+            records: dict[str, FileRecord] = {}
+            sidecars: dict[str, SidecarRecord] = {}
             entries: list[LoraEntry] = []
             for f in found:
                 path = f.path
                 rec = self._records.get(path)
                 if rec is None or rec.size != f.size or rec.mtime_ns != f.mtime_ns:
-                    rec = _inspect(path, f.size, f.mtime_ns, memo)
+                    rec = inspect(path, f.size, f.mtime_ns, memo)
                     self._cache_dirty = True
                 records[path] = rec
                 entries.append(self._make_entry(f, rec, sidecars))
@@ -531,80 +370,7 @@ class LoraIndex:
     def _known_hashes(self) -> dict[str, str]:
         return {p: r.full_hash for p, r in self._records.items() if r.full_hash}
 
-    def _walk(self) -> list[_Found]:
-        """A1111 `walk_files` order, symlinked directories followed once each (no cycles, no directory twice)."""
-        visited: set[tuple[int, int]] = set()
-        found: list[_Found] = []
-        for root in self._dirs:
-            root_str = os.path.abspath(root)
-            try:
-                st = os.stat(root_str)
-            except OSError:
-                logger.debug("LoRA folder %s does not exist; skipped", root_str)
-                continue
-            if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in visited:
-                continue
-            visited.add((st.st_dev, st.st_ino))
-            root_path = Path(root_str)
-            listed: list[tuple[str, tuple[str, ...], frozenset[str], list[os.DirEntry[str]]]] = []
-            stack: list[tuple[str, tuple[str, ...]]] = [(root_str, ())]
-            while stack:
-                d, rel = stack.pop()
-                names, candidates, subdirs = self._scan_dir(d, visited)
-                listed.append((d, rel, names, candidates))
-                stack.extend((os.path.join(d, s), (*rel, s)) for s in subdirs)
-            listed.sort(key=lambda item: _natural_key(item[0]))
-            for d, rel, names, candidates in listed:
-                for de in sorted(candidates, key=lambda de: _natural_key(de.name)):
-                    try:
-                        fst = de.stat()
-                    except OSError as exc:
-                        logger.warning("LoRA file %s cannot be read (%s); not listed", de.path, exc.strerror or exc)
-                        continue
-                    if stat.S_ISREG(fst.st_mode):
-                        found.append(_Found(root_path, d, rel, de.name, fst.st_size, fst.st_mtime_ns, names))
-        return found
-
-    def _scan_dir(
-        self, d: str, visited: set[tuple[int, int]]
-    ) -> tuple[frozenset[str], list[os.DirEntry[str]], list[str]]:
-        names: set[str] = set()
-        candidates: list[os.DirEntry[str]] = []
-        dirs: list[tuple[bool, list[object], str, tuple[int, int]]] = []
-        try:
-            it = os.scandir(d)
-        except OSError as exc:
-            logger.warning("LoRA folder %s cannot be listed (%s); skipped", d, exc.strerror or exc)
-            return frozenset(), [], []
-        with it:
-            for de in it:
-                try:
-                    is_dir = de.is_dir()
-                except OSError:
-                    is_dir = False
-                if not is_dir:
-                    names.add(de.name)
-                    if os.path.splitext(de.name)[1].lower() in LORA_EXTENSIONS:
-                        candidates.append(de)
-                    continue
-                if not self._include_hidden and de.name.startswith("."):
-                    continue
-                try:
-                    dst = de.stat()
-                except OSError:
-                    continue
-                dirs.append((de.is_symlink(), _natural_key(de.name), de.name, (dst.st_dev, dst.st_ino)))
-        if is_run_folder(names, {entry[2] for entry in dirs}):  # training state, not LoRAs (lora_ext.runfolder)
-            logger.debug("%s is a training run folder; not listed", d)
-            return frozenset(), [], []
-        subdirs = []
-        for *_, name, key in sorted(dirs):  # a folder reached twice is walked once: real folders first, then by name
-            if key not in visited:
-                visited.add(key)
-                subdirs.append(name)
-        return frozenset(names), candidates, subdirs
-
-    def _make_entry(self, f: _Found, rec: _FileRecord, sidecars: dict[str, _SidecarRecord]) -> LoraEntry:
+    def _make_entry(self, f: Found, rec: FileRecord, sidecars: dict[str, SidecarRecord]) -> LoraEntry:
         """The entry for a file; the previous listing's entry object when nothing about it changed."""
         path = f.path
         stem = os.path.splitext(f.name)[0]
@@ -614,8 +380,8 @@ class LoraIndex:
             side = sidecars.get(side_path) or self._sidecar(side_path)
             if side is not None:
                 sidecars[side_path] = side
-        preview = next((name for name in self._preview_names(stem) if name in f.siblings), None)
-        description = next((stem + s for s in DESCRIPTION_SUFFIXES if stem + s in f.siblings), None)
+        preview = preview_name(stem, f.siblings, self._preview_extensions)
+        description = description_name(stem, f.siblings)
         made = self._made.get(path)
         if made is not None:
             old_rec, old_side, old_preview, old_description, old_entry = made
@@ -646,12 +412,7 @@ class LoraIndex:
         self._made[path] = (rec, side, preview, description, entry)
         return entry
 
-    def _preview_names(self, stem: str) -> Iterator[str]:
-        for ext in self._preview_extensions:
-            yield f"{stem}.{ext}"
-            yield f"{stem}.preview.{ext}"
-
-    def _slot(self, path: str, f: _Found, rec: _FileRecord) -> _MetadataSlot | None:
+    def _slot(self, path: str, f: Found, rec: FileRecord) -> _MetadataSlot | None:
         if rec.facts.n_modules is None:  # a pickle, or a header that could not be read
             return None
         held = self._slots.get(path)
@@ -661,7 +422,7 @@ class LoraIndex:
         self._slots[path] = (f.size, f.mtime_ns, slot)
         return slot
 
-    def _sidecar(self, path: str) -> _SidecarRecord | None:
+    def _sidecar(self, path: str) -> SidecarRecord | None:
         try:
             st = os.stat(path)
         except OSError:
@@ -670,8 +431,8 @@ class LoraIndex:
         if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
             return old
         self._cache_dirty = True
-        data, problem = _read_sidecar(path, st.st_size)
-        return _SidecarRecord(st.st_size, st.st_mtime_ns, data, problem)
+        data, problem = read_sidecar(path, st.st_size)
+        return SidecarRecord(st.st_size, st.st_mtime_ns, data, problem)
 
     # --- cache file -----------------------------------------------------------------------------------------------
     def _load_cache(self) -> None:
@@ -680,362 +441,29 @@ class LoraIndex:
         self._cache_loaded = True
         if self._cache_file is None:
             return
-        try:
-            size = self._cache_file.stat().st_size
-            if size > CACHE_MAX_BYTES:
-                raise ValueError(f"{size} bytes is more than this index ever writes")
-            obj = json.loads(self._cache_file.read_bytes())
-        except FileNotFoundError:
+        contents = load_cache(self._cache_file)
+        if contents is None:  # missing, unreadable or foreign: rebuilt and rewritten
             self._cache_dirty = True
             return
-        except (OSError, ValueError, RecursionError) as exc:
-            logger.warning("LoRA index cache %s is unreadable (%s); rebuilding it", self._cache_file, exc)
-            self._cache_dirty = True
-            return
-        if not (isinstance(obj, dict) and obj.get("format") == CACHE_FORMAT and obj.get("version") == CACHE_VERSION):
-            logger.warning("%s is not a lora_ext index cache of version %d; rebuilding it", self._cache_file,
-                           CACHE_VERSION)
-            self._cache_dirty = True
-            return
-        facts_raw, files, sidecars = obj.get("facts"), obj.get("files"), obj.get("sidecars")
-        if not (type(facts_raw) is list and type(files) is dict and type(sidecars) is dict):
-            logger.warning("LoRA index cache %s is incomplete; rebuilding it", self._cache_file)
-            self._cache_dirty = True
-            return
-        facts = [_Facts.from_json(f) for f in facts_raw]
-        valid = [f for f in facts if f is not None]
-        for path, raw in files.items():
-            rec = _FileRecord.from_json(raw, facts)  # type: ignore[arg-type]  # None facts are caught below
-            if rec is not None and rec.facts is not None:
-                self._records[path] = rec
-        for path, raw in sidecars.items():
-            side = _SidecarRecord.from_json(raw)
-            if side is not None:
-                self._sidecars[path] = side
-        if len(valid) != len(facts) or len(self._records) != len(files) or len(self._sidecars) != len(sidecars):
+        self._records.update(contents.records)
+        self._sidecars.update(contents.sidecars)
+        if not contents.complete:
             self._cache_dirty = True  # rewrite without the records that were dropped
 
     def _save_cache(self) -> None:
         if self._cache_file is None or not self._cache_dirty:
             return
-        facts: dict[_Facts, int] = {}
-        files = {p: r.to_json(facts.setdefault(r.facts, len(facts))) for p, r in self._records.items()}
-        obj = {
-            "format": CACHE_FORMAT,
-            "version": CACHE_VERSION,
-            "facts": [f.to_json() for f in facts],
-            "files": files,
-            "sidecars": {p: s.to_json() for p, s in self._sidecars.items()},
-        }
-        # ASCII with \u escapes: also file names that are not valid UTF-8 (surrogate-escaped by os) round-trip
-        data = json.dumps(obj, separators=(",", ":")).encode("ascii")
-        try:
-            self._cache_file.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self._cache_file, data)
-        except (OSError, LoraFileError) as exc:
-            logger.warning("LoRA index cache %s could not be written (%s); the next start lists from scratch",
-                           self._cache_file, exc)
-            return
-        self._cache_dirty = False
-
-
-# ------------------------------------------------------------------------------------------------ reading one file
-
-
-_PICKLE_FACTS = _Facts("Unknown", "none", "pickled file (.pt/.ckpt): not opened while listing", None, None, None)
-_UNREADABLE_FACTS = _Facts("Unknown", "none", "the header could not be read", None, None, None)
-
-
-def _inspect(path: str, size: int, mtime_ns: int, memo: dict[tuple[int, int], _Structure]) -> _FileRecord:
-    """Learn what listing needs from one file version: its header only, never a pickle."""
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        return _FileRecord(size, mtime_ns, None, None, _PICKLE_FACTS)
-    try:
-        fast = _fast_header(path, size, memo)
-        if fast is not None:
-            metadata, structure = fast
-        else:
-            header = read_header(path)
-            metadata = header.metadata
-            keys = list(header.tensors)
-            structure = _analyse_keys(keys, lambda i: header.tensors[keys[i]].shape)
-    except LoraFileError as exc:
-        return _FileRecord(size, mtime_ns, None, None, _UNREADABLE_FACTS, (str(exc),))
-    sd_version, source, evidence = _sd_version(structure, metadata)
-    alias = metadata.get("ss_output_name")
-    return _FileRecord(
-        size=size,
-        mtime_ns=mtime_ns,
-        alias=alias if alias and alias.strip() else None,
-        sshs=metadata.get("sshs_model_hash") or None,
-        facts=_Facts(sd_version, source, evidence, structure.algorithm, structure.rank, structure.n_modules),
-        problems=(str(LoraFileError(path, structure.problem)),) if structure.problem else (),
-    )
-
-
-def _sd_version(structure: _Structure, metadata: Mapping[str, str]) -> tuple[str, str, str]:
-    """(sd_version, source, evidence): key names/shapes first, then metadata (A1111's fields first)."""
-    base = base_model_from_metadata(metadata)
-    if structure.arch is not None:
-        evidence = structure.evidence
-        if base is not None and base != structure.arch:
-            evidence += (f"; the metadata says {ARCH_NAMES.get(base, base)}, but key names and shapes outrank "
-                         "metadata")
-        return _ARCH_TO_SD[structure.arch], "keys", evidence
-    if base is None:
-        return "Unknown", "none", "no base-model metadata, and the key names and shapes are not conclusive"
-    fields = [f"{k}={metadata[k]}" for k in _META_BASE_FIELDS if metadata.get(k)]
-    said = ", ".join(fields) if fields else "kohya ss_* metadata without a base-model field (A1111 reads it as SD1)"
-    if base in _ARCH_TO_SD:
-        return _ARCH_TO_SD[base], "metadata", f"metadata: {said}"
-    return "Unknown", "metadata", f"metadata says {ARCH_NAMES.get(base, base)} (not SD1/SD2/SDXL): {said}"
-
-
-def _read_header_text(path: str, size: int) -> tuple[bytes, str] | None:
-    """The JSON header as (bytes, text) when the framing is sane, else None (the full reader will say why)."""
-    if size < 10:
-        return None
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            return None
-        n = int.from_bytes(head, "little")
-        if n < 2 or n > MAX_HEADER_SIZE or n > size - 8:
-            return None
-        raw = f.read(n)
-    if len(raw) != n:
-        return None
-    try:
-        return raw, raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _split_metadata(text: str) -> tuple[dict[str, str], int] | None:
-    """(metadata, index where the tensor entries start: at the "," after the metadata, or at the opening "{" when
-    there is none) for a header whose metadata comes first or is absent; None for other layouts."""
-    if text.startswith(_META_OPEN):
-        try:
-            meta, end = _DECODER.raw_decode(text, len(_META_OPEN))
-        except ValueError:
-            return None
-        if type(meta) is not dict or not set(map(type, meta.values())) <= {str}:
-            return None
-        return meta, end
-    if '"__metadata__"' in text or not text.startswith("{"):
-        return None
-    return {}, 0
-
-
-def _fast_header(
-    path: str, size: int, memo: dict[tuple[int, int], _Structure]
-) -> tuple[dict[str, str], _Structure] | None:
-    """Metadata and key structure from a compact header (the safetensors library's layout), or None to fall back."""
-    try:
-        got = _read_header_text(path, size)
-    except OSError:
-        return None
-    if got is None:
-        return None
-    raw, text = got
-    split = _split_metadata(text)
-    if split is None:
-        return None
-    metadata, start = split
-    region = text[start:]
-    last = region.rfind(_ENTRY_OPEN)
-    if last < 0 or _data_end(region, last) != size - 8 - len(raw):
-        return None  # no tensors, other layout, or data missing: the full reader decides
-    # The memo key: the tensor entries' bytes without the padding (which depends on the metadata's length), as
-    # (length, Python's keyed SipHash of them): as good as a digest for telling layouts apart, and 2.5x faster.
-    byte_start = start if text.isascii() else len(text[:start].encode("utf-8"))
-    entries = memoryview(raw)[byte_start : raw.rfind(b"}") + 1]
-    digest = (len(entries), hash(entries))
-    structure = memo.get(digest)
-    if structure is None:
-        keys = _compact_keys(region)
-        if keys is None:
-            return None
-        structure = _analyse_keys(keys, lambda i: _compact_shape(region, keys[i]))
-        memo[digest] = structure
-    return metadata, structure
-
-
-def _data_end(region: str, last: int) -> int | None:
-    """The end offset of the entry that starts at `last` (in data order, the end of all tensor data)."""
-    a = region.find('"data_offsets":[', last)
-    b = region.find("]", a)
-    if a < 0 or b < 0:
-        return None
-    parts = region[a + 16 : b].split(",")
-    try:
-        return int(parts[1]) if len(parts) == 2 else None
-    except ValueError:
-        return None
-
-
-def _compact_keys(region: str) -> list[str] | None:
-    """The tensor keys of compact entries `{"k0":{"dtype":...},"k1":{"dtype":...}}` (or `,"k0":...` after the
-    metadata), in order; None for any other layout (spaces, field order, escapes), so the full reader takes over."""
-    if "\\" in region or not region.startswith(('{"', ',"')):
-        return None
-    end = region.find(_KEY_END, 2)
-    if end < 0 or '"' in region[2:end]:
-        return None
-    keys = [region[2:end], *_NEXT_KEY.findall(region, end)]
-    return keys if len(keys) == region.count('"data_offsets"') else None
-
-
-def _compact_shape(region: str, key: str) -> tuple[int, ...] | None:
-    """The shape of `key`'s entry in a region `_compact_keys` accepted."""
-    at = region.find(f'"{key}{_KEY_END}')
-    if at < 0:
-        return None
-    a = region.find('"shape":[', at)
-    b = region.find("]", a)
-    if a < 0 or b < 0 or b > region.find("}", at + len(key) + len(_KEY_END)):
-        return None
-    inner = region[a + 9 : b]
-    try:
-        return tuple(int(x) for x in inner.split(",")) if inner else ()
-    except ValueError:
-        return None
-
-
-class _KeyTable:
-    """A header's LoRA keys split into (module, normalised suffix) by `lora_ext.formats.keys` rules, shapes on demand.
-
-    When every key is "<dotless module>.<plain suffix>" (kohya/LyCORIS files) they are split at the first dot, which
-    is what `split_key` would do; otherwise every key goes through `split_key`, and keys it does not know are left
-    out. `shape_of(i)` is the shape of the file's i-th key.
-    """
-
-    def __init__(self, keys: Sequence[str], shape_of: Callable[[int], tuple[int, ...] | None]) -> None:
-        parts = [k.partition(".") for k in keys]
-        modules = tuple([p[0] for p in parts])
-        suffixes = tuple([p[2] for p in parts])
-        if _PLAIN_SUFFIXES.issuperset(suffixes):
-            self.joined: Sequence[str] = keys
-            self.positions: Sequence[int] = range(len(keys))
-        else:
-            split = [(i, sk) for i, k in enumerate(keys) if (sk := split_key(k)) is not None]
-            modules = tuple(sk.module for _, sk in split)
-            suffixes = tuple(sk.suffix for _, sk in split)
-            self.joined = [f"{sk.module}.{sk.suffix}" for _, sk in split]
-            self.positions = [i for i, _ in split]
-        self.modules: tuple[str, ...] = modules
-        self.suffixes: tuple[str, ...] = suffixes
-        self._shape_of = shape_of
-
-    def shape(self, module: str, suffix: str) -> tuple[int, ...] | None:
-        try:
-            p = self.joined.index(f"{module}.{suffix}")
-        except ValueError:
-            return None
-        return self._shape_of(self.positions[p])
-
-
-class _ShapeOnly:
-    """Stands in for a tensor where `lora_ext.formats.arch` only looks at the shape."""
-
-    __slots__ = ("shape",)
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-
-class _ModuleShapes(Mapping):
-    """suffix -> _ShapeOnly of one module, parsed on access."""
-
-    def __init__(self, table: _KeyTable, module: str) -> None:
-        self._table, self._module = table, module
-
-    def __getitem__(self, suffix: str) -> _ShapeOnly:
-        shape = self._table.shape(self._module, suffix)
-        if shape is None:
-            raise KeyError(suffix)
-        return _ShapeOnly(shape)
-
-    def __iter__(self) -> Iterator[str]:
-        return (s for m, s in zip(self._table.modules, self._table.suffixes) if m == self._module)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class _ModulesView(Mapping):
-    """module -> _ModuleShapes: what `detect_arch` reads, without building every module's dict."""
-
-    def __init__(self, table: _KeyTable, modules: Mapping[str, None]) -> None:
-        self._table, self._modules = table, modules
-
-    def __getitem__(self, module: str) -> _ModuleShapes:
-        if module not in self._modules:
-            raise KeyError(module)
-        return _ModuleShapes(self._table, module)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._modules)
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-
-def _analyse_keys(keys: Sequence[str], shape_of: Callable[[int], tuple[int, ...] | None]) -> _Structure:
-    """Algorithm, rank, module count and key-based architecture from a header's tensor keys (`shape_of(i)`: the
-    shape of keys[i], None when unknown)."""
-    table = _KeyTable(keys, shape_of)
-    modules = dict.fromkeys(table.modules)
-    if not modules:
-        example = f" (e.g. {keys[0]!r})" if keys else ""
-        why = f"none of its {len(keys)} tensor keys is a LoRA key{example}" if keys else "it holds no tensors"
-        return _Structure(None, None, 0, None, "no LoRA keys", f"{why}; is it a LoRA file?")
-    counts = Counter(table.suffixes)
-    found = [(sum(counts[a] for a in anchors), name) for name, anchors in _ALGORITHM_ANCHORS]
-    kinds = [name for n, name in sorted(found, key=lambda nf: -nf[0]) if n]
-    if counts["dora_scale"]:
-        kinds = ["dora"] if kinds == ["lora"] else [*kinds, "dora"]
-    rank = None
-    if counts["lora_down.weight"]:
-        first = table.positions[table.suffixes.index("lora_down.weight")]
-        shape = shape_of(first)
-        rank = int(shape[0]) if shape else None
-    guess = detect_arch(_ModulesView(table, modules), None)  # type: ignore[arg-type]  # shapes are all it reads
-    arch = guess.arch if guess.arch in _ARCH_TO_SD else None
-    return _Structure("+".join(kinds) or None, rank, len(modules), arch, guess.evidence)
+        if save_cache(self._cache_file, self._records, self._sidecars):
+            self._cache_dirty = False
 
 
 def _read_metadata(path: str) -> dict[str, str]:
     """The header metadata of a `.safetensors` file; {} (logged) when it cannot be read."""
     try:
-        size = os.stat(path).st_size
-        got = _read_header_text(path, size)
-        split = _split_metadata(got[1]) if got is not None else None
-        if split is not None:
-            return split[0]
-        return read_header(path).metadata
+        return read_metadata(path)
     except (OSError, LoraFileError) as exc:
         logger.warning("metadata of %s could not be read: %s", path, exc)
         return {}
-
-
-def _read_sidecar(path: str, size: int) -> tuple[dict, str | None]:
-    """A `<stem>.json` sidecar: (its object, None) or ({}, problem naming the file)."""
-    if size > SIDECAR_MAX_BYTES:
-        return {}, str(LoraFileError(path, f"{size} bytes is too large for a LoRA card sidecar; not read"))
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            obj = json.load(f)
-    except OSError as exc:
-        return {}, str(LoraFileError(path, f"cannot read the file: {exc.strerror or exc}"))
-    except (ValueError, RecursionError) as exc:
-        return {}, str(LoraFileError(path, f"not valid JSON ({exc})", hint="fix or delete the file"))
-    if not isinstance(obj, dict):
-        return {}, str(LoraFileError(path, "is not a JSON object", hint="fix or delete the file"))
-    return obj, None
 
 
 @contextmanager
@@ -1059,8 +487,3 @@ def _stat_or_none(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
-
-
-def _natural_key(text: str) -> list[object]:
-    """A1111's natural sort: runs of ASCII digits compare as numbers, the rest case-insensitively."""
-    return [int(part) if i % 2 else part.lower() for i, part in enumerate(_DIGIT_RUNS.split(text))]

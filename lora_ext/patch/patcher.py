@@ -41,16 +41,13 @@ from lora_ext.errors import (
     NonFiniteWeightError,
     ShapeMismatchError,
 )
-from lora_ext.formats.algorithms.base import Dense, LowRank
+from lora_ext.formats.algorithms.base import LowRank
 from lora_ext.formats.arch import ARCH_NAMES
 from lora_ext.formats.network import LoraModule, LoraNetwork
 from lora_ext.patch.keymap import ModelAdapter, Target
 from lora_ext.patch.report import NetworkReport, PatchReport
 
 log = logging.getLogger(__name__)
-
-_NEEDS_CURRENT_WEIGHT = frozenset({"ia3"})  # algorithms whose delta depends on the weight (besides DoRA)
-_BIAS_KEYS = ("diff_b", "b_norm")  # tensors that carry a bias delta
 
 
 class BlockMultipliers(Protocol):
@@ -191,9 +188,7 @@ class Patcher:
                 rep.unmatched.append(mname)
                 continue
             try:
-                module.algorithm.check_shape(target.spec)
-                if module.dora_scale is not None:
-                    _check_dora_shape(module.dora_scale, target)
+                module.algorithm.check_shape(target.spec)  # the DoRA magnitude's shape included
             except ShapeMismatchError as err:
                 mismatched.append(mname)
                 if len(mismatched) == 1:
@@ -249,7 +244,7 @@ class Patcher:
             for c in contribs:
                 t = c.target
                 weight_work[_slot_key(t.module, t.weight_attr)].append(c)
-                if t.bias_attr is not None and _has_bias_delta(c.module):
+                if t.bias_attr is not None and c.module.algorithm.has_bias_delta:
                     bias_work[_slot_key(t.module, t.bias_attr)].append(c)
 
         work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}
@@ -403,12 +398,11 @@ class Patcher:
 
     def _write_region(self, slot: _Slot, w0: Tensor, out: Tensor, cs: list[_Contribution]) -> None:
         spec = cs[0].target.spec
-        sequential = any(c.module.dora_scale is not None or c.module.algorithm.name in _NEEDS_CURRENT_WEIGHT
-                         for c in cs)
+        sequential = any(c.module.algorithm.needs_current_weight for c in cs)
         if sequential:
             acc = w0.to(torch.float32, copy=True)
             for c in cs:  # DoRA (inside weight_delta) and IA3 read the weight as the LoRAs before them left it
-                delta = _materialize(c.module.algorithm.weight_delta(acc, spec, dyn=c.dyn), acc.shape)
+                delta = c.module.algorithm.weight_delta(acc, spec, dyn=c.dyn).materialize(acc.shape)
                 acc.add_(delta, alpha=c.multiplier)
             self._commit(acc, out, cs)
             return
@@ -483,24 +477,3 @@ def _refused(lora: ActiveLora, err: Exception) -> NetworkReport:
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def _has_bias_delta(module: LoraModule) -> bool:
-    return any(k in module.algorithm.tensors() for k in _BIAS_KEYS)
-
-
-def _materialize(d: LowRank | Dense, shape: torch.Size) -> Tensor:
-    if isinstance(d, LowRank):
-        return (d.up.float() @ d.down.float()).mul_(float(d.scale)).reshape(shape)
-    return d.delta.float().reshape(shape)
-
-
-def _check_dora_shape(dora_scale: Tensor, target: Target) -> None:
-    out_features = target.spec.weight_shape[0]
-    in_features = target.spec.weight_shape[1] if len(target.spec.weight_shape) > 1 else 1
-    n = dora_scale.numel()
-    if n not in (out_features, in_features):
-        raise ShapeMismatchError(None, f"dora_scale has {n} values; the layer has {out_features} outputs and "
-                                 f"{in_features} inputs", key="dora_scale")
-
-

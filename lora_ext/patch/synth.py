@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lora_ext.formats.algorithms import algorithm_named
 from lora_ext.patch.keymap import ModelAdapter, Target
 
 ATTENTION_PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -47,7 +48,7 @@ def select_locon(target: Target) -> bool:
 
 @dataclass(frozen=True)
 class SynthSpec:
-    algorithm: str = "lora"  # "lora" | "loha" | "lokr" | "full" | "ia3"
+    algorithm: str = "lora"  # the `name` of any registered algorithm ("lora", "loha", "lokr", "full", "norm", "ia3")
     rank: int = 4
     alpha: float | None = None  # None: alpha = rank / 2 (a non-trivial scale); 0 -> no alpha key
     naming: str = "kohya"
@@ -67,10 +68,17 @@ def file_module_name(adapter: ModelAdapter, target: Target, naming: str) -> str:
     raise ValueError(f"unknown naming style {naming!r}")
 
 
+_PEFT_NAMES = {"lora_up.weight": "lora_B.weight", "lora_down.weight": "lora_A.weight"}  # what peft writes
+
+
 def make_lora_tensors(adapter: ModelAdapter, spec: SynthSpec = SynthSpec(),
                       select: Callable[[Target], bool] = select_attention, *, seed: int = 0,
                       components: tuple[str, ...] = ("unet", "te1", "te2")) -> dict[str, Tensor]:
-    """Random LoRA tensors for every selected target of the model, named as `spec.naming` tools write them."""
+    """Random LoRA tensors for every selected target of the model, named as `spec.naming` tools write them.
+
+    The tensors of one module come from the algorithm's own `synthesize` (any registered algorithm, by name); targets
+    whose kind of layer the algorithm does not apply to are skipped."""
+    cls = algorithm_named(spec.algorithm)
     g = torch.Generator().manual_seed(seed)
     out: dict[str, Tensor] = {}
 
@@ -80,61 +88,16 @@ def make_lora_tensors(adapter: ModelAdapter, spec: SynthSpec = SynthSpec(),
     for target in sorted(adapter.targets.values(), key=lambda t: t.key):
         if target.component not in components or not select(target):
             continue
-        shape = tuple(target.spec.weight_shape)
-        if target.spec.kind not in ("linear", "conv"):
+        tensors = cls.synthesize(target.spec, spec.rank, rnd, with_bias=target.bias_attr is not None)
+        if tensors is None:
             continue
         name = file_module_name(adapter, target, spec.naming)
-        out_f, in_f = shape[0], shape[1]
-        ksize = shape[2:] if len(shape) == 4 else ()
-        r = spec.rank
-        alpha = spec.alpha if spec.alpha is not None else r / 2
-        if spec.algorithm == "lora":
-            down = rnd(r, in_f, *ksize)
-            up = rnd(out_f, r, *([1] * len(ksize)))
-            if spec.naming == "peft":
-                out[f"{name}.lora_A.weight"] = down
-                out[f"{name}.lora_B.weight"] = up
-            else:
-                out[f"{name}.lora_down.weight"] = down
-                out[f"{name}.lora_up.weight"] = up
-        elif spec.algorithm == "loha":
-            flat_in = in_f * (int(torch.tensor(ksize).prod()) if ksize else 1)
-            out[f"{name}.hada_w1_a"] = rnd(out_f, r)
-            out[f"{name}.hada_w1_b"] = rnd(r, flat_in)
-            out[f"{name}.hada_w2_a"] = rnd(out_f, r)
-            out[f"{name}.hada_w2_b"] = rnd(r, flat_in)
-            if ksize:
-                out[f"{name}.hada_w1_a"] = rnd(out_f, r) * 10
-                out[f"{name}.hada_w2_a"] = rnd(out_f, r) * 10
-        elif spec.algorithm == "lokr":
-            f1 = _small_factor(out_f)
-            g1 = _small_factor(in_f)
-            out[f"{name}.lokr_w1"] = rnd(f1, g1) * 10
-            out[f"{name}.lokr_w2_a"] = rnd(out_f // f1, r)
-            out[f"{name}.lokr_w2_b"] = rnd(r, (in_f // g1) * (int(torch.tensor(ksize).prod()) if ksize else 1))
-        elif spec.algorithm == "full":
-            out[f"{name}.diff"] = rnd(*shape) * 0.1
-            if target.bias_attr is not None:
-                out[f"{name}.diff_b"] = rnd(out_f) * 0.1
-            alpha = 0
-        elif spec.algorithm == "ia3":
-            out[f"{name}.weight"] = rnd(out_f) * 10
-            alpha = 0
-        else:
-            raise ValueError(f"unknown synthetic algorithm {spec.algorithm!r}")
-        if alpha:
+        for suffix, t in tensors.items():
+            out[f"{name}.{_PEFT_NAMES.get(suffix, suffix) if spec.naming == 'peft' else suffix}"] = t
+        alpha = spec.alpha if spec.alpha is not None else spec.rank / 2
+        if alpha and cls.uses_alpha:
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
-        if spec.dora:
-            out[f"{name}.dora_scale"] = (1.0 + rnd(1, in_f, *([1] * len(ksize))).float()).to(spec.dtype)
+        shape = target.spec.weight_shape
+        if spec.dora and len(shape) >= 2:  # DoRA needs a 2-D or conv weight
+            out[f"{name}.dora_scale"] = (1.0 + rnd(1, shape[1], *([1] * (len(shape) - 2))).float()).to(spec.dtype)
     return out
-
-
-def _small_factor(n: int) -> int:
-    """Largest divisor of n that is <= sqrt(n) (LoKr splits dimensions into two factors)."""
-    best = 1
-    i = 1
-    while i * i <= n:
-        if n % i == 0:
-            best = i
-        i += 1
-    return best

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_ext.errors import TrainingError
-from lora_ext.formats.algorithms import Lora
-from lora_ext.formats.algorithms.base import layer_forward
+from lora_ext.formats.algorithms import Lora, apply_dora, weight_norm
+from lora_ext.formats.algorithms.base import ALPHA_KEY, DORA_KEY, layer_forward
+from lora_ext.formats.algorithms.lora import DOWN, UP
 from lora_ext.patch import ModelAdapter, Target, adapter_for_pipeline
 from lora_ext.patch.synth import file_module_name
 
@@ -62,7 +63,7 @@ _ATTENTION_PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 _TE_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 _RESNET_PARTS = (".resnets.", ".downsamplers.", ".upsamplers.")
 
-UP, DOWN, ALPHA, DORA = "lora_up.weight", "lora_down.weight", "alpha", "dora_scale"
+ALPHA, DORA = ALPHA_KEY, DORA_KEY
 
 
 # ---------------------------------------------------------------------------------------------------------- selection
@@ -137,7 +138,7 @@ class TrainableLora(nn.Module):
 
     `contribution(x, weight)` is the layer's extra output for input x, multiplier not applied: the engine's LoRA
     bypass (or, with DoRA, the layer's op with the decomposed delta W' - W, computed differentiably with the formula
-    of `lora_ext.formats.algorithms.dora`).
+    of `lora_ext.formats.algorithms.dora`, `apply_dora`).
     """
 
     def __init__(self, name: str, target: Target, rank: int, alpha: float, *, dora: bool, dtype: torch.dtype,
@@ -166,7 +167,7 @@ class TrainableLora(nn.Module):
                                                 device=device))
         if dora:
             with torch.no_grad():
-                norms = _column_norms(weight.detach().to(torch.float32))
+                norms = weight_norm(weight.detach().to(torch.float32), "in")
             self.dora_scale: nn.Parameter | None = nn.Parameter(norms.to(dtype))
         else:
             self.dora_scale = None
@@ -200,17 +201,13 @@ class TrainableLora(nn.Module):
         return layer_forward(x, delta.to(dtype), None, spec)
 
     def dora_delta(self, weight: Tensor) -> Tensor:
-        """W' - W = dora_scale * (W + dW) / ||W + dW||_col - W, float32, differentiable in the LoRA parameters.
-
-        The norm runs over each input column (output and kernel axes), as the engine's `apply_dora` does for a
-        (1, in, ...) magnitude."""
+        """W' - W = dora_scale * (W + dW) / ||W + dW||_col - W, float32, differentiable in the LoRA parameters:
+        the engine's own `apply_dora` (a (1, in, ...) magnitude normalises each input column)."""
         if self.dora_scale is None:
             raise TrainingError(f"internal error: {self.name} has no DoRA magnitude")
         spec = self.target.spec
         delta = self.algorithm().weight_delta(weight, spec).materialize(spec.weight_shape)
-        base = weight.detach().to(device=delta.device, dtype=torch.float32)
-        merged = base + delta
-        return merged * (self.dora_scale.to(torch.float32) / _column_norms(merged)) - base
+        return apply_dora(weight.detach(), delta, self.dora_scale)  # the base weight is frozen
 
     def kohya_tensors(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """This module's file tensors (suffix -> detached CPU tensor): factors and dora_scale in `dtype`; alpha as a
@@ -227,13 +224,6 @@ class TrainableLora(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: rank={self.rank}, alpha={self.alpha:g}, dora={self.dora_scale is not None}"
-
-
-def _column_norms(weight: Tensor) -> Tensor:
-    """||W[:, i, ...]|| for each input column i, shaped (1, in, 1, ...) like W's trailing dims."""
-    shape = tuple(weight.shape)
-    norms = weight.transpose(0, 1).reshape(shape[1], -1).norm(dim=1)
-    return norms.reshape(1, shape[1], *([1] * (len(shape) - 2)))
 
 
 # --------------------------------------------------------------------------------------------------------- the network

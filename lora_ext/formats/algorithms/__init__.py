@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, LowRank, ModuleExtras
-from lora_ext.formats.algorithms.dora import apply_dora, dora_axis
+from lora_ext.formats.algorithms.dora import apply_dora, dora_axis, weight_norm
 from lora_ext.formats.algorithms.full import FullDiff
 from lora_ext.formats.algorithms.ia3 import IA3
 from lora_ext.formats.algorithms.loha import LoHa
@@ -21,6 +21,15 @@ from lora_ext.formats.algorithms.lora import Lora
 from lora_ext.formats.algorithms.norm import NormDiff
 
 ALGORITHMS: tuple[type[Algorithm], ...] = (Lora, LoHa, LoKr, FullDiff, NormDiff, IA3)
+"""The registry. Adding an algorithm: one file declaring its class, one entry here (docs/adding-an-algorithm.md)."""
+
+
+def algorithm_named(name: str) -> type[Algorithm]:
+    """The registered class called `name` ("lora", "loha", ...); ValueError naming the known ones otherwise."""
+    for cls in ALGORITHMS:
+        if cls.name == name:
+            return cls
+    raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(cls.name for cls in ALGORITHMS)}")
 
 
 def detect_algorithm(tensors: Mapping[str, Tensor]) -> Algorithm | None:
@@ -48,7 +57,9 @@ __all__ = [
     "LowRank",
     "ModuleExtras",
     "NormDiff",
+    "algorithm_named",
     "apply_dora",
     "detect_algorithm",
     "dora_axis",
+    "weight_norm",
 ]

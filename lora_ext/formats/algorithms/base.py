@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
@@ -30,6 +30,18 @@ ALPHA_KEY = "alpha"
 SCALE_KEY = "scale"
 DORA_KEY = "dora_scale"
 COMMON_KEYS = frozenset({ALPHA_KEY, SCALE_KEY, DORA_KEY})
+COMMON_SUFFIXES: Mapping[str, str] = MappingProxyType({
+    ".alpha": ALPHA_KEY,
+    ".scale": SCALE_KEY,
+    ".dora_scale": DORA_KEY,
+    ".lora_magnitude_vector": DORA_KEY,  # PEFT DoRA: per-output-row magnitude
+    ".lora_magnitude_vector.default": DORA_KEY,
+    ".lora_magnitude_vector.default.weight": DORA_KEY,
+})
+"""File-key suffix -> normalised suffix of the optional keys any algorithm may carry."""
+
+Random = Callable[..., Tensor]
+"""`rnd(*shape)`: random values of a given shape (the dtype and scale are the caller's), for `Algorithm.synthesize`."""
 
 LAYER_KINDS = ("linear", "conv", "norm", "embedding")
 
@@ -195,7 +207,22 @@ class Algorithm(ABC):
     other) and in `check_shape` (factors fit the target layer); both raise ShapeMismatchError with the suffix key.
     """
 
+    # --- what each algorithm declares (every table outside this package is built from these) ----------------------
     name: ClassVar[str]
+    """Short name, as shown in listings ("lora", "loha", ...)."""
+    suffixes: ClassVar[Mapping[str, str]]
+    """File-key suffix -> normalised suffix for this algorithm's own tensors (the common keys are not repeated)."""
+    guarded_suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    """Suffixes too generic to accept after any module name (IA3's ".weight"): only after a kohya/LyCORIS prefix."""
+    anchors: ClassVar[tuple[str, ...]]
+    """Normalised suffixes of which each module of this algorithm has exactly one (counting modules in a header)."""
+    bias_key: ClassVar[str | None] = None
+    """The normalised suffix of the bias delta, None when the algorithm has none."""
+    reads_current_weight: ClassVar[bool] = False
+    """True when the delta depends on the layer's current weight (IA3), so merges run one LoRA after the other."""
+    uses_alpha: ClassVar[bool] = True
+    """False for algorithms without a rank, where an "alpha" key has no effect."""
+
     extras: ModuleExtras
     source: Mapping[str, Tensor]  # the tensors this module consumed (suffix -> tensor)
 
@@ -207,6 +234,20 @@ class Algorithm(ABC):
 
         Raises ShapeMismatchError(None, reason, key=suffix) when the keys fit but the shapes are inconsistent.
         """
+
+    @classmethod
+    def input_width(cls, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+        """The input width of the layer a module was made for, read from its tensor shapes (normalised suffix ->
+        shape); None when this algorithm's keys do not say it. Exact for linear layers (what architecture detection
+        reads); for a conv, a factor stored flattened gives in * kh * kw."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """Random tensors (normalised suffix -> tensor) of a plausible module for the layer `spec`, drawn with `rnd`;
+        None when the algorithm does not apply to that kind of layer. Used by `lora_ext.patch.synth` for demos,
+        benchmarks and tests; "alpha" and "dora_scale" are added by the caller."""
 
     # --- description --------------------------------------------------------------------------------------------
     @property
@@ -239,23 +280,29 @@ class Algorithm(ABC):
         """The tensors this module was built from (suffix -> tensor, as stored in the file)."""
         return self.source
 
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.bias_key is not None and self.bias_key in self.source
+
+    @property
+    def needs_current_weight(self) -> bool:
+        """True when the delta reads the layer's current weight: IA3, or any module with a DoRA magnitude."""
+        return self.reads_current_weight or self.extras.dora_scale is not None
+
     # --- shape checks ---------------------------------------------------------------------------------------------
     def check_shape(self, spec: LayerSpec) -> None:
         """Raise ShapeMismatchError(None, reason, key=...) if this module cannot apply to the layer `spec`."""
         self._check_target(spec)
         if self.extras.dora_scale is not None:
             dora_axis(spec.weight_shape, tuple(self.extras.dora_scale.shape))
-        check_bias(self._bias_key(), self._bias_tensor(), spec)
+        check_bias(self.bias_key or "", self._bias_tensor(), spec)
 
     @abstractmethod
     def _check_target(self, spec: LayerSpec) -> None:
         """Algorithm-specific part of `check_shape`."""
 
-    def _bias_key(self) -> str:
-        return ""
-
     def _bias_tensor(self) -> Tensor | None:
-        return None
+        return self.source.get(self.bias_key) if self.bias_key is not None else None
 
     def _check_weight(self, orig_weight: Tensor, spec: LayerSpec) -> None:
         if tuple(orig_weight.shape) != spec.weight_shape:
@@ -291,7 +338,7 @@ class Algorithm(ABC):
         bias = self._bias_tensor()
         if bias is None:
             return None
-        check_bias(self._bias_key(), bias, spec)
+        check_bias(self.bias_key or "", bias, spec)
         if orig_bias is not None:
             return bias.to(device=orig_bias.device, dtype=torch.float32).reshape(orig_bias.shape)
         return bias.to(dtype=torch.float32).reshape(bias_shape(spec))

@@ -60,23 +60,28 @@ def dora_axis(weight_shape: tuple[int, ...], dora_shape: tuple[int, ...]) -> Dor
     )
 
 
+def weight_norm(weight: Tensor, axis: DoraAxis) -> Tensor:
+    """||W|| per input column ("in": over the output and kernel axes, shaped (1, in, 1, ...)) or per output row
+    ("out": over the input and kernel axes, shaped (out, 1, 1, ...)), ready to broadcast against W."""
+    shape = tuple(weight.shape)
+    trailing = [1] * (len(shape) - 2)
+    if axis == "out":
+        return weight.reshape(shape[0], -1).norm(dim=1).reshape(shape[0], 1, *trailing)
+    return weight.transpose(0, 1).reshape(shape[1], -1).norm(dim=1).reshape(1, shape[1], *trailing)
+
+
 def apply_dora(orig_weight: Tensor, delta: Tensor, dora_scale: Tensor) -> Tensor:
     """The new delta W' - W with weight decomposition, float32 on orig_weight's device.
 
     orig_weight: W, shape (out, in, ...), any float dtype (not modified); delta: dW with W's numel (already
     alpha-scaled, multiplier not applied: the caller multiplies the returned delta, as A1111 does); dora_scale: the
-    magnitude, see the module docstring for the accepted shapes.
+    magnitude, see the module docstring for the accepted shapes. Differentiable in all three (training learns the
+    factors inside `delta` and the magnitude through this function); callers that only merge run it under no_grad.
     """
-    weight = orig_weight.detach().to(torch.float32)
+    weight = orig_weight.to(torch.float32)
     shape = tuple(weight.shape)
     axis = dora_axis(shape, tuple(dora_scale.shape))
-    merged = weight + delta.detach().to(device=weight.device, dtype=torch.float32).reshape(shape)
-    magnitude = dora_scale.detach().to(device=weight.device, dtype=torch.float32)
-    trailing = [1] * (len(shape) - 2)
-    if axis == "out":
-        norm = merged.reshape(shape[0], -1).norm(dim=1).reshape(shape[0], 1, *trailing)
-        magnitude = magnitude.reshape(shape[0], 1, *trailing)
-    else:
-        norm = merged.transpose(0, 1).reshape(shape[1], -1).norm(dim=1).reshape(1, shape[1], *trailing)
-        magnitude = magnitude.reshape(1, shape[1], *trailing)
+    merged = weight + delta.to(device=weight.device, dtype=torch.float32).reshape(shape)
+    norm = weight_norm(merged, axis)
+    magnitude = dora_scale.to(device=weight.device, dtype=torch.float32).reshape(norm.shape)
     return merged * (magnitude / norm) - weight

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import Tensor
 
 from lora_ext.errors import ShapeMismatchError
-from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, ModuleExtras, as_f32, tensor_source
+from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, ModuleExtras, Random, as_f32, tensor_source
 
 DIFF, DIFF_B = "diff", "diff_b"
 
@@ -26,6 +27,10 @@ class FullDiff(Algorithm):
     """Full-difference module: "diff", optional "diff_b"."""
 
     name: ClassVar[str] = "full"
+    suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({".diff": DIFF, ".diff_b": DIFF_B})
+    anchors: ClassVar[tuple[str, ...]] = (DIFF,)
+    bias_key: ClassVar[str | None] = DIFF_B
+    uses_alpha: ClassVar[bool] = False
 
     diff: Tensor
     diff_b: Tensor | None
@@ -44,6 +49,21 @@ class FullDiff(Algorithm):
             raise ShapeMismatchError(None, "diff_b is empty", key=DIFF_B)
         return cls(diff, diff_b, ModuleExtras.from_tensors(tensors), tensor_source(tensors, (DIFF, DIFF_B)))
 
+    @classmethod
+    def input_width(cls, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+        diff = shapes.get(DIFF)
+        return int(diff[1]) if diff is not None and len(diff) == 2 else None
+
+    @classmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """diff with the weight's shape, diff_b (out,) when the layer has a bias; both small (0.1x)."""
+        if spec.kind not in ("linear", "conv"):
+            return None
+        out = {DIFF: rnd(*spec.weight_shape) * 0.1}
+        if with_bias:
+            out[DIFF_B] = rnd(spec.out_features) * 0.1
+        return out
+
     @property
     def rank(self) -> None:
         return None
@@ -55,12 +75,6 @@ class FullDiff(Algorithm):
             raise ShapeMismatchError(
                 None, f"diff has shape {tuple(self.diff.shape)}, the layer weight is {shape}", key=DIFF
             )
-
-    def _bias_key(self) -> str:
-        return DIFF_B
-
-    def _bias_tensor(self) -> Tensor | None:
-        return self.diff_b
 
     def _delta(self, orig_weight: Tensor, spec: LayerSpec, dyn: int | None) -> Dense:
         diff = as_f32(self.diff, orig_weight.device).reshape(spec.weight_shape)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import Tensor
 
 from lora_ext.errors import ShapeMismatchError
-from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, ModuleExtras, as_f32, tensor_source
+from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, ModuleExtras, Random, as_f32, tensor_source
 
 WEIGHT, ON_INPUT = "weight", "on_input"
 
@@ -27,6 +28,11 @@ class IA3(Algorithm):
     """(IA)^3 module: "weight", optional "on_input" (a 0-d bool/int tensor)."""
 
     name: ClassVar[str] = "ia3"
+    suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({".on_input": ON_INPUT})
+    guarded_suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({".weight": WEIGHT})
+    anchors: ClassVar[tuple[str, ...]] = (WEIGHT,)
+    reads_current_weight: ClassVar[bool] = True
+    uses_alpha: ClassVar[bool] = False
 
     weight: Tensor
     on_input: bool
@@ -48,6 +54,13 @@ class IA3(Algorithm):
                                          key=ON_INPUT)
             on_input = bool(flag.reshape(()).item())
         return cls(weight, on_input, ModuleExtras.from_tensors(tensors), tensor_source(tensors, (WEIGHT, ON_INPUT)))
+
+    @classmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """A per-output-channel vector w (out,), 10x larger than `rnd` draws (a visible rescaling)."""
+        if spec.kind not in ("linear", "conv"):
+            return None
+        return {WEIGHT: rnd(spec.out_features) * 10}
 
     @property
     def rank(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -27,6 +28,7 @@ from lora_ext.formats.algorithms.base import (
     Dense,
     LayerSpec,
     ModuleExtras,
+    Random,
     as_f32,
     input_fits,
     is_all_ones,
@@ -95,6 +97,8 @@ class LoHa(Algorithm):
     """LoHa module: "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", optional "hada_t1"/"hada_t2"."""
 
     name: ClassVar[str] = "loha"
+    suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({f".{k}": k for k in (W1A, W1B, W2A, W2B, T1, T2)})
+    anchors: ClassVar[tuple[str, ...]] = (W1A,)
 
     side1: _Side
     side2: _Side
@@ -118,6 +122,26 @@ class LoHa(Algorithm):
             )
         source = tensor_source(tensors, (W1A, W1B, W2A, W2B, T1, T2))
         return cls(side1, side2, ModuleExtras.from_tensors(tensors), source)
+
+    @classmethod
+    def input_width(cls, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+        for key in (W1B, W2B):
+            shape = shapes.get(key)
+            if shape is not None and len(shape) >= 2:
+                return int(shape[1])
+        return None
+
+    @classmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """Flattened factors w*_a (out, r), w*_b (r, in*kh*kw); the a-sides 10x larger for convs (visible deltas)."""
+        if spec.kind not in ("linear", "conv"):
+            return None
+        out_f = spec.out_features
+        out = {W1A: rnd(out_f, rank), W1B: rnd(rank, spec.in_flat), W2A: rnd(out_f, rank), W2B: rnd(rank, spec.in_flat)}
+        if spec.kind == "conv":
+            out[W1A] = rnd(out_f, rank) * 10
+            out[W2A] = rnd(out_f, rank) * 10
+        return out
 
     @property
     def rank(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,7 @@ from lora_ext.formats.algorithms.base import (
     Dense,
     LayerSpec,
     ModuleExtras,
+    Random,
     as_f32,
     is_all_ones,
     tensor_source,
@@ -48,6 +50,8 @@ class LoKr(Algorithm):
     """LoKr module: ("lokr_w1" | "lokr_w1_a"+"lokr_w1_b") and ("lokr_w2" | "lokr_w2_a"+"lokr_w2_b"[+"lokr_t2"])."""
 
     name: ClassVar[str] = "lokr"
+    suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({f".{k}": k for k in (W1, W1A, W1B, W2, W2A, W2B, T2)})
+    anchors: ClassVar[tuple[str, ...]] = (W1, W1A)
 
     w1: Tensor | None
     w1_a: Tensor | None
@@ -109,6 +113,16 @@ class LoKr(Algorithm):
         if any(t is not None and t.numel() == 0 for t in (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a,
                                                           self.w2_b, self.t2)):
             raise _bad(W1 if self.w1 is not None else W1A, "empty LoKr factor")
+
+    @classmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """w1 whole (a, c) with a, c the largest divisors <= sqrt of out and in; w2 factorized (b, r) @ (r, d*kh*kw)."""
+        if spec.kind not in ("linear", "conv"):
+            return None
+        out_f, in_f = spec.weight_shape[0], spec.weight_shape[1]
+        a, c = _small_factor(out_f), _small_factor(in_f)
+        kernel = math.prod(spec.weight_shape[2:])
+        return {W1: rnd(a, c) * 10, W2A: rnd(out_f // a, rank), W2B: rnd(rank, (in_f // c) * kernel)}
 
     @property
     def rank(self) -> int | None:
@@ -176,3 +190,8 @@ class LoKr(Algorithm):
         device = orig_weight.device
         kron = torch.kron(self._w1_matrix(device), self._w2_matrix(device))
         return Dense(kron.mul_(self.scale()).reshape(spec.weight_shape))
+
+
+def _small_factor(n: int) -> int:
+    """Largest divisor of n that is <= sqrt(n) (how LoKr splits a dimension into two factors)."""
+    return max(i for i in range(1, math.isqrt(n) + 1) if n % i == 0)

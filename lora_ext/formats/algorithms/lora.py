@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from lora_ext.formats.algorithms.base import (
     LayerSpec,
     LowRank,
     ModuleExtras,
+    Random,
     as_f32,
     input_fits,
     is_all_ones,
@@ -47,6 +49,19 @@ class Lora(Algorithm):
     """LoRA/LoCon/DyLoRA module: "lora_up.weight", "lora_down.weight", optional "lora_mid.weight"."""
 
     name: ClassVar[str] = "lora"
+    suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({
+        # kohya / LyCORIS
+        ".lora_up.weight": UP, ".lora_down.weight": DOWN, ".lora_mid.weight": MID,
+        # PEFT / diffusers
+        ".lora_B.weight": UP, ".lora_A.weight": DOWN,
+        ".lora_B.default.weight": UP, ".lora_A.default.weight": DOWN,
+        ".lora_B.default_0.weight": UP, ".lora_A.default_0.weight": DOWN,
+        ".lora.up.weight": UP, ".lora.down.weight": DOWN,
+        ".lora_linear_layer.up.weight": UP, ".lora_linear_layer.down.weight": DOWN,
+        # old diffusers attention processors: "...processor.to_q_lora.up.weight"
+        "_lora.up.weight": UP, "_lora.down.weight": DOWN,
+    })  # fmt: skip
+    anchors: ClassVar[tuple[str, ...]] = (DOWN,)
 
     up: Tensor
     down: Tensor
@@ -82,6 +97,20 @@ class Lora(Algorithm):
                     None, f"with lora_mid, lora_down must be 1x1, got {tuple(down.shape)}", key=DOWN
                 )
         return cls(up, down, mid, ModuleExtras.from_tensors(tensors), tensor_source(tensors, (UP, DOWN, MID)))
+
+    @classmethod
+    def input_width(cls, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+        down = shapes.get(DOWN)
+        return int(down[1]) if down is not None and len(down) >= 2 else None
+
+    @classmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """down (r, in[, kh, kw]), up (out, r[, 1, 1])."""
+        if spec.kind not in ("linear", "conv"):
+            return None
+        out_f, in_f, kernel = spec.weight_shape[0], spec.weight_shape[1], spec.weight_shape[2:]
+        down = rnd(rank, in_f, *kernel)
+        return {DOWN: down, UP: rnd(out_f, rank, *([1] * len(kernel)))}
 
     @property
     def rank(self) -> int:

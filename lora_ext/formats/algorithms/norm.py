@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import Tensor
 
 from lora_ext.errors import ShapeMismatchError
-from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, ModuleExtras, as_f32, tensor_source
+from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, ModuleExtras, Random, as_f32, tensor_source
 
 W_NORM, B_NORM = "w_norm", "b_norm"
 
@@ -26,6 +27,10 @@ class NormDiff(Algorithm):
     """Norm module: "w_norm", optional "b_norm"."""
 
     name: ClassVar[str] = "norm"
+    suffixes: ClassVar[Mapping[str, str]] = MappingProxyType({".w_norm": W_NORM, ".b_norm": B_NORM})
+    anchors: ClassVar[tuple[str, ...]] = (W_NORM,)
+    bias_key: ClassVar[str | None] = B_NORM
+    uses_alpha: ClassVar[bool] = False
 
     w_norm: Tensor
     b_norm: Tensor | None
@@ -45,6 +50,16 @@ class NormDiff(Algorithm):
             )
         return cls(w_norm, b_norm, ModuleExtras.from_tensors(tensors), tensor_source(tensors, (W_NORM, B_NORM)))
 
+    @classmethod
+    def synthesize(cls, spec: LayerSpec, rank: int, rnd: Random, with_bias: bool) -> dict[str, Tensor] | None:
+        """w_norm (and b_norm when the layer has a bias) with the norm weight's shape."""
+        if spec.kind != "norm":
+            return None
+        out = {W_NORM: rnd(*spec.weight_shape)}
+        if with_bias:
+            out[B_NORM] = rnd(*spec.weight_shape)
+        return out
+
     @property
     def rank(self) -> None:
         return None
@@ -58,12 +73,6 @@ class NormDiff(Algorithm):
                 None, f"w_norm has shape {tuple(self.w_norm.shape)}, the norm weight is {spec.weight_shape}",
                 key=W_NORM,
             )
-
-    def _bias_key(self) -> str:
-        return B_NORM
-
-    def _bias_tensor(self) -> Tensor | None:
-        return self.b_norm
 
     def _delta(self, orig_weight: Tensor, spec: LayerSpec, dyn: int | None) -> Dense:
         delta = as_f32(self.w_norm, orig_weight.device).reshape(spec.weight_shape)

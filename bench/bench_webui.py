@@ -82,7 +82,7 @@ def main() -> None:
     from lora_ext.formats.safetensors_io import save_safetensors_atomic
     from lora_ext.patch.ldm import adapter_for_ldm
     from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
-    from lora_ext.webui import glue
+    from lora_ext.webui import glue, settings
 
     full = webui / "models" / "Lora" / "full_r16.safetensors"
     names = ["bench_a", "bench_b", "bench_c"]
@@ -144,9 +144,9 @@ def main() -> None:
     base_prompt = "a photo of a cat"
 
     def measure(owner: str, keep_backups: bool = True) -> dict:
-        shared.opts.set(glue._OWN, owner != "builtin")
+        shared.opts.set(settings.OWN, owner != "builtin")
         shared.opts.set("lora_ext_keep_backups", keep_backups)
-        glue.state().controller.cache.clear()  # every phase starts with nothing parsed: "first use" is first
+        glue.state().session.cache.clear()  # every phase starts with nothing parsed: "first use" is first
         gen(base_prompt)  # warm-up without LoRA
         rss0 = proc.memory_info().rss
         peak = [rss0]
@@ -199,7 +199,7 @@ def main() -> None:
             res["switch_with_restore_s"] = res["switch_s"] + res["restore_s"]
         res["step_overhead"] = res["step_3loras_s"] / res["step_base_s"] - 1
         if ours_phase:
-            ctl = glue.state().controller
+            ctl = glue.state().session
             res["backup_mib_after"] = (ctl.patcher.backup_bytes if ctl.patcher else 0) / 2**20
             res["cache_mib"] = ctl.cache.nbytes / 2**20
             ctl.forget_model()

@@ -1,4 +1,4 @@
-"""`<lora:...>` prompt tags: parsing, validation, and finding the file a tag names.
+"""`<lora:...>` prompt tags: parsing and validation (finding the file a name means: `lora_ext.library.lookup`).
 
 Pure Python (stdlib + `lora_ext.errors`); nothing here touches a model or the WebUI.
 
@@ -51,24 +51,20 @@ untouched. `parse_prompt` removes LoRA tags by replacing each with the empty str
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path, PureWindowsPath
 from types import MappingProxyType
 
-from lora_ext.errors import LoraNotFoundError, PromptSyntaxError
+from lora_ext.errors import PromptSyntaxError
 
 __all__ = [
     "BLOCK_IDS",
     "BLOCK_LAYOUTS",
-    "DEFAULT_EXTENSIONS",
     "LBW_PRESETS",
     "LORA_KINDS",
     "BlockWeights",
@@ -77,13 +73,11 @@ __all__ = [
     "parse_block_weights",
     "parse_prompt",
     "parse_tag",
-    "resolve_lora_path",
+    "tag_text",
 ]
 
-logger = logging.getLogger(__name__)
 
 LORA_KINDS: tuple[str, ...] = ("lora", "lyco")
-DEFAULT_EXTENSIONS: tuple[str, ...] = (".safetensors", ".pt", ".ckpt", ".bin")
 
 # Block ids of the LDM UNet (A1111 / lora-block-weight naming): BASE is the text encoder(s); INnn, M00, OUTnn are
 # `input_blocks.nn`, `middle_block`, `output_blocks.nn`. SD1/SD2 have IN00..IN11 and OUT00..OUT11, SDXL IN00..IN08 and
@@ -246,7 +240,8 @@ class LoraRef:
     """One `<lora:...>` / `<lyco:...>` tag, parsed.
 
     `te` multiplies the LoRA on the text encoder(s), `unet` on the UNet; `lbw` (if any) further scales each block
-    (see `effective_multiplier`). `extra` holds the other named args verbatim; it is excluded from the hash.
+    (`lora_ext.session.active_lora` hands them to the patcher, whose `ActiveLora.multiplier` combines them).
+    `extra` holds the other named args verbatim; it is excluded from the hash.
     """
 
     name: str
@@ -284,13 +279,6 @@ class LoraRef:
             if not isinstance(value, str) or any(c in value for c in ":<>="):
                 raise PromptSyntaxError(where, f"extra arg {key}= must be text without ':', '<', '>' or '='")
         object.__setattr__(self, "extra", extra)
-
-    def effective_multiplier(self, block: str) -> float:
-        """The multiplier for `block`: te x lbw(BASE) for "BASE", unet x lbw(block) for a UNet block id."""
-        if block not in BLOCK_IDS:
-            raise ValueError(f"unknown block {block!r}; expected BASE, IN00..IN11, M00 or OUT00..OUT11")
-        weight = self.lbw.multiplier_for(block) if self.lbw is not None else 1.0
-        return (self.te if block == "BASE" else self.unet) * weight
 
     def active_steps(self, total_steps: int) -> range:
         """The 0-based sampling steps during which this LoRA is active (start <= step < stop)."""
@@ -571,152 +559,7 @@ def _window_problem(start: StepPoint | None, stop: StepPoint | None) -> str | No
     return None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Finding the file
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_lora_path(
-    name: str,
-    lora_dirs: Sequence[str | Path],
-    extensions: Sequence[str] = DEFAULT_EXTENSIONS,
-) -> Path:
-    """The LoRA file that `name` denotes inside `lora_dirs`.
-
-    `name` is a path relative to a LoRA directory, with or without one of `extensions` ("ink", "styles/ink",
-    "styles\\ink", "ink.pt"); extensions match case-insensitively, names case-sensitively. If no file has that relative
-    path, a bare name is looked up by file stem in every subfolder (as A1111 keys LoRAs by stem). When one name has
-    files with several extensions, .safetensors wins, then the order of `extensions`.
-
-    Raises LoraNotFoundError when nothing matches (naming the directories searched), when the name is absolute or
-    contains "..", when the match resolves outside the directory it was found in (e.g. a symlink pointing
-    elsewhere; symlinked folders are not searched by stem), or when the name matches files in several places
-    (listing them). The returned path is inside a LoRA directory (symlinks in it are not resolved).
-    """
-    exts = _normalise_extensions(extensions)
-    parts = _name_parts(name)
-    roots = []
-    missing = []
-    for directory in lora_dirs:
-        path = Path(directory)
-        if path.is_dir():
-            roots.append(path.resolve())
-        else:
-            missing.append(str(path))
-
-    direct = _unique(_pick(root, root.joinpath(*parts[:-1]), parts[-1], exts, name) for root in roots)
-    if len(direct) == 1:
-        return direct[0]
-    if len(direct) > 1:
-        raise LoraNotFoundError(_ambiguous_message(name, direct))
-
-    if len(parts) == 1:
-        by_stem = _unique(
-            _pick(root, Path(folder), parts[0], exts, name) for root in roots for folder in _walk_folders(root)
-        )
-        if len(by_stem) == 1:
-            logger.debug("LoRA %r found by stem: %s", name, by_stem[0])
-            return by_stem[0]
-        if len(by_stem) > 1:
-            raise LoraNotFoundError(_ambiguous_message(name, by_stem))
-
-    searched = ", ".join(str(r) for r in roots) or "(none)"
-    msg = f"LoRA {name!r} not found in {searched} (extensions {', '.join(exts)}"
-    msg += ", also searched subfolders by file stem)" if len(parts) == 1 else ")"
-    if missing:
-        msg += f"; these LoRA directories do not exist (or are not folders): {', '.join(missing)}"
-    raise LoraNotFoundError(msg)
-
-
-def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(extensions, str):
-        extensions = (extensions,)
-    exts = []
-    for ext in extensions:
-        ext = ext.lower() if ext.startswith(".") else "." + ext.lower()
-        if ext not in exts:
-            exts.append(ext)
-    if not exts:
-        raise ValueError("extensions must not be empty")
-    if ".safetensors" in exts:
-        exts.remove(".safetensors")
-        exts.insert(0, ".safetensors")
-    return tuple(exts)
-
-
-def _name_parts(name: str) -> list[str]:
-    """Split a LoRA name into relative path components; reject names that could leave the LoRA directories."""
-    if not isinstance(name, str) or not name.strip():
-        raise LoraNotFoundError(f"empty LoRA name {name!r}")
-    if "\x00" in name:
-        raise LoraNotFoundError(f"LoRA name {name!r} contains a NUL character")
-    posix = name.replace("\\", "/")
-    windows = PureWindowsPath(name)
-    if posix.startswith("/") or windows.drive or windows.root:
-        raise LoraNotFoundError(f"LoRA name {name!r} is an absolute path; give a name relative to the LoRA directories")
-    parts = [p for p in posix.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise LoraNotFoundError(f"LoRA name {name!r} contains '..'; names must stay inside the LoRA directories")
-    if not parts:
-        raise LoraNotFoundError(f"LoRA name {name!r} does not name a file")
-    return parts
-
-
-def _walk_folders(root: Path) -> Iterable[str]:
-    """Every folder under `root` (root included), in sorted order, without following symlinked folders."""
-    for folder, subfolders, _files in os.walk(root, followlinks=False):
-        subfolders.sort()
-        yield folder
-
-
-def _pick(root: Path, folder: Path, base: str, exts: tuple[str, ...], name: str) -> Path | None:
-    """The preferred file in `folder` named `base` (a stem, or a file name with an allowed extension), or None.
-
-    Raises LoraNotFoundError if it resolves outside `root`.
-    """
-    stem, suffix = os.path.splitext(base)
-    if suffix.lower() in exts:
-        wanted_exts: tuple[str, ...] = (suffix.lower(),)
-    else:
-        stem, wanted_exts = base, exts
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return None
-    hits = []
-    for entry in entries:
-        entry_stem, entry_ext = os.path.splitext(entry.name)
-        if entry_stem == stem and entry_ext.lower() in wanted_exts:
-            try:
-                is_file = entry.is_file()
-            except OSError:
-                is_file = False
-            if is_file:
-                hits.append((wanted_exts.index(entry_ext.lower()), entry.name))
-    if not hits:
-        return None
-    chosen = folder / min(hits)[1]
-    real = chosen.resolve()
-    if not real.is_relative_to(root):
-        raise LoraNotFoundError(
-            f"LoRA {name!r} matches {chosen}, which resolves to {real}, outside the LoRA directory {root} "
-            "(symlinks pointing outside the LoRA directories are refused)"
-        )
-    return chosen
-
-
-def _unique(paths: Iterable[Path | None]) -> list[Path]:
-    """Drop Nones and paths that are the same file (e.g. one directory given twice)."""
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        if path is not None:
-            seen.setdefault(path.resolve(), path)
-    return list(seen.values())
-
-
-def _ambiguous_message(name: str, candidates: list[Path]) -> str:
-    listing = "; ".join(str(p) for p in candidates)
-    return (
-        f"LoRA name {name!r} is ambiguous: it matches {len(candidates)} files ({listing}); "
-        "write the path relative to the LoRA directory (e.g. <lora:subfolder/name:1>) or rename one"
-    )
+def tag_text(items: Sequence[str], kind: str = "lora") -> str:
+    """The tag text of an argument list as the WebUI splits a tag (`ExtraNetworkParams.items`): ["x", "0.5"] ->
+    "<lora:x:0.5>"."""
+    return "<" + ":".join([kind, *items]) + ">"

@@ -127,21 +127,22 @@ def test_each_bad_file_fails_clearly_and_model_untouched(setup):
     from lora_ext.prompt import parse_prompt
 
     _, good_refs = parse_prompt("<lora:good:0.7>")
-    session.activate(good_refs, [d], skip_bad=False)
+    session.use_lora_dirs([d])
+    session.loras.activate(pipe, good_refs, strict=True)
     with_good = snapshot(pipe)
     assert any(not torch.equal(with_good["unet"][k], original["unet"][k]) for k in original["unet"])
     for name, (err_type, word) in corpus.items():
         _, refs = parse_prompt(f"<lora:good:0.7> <lora:{name}:1>")
         with pytest.raises(LoraExtError) as info:
-            session.activate(refs, [d], skip_bad=False)
+            session.loras.activate(pipe, refs, strict=True)
         assert isinstance(info.value, err_type), f"{name}: got {type(info.value).__name__}: {info.value}"
         message = str(info.value)
         assert name in message, f"{name}: message does not name the file: {message}"
         assert word.lower() in message.lower(), f"{name}: message does not say {word!r}: {message}"
         assert_bit_identical(with_good, snapshot(pipe))
         # with skip_bad the bad file is reported and the good LoRA stays applied
-        report, warnings, _ = session.activate(refs, [d], skip_bad=True)
-        assert any(name in w for w in warnings) or any(n.error and name in n.error for n in report.networks)
+        act = session.loras.activate(pipe, refs)
+        assert any(name in w for w in act.problems) and act.applied == ["good"]
         assert_bit_identical(with_good, snapshot(pipe))
     assert not MARKER.exists(), "a pickle in a LoRA file executed code"
     session.patcher.restore()

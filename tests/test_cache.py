@@ -35,3 +35,15 @@ def test_hit_reload_and_bound(tmp_path):
     cache.get(b)  # b alone is bigger than the bound: a is evicted, b kept (the entry in use is never evicted)
     assert cache.nbytes == 1024 and cache.misses == 3
     assert cache.get(b) and cache.hits == 2
+
+
+def test_a_hit_under_another_name_carries_that_name(tmp_path):
+    """<lora:alias> then <lora:file>: one parse, each named as the prompt names it (reports, infotext, problems)."""
+    a = tmp_path / "a.safetensors"
+    _write(a, 1)
+    cache = LoraCache()
+    by_alias = cache.get(a, name="Alias Style")
+    by_file = cache.get(a, name="a")
+    assert (by_alias.name, by_file.name, cache.misses, cache.hits) == ("Alias Style", "a", 1, 1)
+    assert by_file.token == by_alias.token and by_file.modules is by_alias.modules  # nothing parsed or patched again
+    assert cache.get(a).name == "Alias Style"

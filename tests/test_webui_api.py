@@ -1,5 +1,5 @@
 """lora_ext's REST routes (lora_ext.webui.api) without the WebUI: a real LoraIndex over LoRA files written here, a real
-LoraController, A1111's module tree (ldm UNetModel + transformers CLIP, wrapped as the WebUI wraps it) and stubs of
+LoraSession, A1111's module tree (ldm UNetModel + transformers CLIP, wrapped as the WebUI wraps it) and stubs of
 the two `modules.*` the routes read (extra_networks registry, sd_models.model_data).
 
 References are independent of the code under test: file sizes and mtimes from os.stat, A1111's alias and short-hash
@@ -30,7 +30,7 @@ from torch import nn
 
 from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.webui import api
-from lora_ext.webui.controller import LoraController
+from lora_ext.webui.state import GlueState
 
 HAVE_FASTAPI = importlib.util.find_spec("fastapi") is not None and importlib.util.find_spec("httpx") is not None
 needs_fastapi = pytest.mark.skipif(not HAVE_FASTAPI, reason="fastapi/httpx not installed here (see "
@@ -142,13 +142,9 @@ def webui(monkeypatch):
 
 @pytest.fixture
 def st(lora_dir, webui, tmp_path):
-    from lora_ext.library.index import LoraIndex
-    from lora_ext.webui.glue import IndexResolver
-
-    index = LoraIndex([lora_dir], cache_file=tmp_path / "cache" / "index.json")
-    index.refresh()
-    state = SimpleNamespace(index=index, controller=LoraController(IndexResolver(index)), network=FakeNetwork(),
-                            previous=None)
+    state = GlueState.create([lora_dir], tmp_path / "cache" / "index.json")
+    state.index.refresh()
+    state.network = FakeNetwork()
     webui.registry["lora"] = state.network
     return state
 
@@ -218,13 +214,13 @@ def test_status_reports_owner_active_loras_and_backup_size(st, webui, model):
     from lora_ext import __version__
 
     assert s["version"] == __version__
-    act = st.controller.activate(model, [["alpha", "0.5"]])
+    act = st.session.activate(model, ["<lora:alpha:0.5>"])
     assert act.applied == ["alpha"], act.problems
     s = api.status(st)
     assert s["active"] == ["alpha"]
     touched = _layer(model, Q_LDM).weight.numel() + _layer(model, FC1_HF).weight.numel()
     assert s["backup_mib"] == pytest.approx(touched * 4 / 2**20, abs=1e-3)
-    st.controller.restore()
+    st.session.restore()
     assert api.status(st)["active"] == []
     webui.registry["lora"] = object()
     s = api.status(st)

@@ -1,19 +1,25 @@
-"""Generation with `<lora:...>` tags on a diffusers pipeline: parse tags, resolve files, patch, generate, restore.
+"""Generation with `<lora:...>` tags on a diffusers pipeline: the CLI's host of `lora_ext.session`.
 
-A `Session` keeps the pipeline, its patcher and the parsed-file cache between images, so switching LoRA sets only
-recomputes the layers that change. Weights are restored after every image, also when generation fails.
+A `Session` keeps the pipeline and a `LoraSession` (patcher, parsed-file cache) between images, so switching LoRA sets
+only recomputes the layers that change. Names resolve as in the WebUI (the catalogue of the LoRA folders, A1111's
+rules), `start=`/`stop=` switch the UNet part per step as in the WebUI, and the PNG gets the WebUI's infotext.
+Weights are restored after every image, also when generation fails.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_ext.errors import LoraExtError
-from lora_ext.patch import ActiveLora, LoraCache, Patcher, PatchReport, adapter_for_pipeline
-from lora_ext.prompt import LoraRef, parse_prompt, resolve_lora_path
+from lora_ext.formats.infotext import GenerationParameters
+from lora_ext.library.index import LoraIndex
+from lora_ext.library.lookup import IndexResolver
+from lora_ext.patch import LoraCache, Patcher, PatchReport, adapter_for_pipeline
+from lora_ext.prompt import LoraRef, parse_prompt
+from lora_ext.session import LoraSession, step_of_call
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +63,17 @@ class GenerateResult:
                 "report": self.report.to_dict(), "warnings": self.warnings, "infotext": self.infotext}
 
 
-def infotext(prompt: str, negative: str, *, steps: int, sampler: str, cfg: float, seed: int, width: int, height: int,
-             lora_hashes: dict[str, str]) -> str:
-    """A1111-style generation parameters (what the WebUI writes into the PNG's "parameters" text)."""
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    params = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}",
-              f"Size: {width}x{height}"]
-    if lora_hashes:
-        params.append('Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in lora_hashes.items()) + '"')
-    lines.append(", ".join(params))
-    return "\n".join(lines)
+def lora_session(lora_dirs: Sequence[Path], cache: LoraCache | None = None) -> LoraSession:
+    """The session for diffusers pipelines over the catalogue of `lora_dirs` (no index cache file)."""
+    return LoraSession(adapter_for_pipeline, IndexResolver(LoraIndex(list(lora_dirs))), cache=cache)
 
 
 class Session:
-    """A loaded pipeline with a patcher. Use one per model."""
+    """A loaded pipeline with its LoRA session. Use one per model."""
 
     def __init__(self, model: Path, *, scheduler: str | None = "euler", cache: LoraCache | None = None,
-                 pipe: Any = None, arch: str | None = None) -> None:
+                 pipe: Any = None, arch: str | None = None, loras: LoraSession | None = None,
+                 lora_dirs: Sequence[Path] = ()) -> None:
         if pipe is None:
             from lora_ext.models.loading import load_pipeline
 
@@ -85,54 +83,49 @@ class Session:
         self.pipe = pipe
         self.arch = arch
         self.scheduler = scheduler or "default"
-        self.patcher = Patcher(adapter_for_pipeline(pipe))
-        self.cache = cache or LoraCache()
+        self.loras = loras or lora_session(lora_dirs, cache)
+        self._lora_dirs = tuple(Path(d) for d in lora_dirs)
+        self.loras.bind(pipe)
 
-    def activate(self, refs: list[LoraRef], lora_dirs: list[Path], skip_bad: bool) -> tuple[PatchReport, list[str],
-                                                                                               dict[str, str]]:
-        from lora_ext.formats.hashes import lora_short_hash
+    @property
+    def patcher(self) -> Patcher:
+        return self.loras.bind(self.pipe)
 
-        warnings: list[str] = []
-        actives: list[ActiveLora] = []
-        hashes: dict[str, str] = {}
-        for ref in refs:
-            try:
-                path = resolve_lora_path(ref.name, lora_dirs)
-                net = self.cache.get(path, name=ref.name)
-            except LoraExtError as err:
-                if not skip_bad:
-                    raise
-                warnings.append(f"{ref.tag}: {err}")
-                continue
-            if ref.start is not None or ref.stop is not None:
-                warnings.append(f"{ref.tag}: start=/stop= are parsed but not applied yet; the LoRA is active for "
-                                "all steps")
-            actives.append(ActiveLora(net, te=ref.te, unet=ref.unet, dyn=ref.dyn, block_weights=ref.lbw))
-            hashes[ref.name] = lora_short_hash(path, net.metadata)
-        report = self.patcher.apply(actives, skip_bad=skip_bad)
-        for n in report.networks:
-            if n.error:
-                hashes.pop(n.name, None)
-        return report, warnings, hashes
+    def use_lora_dirs(self, lora_dirs: Sequence[Path]) -> None:
+        """Resolve names in `lora_dirs` from now on (the parsed-file cache and the patcher are kept)."""
+        dirs = tuple(Path(d) for d in lora_dirs)
+        if dirs != self._lora_dirs:
+            self.loras.resolver = IndexResolver(LoraIndex(list(dirs)))
+            self._lora_dirs = dirs
 
     def generate(self, prompt: str, negative: str = "", *, seed: int = 0, steps: int = 20, width: int = 512,
-                 height: int = 512, cfg: float = 7.0, lora_dirs: list[Path] | None = None, skip_bad: bool = False,
+                 height: int = 512, cfg: float = 7.0, lora_dirs: Sequence[Path] | None = None, skip_bad: bool = False,
                  out: Path | None = None) -> GenerateResult:
+        """One image. Without `skip_bad` the first unusable tag raises its LoraExtError (nothing generated)."""
         from lora_ext.app.generate import generate_image
 
         text, refs = parse_prompt(prompt)
+        if lora_dirs is not None:
+            self.use_lora_dirs(lora_dirs)
         try:
-            report, warnings, hashes = self.activate(refs, list(lora_dirs or []), skip_bad)
+            act = self.loras.activate(self.pipe, refs, strict=not skip_bad)
+            on_step = None
+            if self.loras.has_windows:
+                self.loras.at_step(0, steps)
+
+                def on_step(call: int, calls: int) -> None:
+                    self.loras.at_step(step_of_call(call, calls, steps), steps)
+
             image = generate_image(self.pipe, text, negative, seed=seed, steps=steps, width=width, height=height,
-                                   cfg=cfg)
+                                   cfg=cfg, on_step=on_step)
         finally:
-            self.patcher.restore()
-        info = infotext(prompt, negative, steps=steps, sampler=self.scheduler, cfg=cfg, seed=seed, width=width,
-                        height=height, lora_hashes=hashes)
+            self.loras.restore()
+        info = GenerationParameters(prompt=prompt, negative=negative, steps=steps, sampler=self.scheduler, cfg=cfg,
+                                    seed=seed, width=width, height=height, lora_hashes=act.hashes).text()
         if out is not None:
             save_png(image, out, info)
-        return GenerateResult(out=out, prompt=text, refs=refs, report=report, warnings=warnings, infotext=info,
-                              image=image)
+        return GenerateResult(out=out, prompt=text, refs=refs, report=act.report or PatchReport(),
+                              warnings=act.problems, infotext=info, image=image)
 
 
 def save_png(image: Any, out: Path, parameters: str) -> None:
@@ -154,14 +147,8 @@ def save_png(image: Any, out: Path, parameters: str) -> None:
 def generate_with_loras(req: GenerateRequest) -> GenerateResult:
     """One image. Tags are parsed and LoRA files read before the model is loaded, so bad input fails fast."""
     _, refs = parse_prompt(req.prompt)
-    cache = LoraCache()
-    for ref in refs:
-        try:
-            cache.get(resolve_lora_path(ref.name, req.lora_dirs), name=ref.name)
-        except LoraExtError:
-            if not req.skip_bad:
-                raise
-    session = Session(req.model, scheduler=req.scheduler, cache=cache)
+    loras = lora_session(req.lora_dirs)
+    loras.prepare(refs, strict=not req.skip_bad)
+    session = Session(req.model, scheduler=req.scheduler, loras=loras, lora_dirs=req.lora_dirs)
     return session.generate(req.prompt, req.negative, seed=req.seed, steps=req.steps, width=req.width,
-                            height=req.height, cfg=req.cfg, lora_dirs=req.lora_dirs, skip_bad=req.skip_bad,
-                            out=req.out)
+                            height=req.height, cfg=req.cfg, skip_bad=req.skip_bad, out=req.out)

@@ -11,6 +11,7 @@ is passed as "none", which is what diffusers does by default (SDXL then uses zer
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,17 +19,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+StepHook = Callable[[int, int], None]
+"""Called before every sampling step but the first with (denoiser calls done, calls in all): what a host needs to
+switch windowed LoRAs (`lora_ext.session.step_of_call`)."""
+
+
 def _call(pipe: Any, prompt: str, negative: str, *, seed: int, steps: int, width: int, height: int, cfg: float,
-          output_type: str):
+          output_type: str, on_step: StepHook | None = None):
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     scale = getattr(pipe, "vae_scale_factor", 8)
     if width <= 0 or height <= 0 or width % scale or height % scale:
         raise ValueError(f"width and height must be positive multiples of {scale}, got {width}x{height}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    extra: dict[str, Any] = {}
+    if on_step is not None:
+        def step_end(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
+            on_step(i + 1, len(pipeline.scheduler.timesteps))
+            return kwargs
+
+        extra["callback_on_step_end"] = step_end
     with torch.inference_mode():
         out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps, width=width,
-                   height=height, guidance_scale=cfg, generator=generator, output_type=output_type)
+                   height=height, guidance_scale=cfg, generator=generator, output_type=output_type, **extra)
     return out.images
 
 
@@ -43,10 +56,10 @@ def generate_latents(pipe: Any, prompt: str, negative: str = "", *, seed: int, s
 
 
 def generate_image(pipe: Any, prompt: str, negative: str = "", *, seed: int, steps: int, width: int, height: int,
-                   cfg: float = 7.0):
+                   cfg: float = 7.0, on_step: StepHook | None = None):
     """One RGB `PIL.Image.Image` of `width` x `height`; no safety checker runs (the loaders build pipelines without).
 
-    cfg <= 1 disables classifier-free guidance.
+    cfg <= 1 disables classifier-free guidance. `on_step`: see `StepHook`.
     """
     return _call(pipe, prompt, negative, seed=seed, steps=steps, width=width, height=height, cfg=cfg,
-                 output_type="pil")[0]
+                 output_type="pil", on_step=on_step)[0]

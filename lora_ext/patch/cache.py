@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lora_ext.formats.network import LoraNetwork, load_lora
@@ -33,6 +33,8 @@ class LoraCache:
         return sum(net.nbytes for _, net in self._items.values())
 
     def get(self, path: str | Path, *, name: str | None = None) -> LoraNetwork:
+        """The parsed file, named `name` (None: as first parsed). A hit under another name (an alias of the same
+        file) is the same parse with that name: same tensors and token, so the patcher recomputes nothing."""
         path = Path(path).resolve()
         st = path.stat()
         stamp = _Stamp(st.st_size, st.st_mtime_ns)
@@ -40,7 +42,8 @@ class LoraCache:
         if hit is not None and hit[0] == stamp:
             self._items.move_to_end(path)
             self.hits += 1
-            return hit[1]
+            net = hit[1]
+            return net if name is None or name == net.name else replace(net, name=name)
         self.misses += 1
         net = load_lora(path, name=name)
         self._items[path] = (stamp, net)

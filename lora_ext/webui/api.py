@@ -1,7 +1,7 @@
 """REST routes of lora_ext inside the WebUI's FastAPI app (FastAPI 0.94 / pydantic 1 there; plain dicts here, so
 pydantic 2 works as well).
 
-Routes (`add_routes(app, st)`, called from the glue's app_started callback):
+Routes (`add_routes(app, st)` with the glue's `GlueState`, called from its app_started callback):
     GET  /lora_ext/status               who handles `<lora:...>`, version, number of files, LoRAs merged right now
     GET  /lora_ext/loras                the catalogue (query: search, sd_version, refresh); no tensor is read (the
                                         header metadata once per file version, kept by the index)
@@ -14,7 +14,7 @@ Routes (`add_routes(app, st)`, called from the glue's app_started callback):
                                         not added them (built-in disabled or absent)
 
 The route functions are thin: the work is done by the module-level functions below (`status`, `list_loras`,
-`lora_detail`, `preview_path`, `builtin_list`), which take the glue state and need no FastAPI.
+`lora_detail`, `preview_path`, `builtin_list`), which take the glue's `GlueState` and need no FastAPI.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from typing import Any
 
 from lora_ext.errors import LoraExtError, LoraFileError, LoraNotFoundError
 from lora_ext.formats.metadata import metadata_summary
+from lora_ext.formats.network import LoraNetwork
+from lora_ext.library.index import LoraEntry, LoraIndex
+from lora_ext.patch.patcher import ActiveLora, Patcher
+from lora_ext.webui import host
+from lora_ext.webui.state import GlueState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ PREVIEW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif"})
 # ------------------------------------------------------------------------------------------------------ records
 
 
-def lookup_key(index: Any, entry: Any) -> str:
+def lookup_key(index: LoraIndex, entry: LoraEntry) -> str:
     """The text that `index.get` resolves to exactly this file: its name, or, when another file with the same name
     (or an alias equal to it) takes the name, its path relative to its LoRA folder without the extension
     (`sub/dir/name`; `/name` for a file at the top of the folder)."""
@@ -51,14 +56,14 @@ def lookup_key(index: Any, entry: Any) -> str:
     return entry.name
 
 
-def preview_url(key: str, entry: Any) -> str | None:
+def preview_url(key: str, entry: LoraEntry) -> str | None:
     """URL of the entry's preview image on our preview route (`key` from `lookup_key`), or None when it has none."""
     if entry.preview is None:
         return None
     return f"{PREFIX}/preview/{urllib.parse.quote(key)}"
 
 
-def entry_dict(index: Any, entry: Any) -> dict[str, Any]:
+def entry_dict(index: LoraIndex, entry: LoraEntry) -> dict[str, Any]:
     """The list view of one `LoraEntry` (JSON-ready). `key` is what reaches this very file in
     `/lora_ext/loras/{key}`: the name, or `sub/dir/name` for a file whose name another file took.
     Reads nothing but the header metadata, once per file version (the index keeps it)."""
@@ -85,14 +90,14 @@ def entry_dict(index: Any, entry: Any) -> dict[str, Any]:
     }
 
 
-def _matches(entry: Any, needle: str) -> bool:
+def _matches(entry: LoraEntry, needle: str) -> bool:
     fields = (entry.name, entry.alias, str(entry.relpath), entry.shorthash or "")
     return any(needle in str(f).lower() for f in fields)
 
 
-def _unique_by_name(st: Any, entries: Iterable[Any]) -> list[Any]:
+def _unique_by_name(st: GlueState, entries: Iterable[LoraEntry]) -> list[LoraEntry]:
     """One entry per name, the one a prompt tag with that name resolves to (A1111 keys its list by name)."""
-    out: dict[str, Any] = {}
+    out: dict[str, LoraEntry] = {}
     for e in entries:
         if e.name not in out:
             out[e.name] = st.index.get(e.name) or e
@@ -102,14 +107,12 @@ def _unique_by_name(st: Any, entries: Iterable[Any]) -> list[Any]:
 # ------------------------------------------------------------------------------------------------------ queries
 
 
-def status(st: Any) -> dict[str, Any]:
+def status(st: GlueState) -> dict[str, Any]:
     """Who handles the `lora` extra network, and what lora_ext holds right now."""
-    from modules import extra_networks
-
     from lora_ext import __version__
 
-    handler = extra_networks.extra_network_registry.get("lora")
-    patcher = st.controller.patcher if st.controller is not None else None
+    handler = host.tag_handler()
+    patcher = st.session.patcher
     active = [a.network.name for a in patcher.active] if patcher is not None else []
     return {
         "owner": type(handler).__module__ if handler is not None else None,
@@ -119,11 +122,11 @@ def status(st: Any) -> dict[str, Any]:
         "loras": len(st.index.entries()),
         "active": active,
         "backup_mib": round(patcher.backup_bytes / 2**20, 3) if patcher is not None else 0.0,
-        "cache_mib": round(st.controller.cache.nbytes / 2**20, 3) if st.controller is not None else 0.0,
+        "cache_mib": round(st.session.cache.nbytes / 2**20, 3),
     }
 
 
-def list_loras(st: Any, search: str = "", sd_version: str = "", refresh: bool = False) -> list[dict[str, Any]]:
+def list_loras(st: GlueState, search: str = "", sd_version: str = "", refresh: bool = False) -> list[dict[str, Any]]:
     """The catalogue, optionally rescanned first. `search`: case-insensitive substring of name, alias, relative path
     or short hash; `sd_version`: "SD1" | "SD2" | "SDXL" | "Unknown" (case-insensitive)."""
     entries = st.index.refresh() if refresh else st.index.entries()
@@ -133,7 +136,7 @@ def list_loras(st: Any, search: str = "", sd_version: str = "", refresh: bool = 
             if (not needle or _matches(e, needle)) and (not version or e.sd_version.lower() == version)]
 
 
-def lora_detail(st: Any, name: str) -> dict[str, Any]:
+def lora_detail(st: GlueState, name: str) -> dict[str, Any]:
     """One file in depth: the list fields, full metadata, the parsed file, and `coverage`: what applying it to the
     loaded model would do (`NetworkReport.to_dict()` + `model_arch`; no weight is touched), or None with
     `coverage_reason`. Raises LoraNotFoundError (unknown name, file gone) or LoraExtError (unreadable file)."""
@@ -158,10 +161,10 @@ def lora_detail(st: Any, name: str) -> dict[str, Any]:
     return out
 
 
-def _load(st: Any, entry: Any, name: str) -> Any:
+def _load(st: GlueState, entry: LoraEntry, name: str) -> LoraNetwork:
     path = Path(entry.path)
     try:
-        return st.controller.load(path, name=name)
+        return st.session.load(path, name=name)
     except FileNotFoundError:
         raise LoraNotFoundError(f"the file of LoRA {name!r} is gone ({path}); POST {PREFIX}/refresh") from None
     except LoraExtError:
@@ -170,17 +173,12 @@ def _load(st: Any, entry: Any, name: str) -> Any:
         raise LoraFileError(path, f"cannot read the file: {err}") from None
 
 
-def _coverage(net: Any) -> tuple[dict[str, Any] | None, str | None]:
-    from lora_ext.webui.glue import loaded_model
-
-    model = loaded_model()
+def _coverage(net: LoraNetwork) -> tuple[dict[str, Any] | None, str | None]:
+    model = host.loaded_model()
     if model is None:
         return None, "no model is loaded"
-    from lora_ext.patch import ldm
-    from lora_ext.patch.patcher import ActiveLora, Patcher
-
     try:
-        adapter = ldm.adapter_for_ldm(model)
+        adapter = host.model_adapter(model)
     except (ValueError, LoraExtError) as err:
         return None, f"the loaded model is not supported: {err}"
     report = Patcher(adapter).check([ActiveLora(net)])
@@ -189,7 +187,7 @@ def _coverage(net: Any) -> tuple[dict[str, Any] | None, str | None]:
     return cov, None
 
 
-def preview_path(st: Any, name: str) -> Path | None:
+def preview_path(st: GlueState, name: str) -> Path | None:
     """The preview image file of the LoRA `name` (an image next to a listed file), or None."""
     entry = st.index.get(name)
     if entry is None or entry.preview is None:
@@ -200,7 +198,7 @@ def preview_path(st: Any, name: str) -> Path | None:
     return path
 
 
-def builtin_list(st: Any) -> list[dict[str, Any]]:
+def builtin_list(st: GlueState) -> list[dict[str, Any]]:
     """`GET /sdapi/v1/loras` in the built-in's format: [{name, alias, path, metadata}], one per name."""
     return [{"name": e.name, "alias": e.alias, "path": str(e.path), "metadata": dict(e.metadata)}
             for e in _unique_by_name(st, st.index.entries())]

@@ -17,7 +17,9 @@ import os
 import sys
 from typing import Any
 
-from lora_ext.webui.glue import loaded_model
+from lora_ext.webui import host, settings
+from lora_ext.webui.api import lookup_key
+from lora_ext.webui.state import GlueState
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,14 @@ def builtin_lora_active() -> bool:
     return enabled and "ui_extra_networks_lora" in sys.modules
 
 
-def setup(st: Any) -> None:
+def setup(st: GlueState) -> None:
     """Register the page (in on_before_ui) when the built-in Lora extension is not active. Called at every script
     load (start-up and "Reload UI")."""
     from modules import script_callbacks
 
     if builtin_lora_active():
         return
-    _register_settings()
+    settings.register_cards()
 
     def before_ui() -> None:
         from modules import ui_extra_networks
@@ -55,29 +57,6 @@ def setup(st: Any) -> None:
     script_callbacks.on_before_ui(before_ui, name="lora_ext_cards_page")
 
 
-def _register_settings() -> None:
-    """The built-in page's two display settings, when the built-in did not register them."""
-    import gradio as gr
-    from modules import shared
-
-    templates = shared.options_templates
-    settings = {
-        "lora_show_all": shared.OptionInfo(False, "Always show all networks on the Lora page").info(
-            "otherwise, those detected as for incompatible version of Stable Diffusion will be hidden"),
-        "lora_hide_unknown_for_versions": shared.OptionInfo([], "Hide networks of unknown versions for model versions",
-                                                            gr.CheckboxGroup, {"choices": ["SD1", "SD2", "SDXL"]}),
-    }
-    missing = {k: v for k, v in settings.items() if k not in templates}
-    if missing:
-        templates.update(shared.options_section(("extra_networks", "Extra Networks"), missing))
-
-
-def _opt(name: str, default: Any) -> Any:
-    from modules import shared
-
-    return getattr(shared.opts, name, default) if shared.opts is not None else default
-
-
 def _model_version(model: Any) -> str:
     if getattr(model, "is_sdxl", False):
         return "SDXL"
@@ -88,22 +67,20 @@ def _model_version(model: Any) -> str:
 
 def hidden_for_model(sd_version: str, model: Any) -> bool:
     """The built-in's filter: hide a LoRA made for another SD version than `model` (None: nothing loaded, show)."""
-    if model is None or _opt("lora_show_all", False):
+    if model is None or host.opt("lora_show_all", False):
         return False
     model_version = _model_version(model)
     if sd_version == "Unknown":
-        return model_version in (_opt("lora_hide_unknown_for_versions", []) or [])
+        return model_version in (host.opt("lora_hide_unknown_for_versions", []) or [])
     if getattr(model, "is_sdxl", False) or getattr(model, "is_sd2", False) or getattr(model, "is_sd1", False):
         return sd_version != model_version
     return False
 
 
-def make_page(st: Any) -> Any:
+def make_page(st: GlueState) -> Any:
     """An `ExtraNetworksPage` titled "Lora" over `st.index`."""
-    from modules import shared, ui_extra_networks
+    from modules import ui_extra_networks
     from modules.ui_extra_networks import quote_js
-
-    from lora_ext.webui.api import lookup_key
 
     class LoraExtCardsPage(ui_extra_networks.ExtraNetworksPage):
         def __init__(self) -> None:
@@ -130,14 +107,14 @@ def make_page(st: Any) -> Any:
                 "preview": self.find_preview(path) or self.find_embedded_preview(path, key, metadata),
                 "description": self.find_description(path),
                 "search_terms": search_terms,
-                "local_preview": f"{path}.{shared.opts.samples_format}",
+                "local_preview": f"{path}.{host.opt('samples_format', 'png')}",
                 "metadata": metadata,
                 "sort_keys": {"default": index, **self.get_sort_keys(filename)},
                 "sd_version": entry.effective_sd_version,  # the sidecar's "sd version" wins, as in A1111
             }
             self.read_user_metadata(item)
             user = item["user_metadata"]
-            alias = st.index.display_name(entry, _opt("lora_preferred_name", "Alias from file"))
+            alias = st.index.display_name(entry, host.opt("lora_preferred_name", "Alias from file"))
             found = st.index.get(alias)
             if found is None or found.path != entry.path:  # the text must reach this very file
                 alias = key
@@ -150,7 +127,7 @@ def make_page(st: Any) -> Any:
                 item["prompt"] += " + " + quote_js(" " + activation)
             negative = user.get("negative text")
             item["negative_prompt"] = quote_js("(" + negative + ":1)") if negative else quote_js("")
-            if enable_filter and hidden_for_model(item["sd_version"], loaded_model()):
+            if enable_filter and hidden_for_model(item["sd_version"], host.loaded_model()):
                 return None
             return item
 
@@ -162,9 +139,7 @@ def make_page(st: Any) -> Any:
                     yield item
 
         def allowed_directories_for_previews(self) -> list[str]:
-            from lora_ext.webui.glue import lora_dirs
-
-            return [str(d) for d in lora_dirs()]
+            return [str(d) for d in host.lora_dirs()]
 
     return LoraExtCardsPage()
 

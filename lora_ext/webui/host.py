@@ -1,4 +1,8 @@
-"""Which WebUI lora_ext was loaded into. Only `lora_ext.webui` asks; the answer decides what the glue registers.
+"""The WebUI as lora_ext sees it: which WebUI it is (`detect`), and the only accessors of A1111's `modules.*` state
+that the rest of `lora_ext.webui` uses (loaded model, LoRA folders, settings, console lines). Registration with the
+WebUI (callbacks, extra networks, pages, routes) stays in the glue.
+
+Which WebUI lora_ext was loaded into decides what the glue registers:
 
 - AUTOMATIC1111 v1.10 (`a1111`): the ldm/sgm model tree the patcher adapts; lora_ext owns the `<lora:...>` tag.
 - Stable Diffusion WebUI Forge (`forge`): same extension API, but its own model runtime (`backend/`,
@@ -13,7 +17,12 @@ Detection looks for Forge's own top-level packages on the WebUI's import path (`
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+from pathlib import Path
+from typing import Any
+
+from lora_ext.patch.keymap import ModelAdapter
 
 A1111 = "a1111"
 FORGE = "forge"
@@ -28,3 +37,74 @@ def detect() -> str:
     except (ImportError, ValueError):
         found = False
     return FORGE if found else A1111
+
+
+# ------------------------------------------------------------------------------- A1111 accessors (the only ones)
+
+
+def opt(name: str, default: Any) -> Any:
+    """The WebUI setting `name`, or `default` when it is not set (or settings are not loaded yet)."""
+    from modules import shared
+
+    return getattr(shared.opts, name, default) if shared.opts is not None else default
+
+
+def loaded_model() -> Any:
+    """The WebUI's current model if one is loaded, else None; never starts loading one (`shared.sd_model` would)."""
+    from modules import sd_models
+
+    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+
+
+def current_model() -> Any:
+    """`shared.sd_model`: the WebUI's model, loaded first if none is (use inside generations)."""
+    from modules import shared
+
+    return shared.sd_model
+
+
+def processing_model(p: Any) -> Any:
+    """The model a processing object generates with (`p.sd_model`, else the WebUI's current one)."""
+    model = getattr(p, "sd_model", None)
+    return model if model is not None else current_model()
+
+
+def tag_handler() -> Any:
+    """The extra network that handles `<lora:...>` now (ours, the built-in's, or None)."""
+    from modules import extra_networks
+
+    return extra_networks.extra_network_registry.get("lora")
+
+
+def lora_dirs() -> list[Path]:
+    """The WebUI's LoRA folders: --lora-dir (default models/Lora) and the LyCORIS back-compat folder."""
+    from modules import paths, shared
+
+    opts = shared.cmd_opts
+    main = getattr(opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+    lyco = getattr(opts, "lyco_dir_backcompat", None) or os.path.join(paths.models_path, "LyCORIS")
+    dirs = [Path(main)]
+    if Path(lyco) != Path(main):
+        dirs.append(Path(lyco))
+    return dirs
+
+
+def index_cache_file() -> Path:
+    """Where the catalogue keeps its header and hash cache (the WebUI's data dir)."""
+    from modules import paths
+
+    return Path(paths.data_path) / "cache" / "lora_ext_index.json"
+
+
+def say(message: str) -> None:
+    """A start-up or state line for the console. A1111 prints extension messages (its log level hides INFO), so
+    these go to stdout, flushed; problems during generations go through `logging` instead."""
+    print(message, flush=True)
+
+
+def model_adapter(sd_model: Any) -> ModelAdapter:
+    """The adapter factory of this host (`lora_ext.session.AdapterFactory`): A1111's ldm (SD1/SD2) and sgm (SDXL)
+    model trees."""
+    from lora_ext.patch.ldm import adapter_for_ldm
+
+    return adapter_for_ldm(sd_model)

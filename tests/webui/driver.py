@@ -69,9 +69,9 @@ def generate(prompt: str, seed: int = 1234, steps: int = 3, size: int = 64, **kw
     import numpy as np
     from modules import processing, shared
 
-    from lora_ext.webui import glue
+    from lora_ext.webui import builtin
 
-    glue._clear_cond_cache()  # every image computes its own conditioning (no reuse across handlers)
+    builtin.clear_cond_cache()  # every image computes its own conditioning (no reuse across handlers)
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
         sampler_name="Euler", seed=seed, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True, **kw)

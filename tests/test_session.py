@@ -1,6 +1,6 @@
-"""The WebUI's activate/restore logic on A1111's module tree (real ldm UNetModel + transformers CLIP, wrapped as the
-WebUI wraps it), without the WebUI: merged weights against the LoRA formula computed by hand, every bad input turned
-into a sentence while the good LoRAs still apply, bit-exact restore."""
+"""`lora_ext.session` on A1111's module tree (real ldm UNetModel + transformers CLIP, wrapped as the WebUI wraps it),
+without the WebUI: merged weights against the LoRA formula computed by hand, every bad input turned into a sentence
+while the good LoRAs still apply (or raised, strict), step windows, bit-exact restore."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lora_ext.errors import LoraExtError, LoraNotFoundError
 from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.models.convert import unet_diffusers_to_ldm
-from lora_ext.webui.controller import LoraController, tag_text
+from lora_ext.patch.ldm import adapter_for_ldm
+from lora_ext.prompt import parse_tag
+from lora_ext.session import LoraSession, active_lora, step_of_call
 from tests.test_layouts_convert import CLIP_L, LDM_UNET, ldm_unet_cls, randomise, tiny_unet  # noqa: F401
 
 
@@ -21,11 +24,22 @@ class DictResolver:
     def __init__(self, files: dict[str, Path]) -> None:
         self.files = files
 
-    def resolve(self, name: str) -> Path | None:
-        return self.files.get(name)
+    def resolve(self, name: str) -> Path:
+        if name not in self.files:
+            raise LoraNotFoundError(f"Lora not found: {name}")
+        return self.files[name]
 
-    def shorthash(self, path: Path) -> str | None:
+    def shorthash(self, path: Path, metadata) -> str | None:
         return "h" + path.stem[:11]
+
+
+def _session(resolver: DictResolver) -> LoraSession:
+    """The session as the WebUI host makes it (A1111's model tree)."""
+    return LoraSession(adapter_for_ldm, resolver)
+
+
+def _tags(*items: list[str]) -> list[str]:
+    return ["<lora:" + ":".join(i) + ">" for i in items]
 
 
 @pytest.fixture
@@ -76,9 +90,9 @@ def test_two_tags_merge_to_the_formula_and_restore_bit_exactly(model, tmp_path):
     pb, tb = _lora_file(tmp_path, "b", model, 2)
     q0 = _module(model, Q).weight.detach().clone()
     fc0 = _module(model, FC1).weight.detach().clone()
-    ctl = LoraController(DictResolver({"a": pa, "b": pb}))
+    ctl = _session(DictResolver({"a": pa, "b": pb}))
 
-    act = ctl.activate(model, [["a", "0.8"], ["b", "0.5", "1.5"]])
+    act = ctl.activate(model, _tags(["a", "0.8"], ["b", "0.5", "1.5"]))
     assert act.problems == [] and act.applied == ["a", "b"]
     want_q = q0 + 0.8 * _delta(ta, Q_KOHYA) + 1.5 * _delta(tb, Q_KOHYA)  # unet multiplier of b is 1.5
     want_fc = fc0 + 0.8 * _delta(ta, FC1_KOHYA) + 0.5 * _delta(tb, FC1_KOHYA)  # te multiplier of b is 0.5
@@ -95,8 +109,8 @@ def test_named_args_and_empty_list(model, tmp_path):
     pa, ta = _lora_file(tmp_path, "a", model, 1)
     q0 = _module(model, Q).weight.detach().clone()
     fc0 = _module(model, FC1).weight.detach().clone()
-    ctl = LoraController(DictResolver({"a": pa}))
-    ctl.activate(model, [["a", "te=0", "unet=0.25"]])
+    ctl = _session(DictResolver({"a": pa}))
+    ctl.activate(model, _tags(["a", "te=0", "unet=0.25"]))
     torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.25 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
     assert torch.equal(_module(model, FC1).weight, fc0)
     act = ctl.activate(model, [])  # A1111 calls activate with [] when the prompt has no tag: everything off
@@ -117,10 +131,10 @@ def test_bad_inputs_become_problems_and_the_rest_applies(model, tmp_path):
     pbroken = tmp_path / "broken.safetensors"
     pbroken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     q0 = _module(model, Q).weight.detach().clone()
-    ctl = LoraController(DictResolver({"good": pa, "partly": pu, "xl": px, "broken": pbroken}))
+    ctl = _session(DictResolver({"good": pa, "partly": pu, "xl": px, "broken": pbroken}))
 
-    act = ctl.activate(model, [["missing", "1"], ["good", "1"], ["xl", "1"], ["broken", "1"], ["partly", "0"],
-                               ["good", "abc"]])
+    act = ctl.activate(model, _tags(["missing", "1"], ["good", "1"], ["xl", "1"], ["broken", "1"], ["partly", "0"],
+                               ["good", "abc"]))
     text = "\n".join(act.problems)
     assert "Lora not found: missing" in text
     assert "xl: not applied" in text
@@ -138,9 +152,9 @@ def test_autocast_does_not_lower_the_merge_precision(model, tmp_path):
     """A1111 calls activate inside devices.autocast(); the merge must still be fp32."""
     pa, ta = _lora_file(tmp_path, "a", model, 1)
     q0 = _module(model, Q).weight.detach().clone()
-    ctl = LoraController(DictResolver({"a": pa}))
+    ctl = _session(DictResolver({"a": pa}))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ctl.activate(model, [["a", "0.7"]])
+        ctl.activate(model, _tags(["a", "0.7"]))
     torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.7 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
     assert _module(model, Q).weight.dtype == torch.float32
 
@@ -148,32 +162,44 @@ def test_autocast_does_not_lower_the_merge_precision(model, tmp_path):
 def test_new_model_object_restores_and_forgets_the_old_one(model, tmp_path, ldm_unet_cls):  # noqa: F811
     pa, _ = _lora_file(tmp_path, "a", model, 1)
     q0 = _module(model, Q).weight.detach().clone()
-    ctl = LoraController(DictResolver({"a": pa}))
-    ctl.activate(model, [["a", "1"]])
+    ctl = _session(DictResolver({"a": pa}))
+    ctl.activate(model, _tags(["a", "1"]))
     other = SimpleNamespace(model=SimpleNamespace(diffusion_model=ldm_unet_cls(**LDM_UNET["sd1"])),
                             cond_stage_model=model.cond_stage_model)
-    ctl.activate(other, [["a", "1"]])
+    ctl.activate(other, _tags(["a", "1"]))
     assert torch.equal(_module(model, Q).weight, q0)  # the previous model was put back before the switch
     assert not torch.equal(other.model.diffusion_model.get_submodule(Q).weight, q0)
     ctl.forget_model()
     assert ctl.patcher is None
 
 
-def test_tag_text():
-    assert tag_text(["x", "0.5", "te=1"]) == "<lora:x:0.5:te=1>"
-    assert tag_text(["x"], "lyco") == "<lyco:x>"
+def test_block_weights_and_multipliers_reach_the_patcher():
+    """te x lbw(BASE) on text encoders, unet x lbw(block) on UNet blocks (lora-block-weight's rule)."""
+    lora = active_lora(None, parse_tag("<lora:x:0.5:2:lbw=INALL>"))
+
+    def m(component: str, block: str) -> float:
+        return lora.multiplier(SimpleNamespace(component=component, block=block))
+
+    assert (m("te1", "BASE"), m("unet", "IN05"), m("unet", "OUT11")) == (0.5, 2.0, 0.0)
+    plain = active_lora(None, parse_tag("<lora:x:0.5:2>"))
+    assert plain.multiplier(SimpleNamespace(component="unet", block="IN00")) == 2.0
+
+
+def test_step_of_call():
+    assert [step_of_call(c, 6, 6) for c in range(7)] == [0, 1, 2, 3, 4, 5, 5]
+    assert [step_of_call(c, 12, 6) for c in range(12)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # two calls a step
 
 
 def test_backups_freed_on_restore_when_not_retained(model, tmp_path):
     pa, _ = _lora_file(tmp_path, "a", model, 1)
-    ctl = LoraController(DictResolver({"a": pa}))
-    ctl.activate(model, [["a", "1"]])
+    ctl = _session(DictResolver({"a": pa}))
+    ctl.activate(model, _tags(["a", "1"]))
     ctl.restore()
     kept = ctl.patcher.backup_bytes
     w = _module(model, Q).weight
     assert kept >= w.numel() * w.element_size()  # retained for a fast next switch by default
     ctl.retain_bytes = 0  # the setting changes on an existing patcher too
-    ctl.activate(model, [["a", "1"]])
+    ctl.activate(model, _tags(["a", "1"]))
     ctl.restore()
     assert ctl.patcher.backup_bytes == 0
 
@@ -183,8 +209,8 @@ def test_start_stop_window_switches_the_unet_part_only(model, tmp_path):
     pa, ta = _lora_file(tmp_path, "a", model, 1)
     q0 = _module(model, Q).weight.detach().clone()
     fc0 = _module(model, FC1).weight.detach().clone()
-    ctl = LoraController(DictResolver({"a": pa}))
-    act = ctl.activate(model, [["a", "1", "start=2", "stop=4"]])
+    ctl = _session(DictResolver({"a": pa}))
+    act = ctl.activate(model, _tags(["a", "1", "start=2", "stop=4"]))
     assert act.problems == []
     want_fc = fc0 + _delta(ta, FC1_KOHYA)
     unet_on = []
@@ -206,12 +232,23 @@ def test_start_stop_window_switches_the_unet_part_only(model, tmp_path):
 def test_fractional_window_and_no_window_is_untouched(model, tmp_path):
     pa, ta = _lora_file(tmp_path, "a", model, 1)
     q0 = _module(model, Q).weight.detach().clone()
-    ctl = LoraController(DictResolver({"a": pa}))
-    ctl.activate(model, [["a", "1", "stop=0.5"]])  # floor(0.5 * 10) = 5: steps 0..4
+    ctl = _session(DictResolver({"a": pa}))
+    ctl.activate(model, _tags(["a", "1", "stop=0.5"]))  # floor(0.5 * 10) = 5: steps 0..4
     on = []
     for step in range(10):
         ctl.at_step(step, 10)
         on.append(not torch.equal(_module(model, Q).weight, q0))
     assert on == [True] * 5 + [False] * 5
-    ctl.activate(model, [["a", "1"]])
+    ctl.activate(model, _tags(["a", "1"]))
     assert ctl.at_step(7, 10) is None
+
+
+def test_strict_raises_the_first_problem_and_touches_nothing(model, tmp_path):
+    pa, _ = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = _session(DictResolver({"a": pa}))
+    with pytest.raises(LoraNotFoundError, match="missing"):
+        ctl.activate(model, _tags(["a", "1"], ["missing", "1"]), strict=True)
+    with pytest.raises(LoraExtError, match="abc"):
+        ctl.activate(model, _tags(["a", "abc"]), strict=True)
+    assert torch.equal(_module(model, Q).weight, q0) and ctl.is_pristine

@@ -1,0 +1,294 @@
+"""Prompt tags -> patched weights, the one path every host uses (the WebUI's `lora` extra network and the CLI's
+`generate`). A host gives an adapter factory (its model tree's key map) and a resolver (names -> files, short
+hashes); the session does the rest with the same rules everywhere.
+
+Contract
+- `activate(model, tags)` makes the model's weights reflect exactly `tags` (tag texts such as "<lora:ink:0.8>", or
+  `LoraRef`s already parsed), replacing whatever the previous call applied. A tag that cannot be used (bad syntax, file
+  not found, unreadable file, wrong model family, bad tensors) is left out and described in `Activation.problems`;
+  the others are applied. With `strict=True` the first such problem raises its typed `LoraExtError` instead.
+- `start=`/`stop=` (lora-block-weight's step window): the text encoder gets the LoRA for the whole generation (the
+  conditioning is computed once, before sampling); the UNet gets it for sampling steps `start <= step < stop`.
+  `activate` merges the UNet part as for step 0 of an unknown number of steps; `at_step(step, total)`, called before
+  each sampling step (the step from `sampling_step`), re-merges only the layers whose multiplier changes.
+- `Activation.hashes` is the infotext's "Lora hashes" (`lora_ext.formats.infotext`): the applied LoRAs only.
+- `restore()` puts every weight back bit-exactly; `forget_model()` restores and drops every reference to the model.
+- Calls are serialized with a lock (the WebUI's UI and API can both start generations).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lora_ext.errors import LoraExtError, LoraFileError, LoraNotFoundError
+from lora_ext.formats.infotext import infotext_name
+from lora_ext.formats.network import LoraNetwork
+from lora_ext.patch.cache import LoraCache
+from lora_ext.patch.keymap import ModelAdapter
+from lora_ext.patch.patcher import ActiveLora, Patcher
+from lora_ext.patch.report import NetworkReport, PatchReport
+from lora_ext.prompt import LoraRef, parse_tag
+
+log = logging.getLogger(__name__)
+
+AdapterFactory = Callable[[Any], ModelAdapter]
+"""A host's model object -> the key map of its module tree (`adapter_for_pipeline`, `adapter_for_ldm`). Raises
+ValueError or LoraExtError for a model it cannot adapt."""
+
+_UNKNOWN_TOTAL = 1 << 30  # "total steps not known yet": a fraction of it is never reached at step 0
+
+
+class Resolver(Protocol):
+    """Finds LoRA files by the name a prompt uses."""
+
+    def resolve(self, name: str) -> Path:
+        """The file; raises LoraNotFoundError (naming where it looked and what to do) when there is none."""
+        ...
+
+    def shorthash(self, path: Path, metadata: Mapping[str, str]) -> str | None:
+        """A1111's 12-character hash of the file ("Lora hashes"), or None to leave it out."""
+        ...
+
+
+@dataclass
+class Activation:
+    """The outcome of one `activate` call."""
+
+    refs: list[LoraRef] = field(default_factory=list)  # tags that parsed, in prompt order
+    applied: list[str] = field(default_factory=list)  # names (as written in the prompt) merged into the weights
+    networks: list[LoraNetwork] = field(default_factory=list)  # the applied files, parsed (bundled embeddings)
+    hashes: dict[str, str] = field(default_factory=dict)  # "Lora hashes": infotext name -> 12-hex hash
+    problems: list[str] = field(default_factory=list)  # one sentence per problem, for the console, UI and comments
+    report: PatchReport | None = None
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A tag whose file was found and parsed."""
+
+    ref: LoraRef
+    path: Path
+    lora: ActiveLora
+
+
+def active_lora(network: LoraNetwork, ref: LoraRef) -> ActiveLora:
+    """The patcher's entry for a parsed tag: its te/unet multipliers, dyn and block weights."""
+    return ActiveLora(network, te=ref.te, unet=ref.unet, dyn=ref.dyn, block_weights=ref.lbw)
+
+
+def step_of_call(call: int, calls: int, steps: int) -> int:
+    """The sampling step (0-based, of `steps`) of the `call`-th denoiser call out of `calls`: exact also for samplers
+    that call the model several times per step (Heun, DPM2). Both hosts count steps this way."""
+    if calls <= 0 or steps <= 0:
+        return max(call, 0)
+    return min(steps - 1, call * steps // calls)
+
+
+def _has_window(ref: LoraRef) -> bool:
+    return ref.start is not None or ref.stop is not None
+
+
+class LoraSession:
+    """One host model's LoRA state: its patcher (made by the adapter factory), the parsed-file cache and the
+    active set between `activate` and `restore`."""
+
+    def __init__(self, adapter_factory: AdapterFactory, resolver: Resolver, *, cache: LoraCache | None = None,
+                 retain_bytes: int | None = None, backup_device: str = "auto") -> None:
+        self.adapter_factory = adapter_factory
+        self.resolver = resolver
+        self.cache = cache or LoraCache()
+        self.backup_device = backup_device
+        self._retain_bytes = retain_bytes
+        self._lock = threading.RLock()
+        self._patcher: Patcher | None = None
+        self._model: Any = None
+        self.last: Activation | None = None
+        self._windowed: list[_Loaded] = []  # the active set when some LoRA has start=/stop=
+        self._step_key: tuple[float, ...] | None = None
+
+    # ---------------------------------------------------------------------------------------------------- state
+
+    @property
+    def patcher(self) -> Patcher | None:
+        return self._patcher
+
+    @property
+    def retain_bytes(self) -> int | None:
+        """Bytes of backups of restored layers kept for the next generation (None: all, 0: free on restore)."""
+        return self._retain_bytes
+
+    @retain_bytes.setter
+    def retain_bytes(self, value: int | None) -> None:
+        with self._lock:
+            self._retain_bytes = value
+            if self._patcher is not None:
+                self._patcher.retain_bytes = value
+
+    @property
+    def has_windows(self) -> bool:
+        """True between `activate` and `restore` when some active LoRA has start=/stop= (`at_step` has work)."""
+        return bool(self._windowed)
+
+    @property
+    def is_pristine(self) -> bool:
+        return self._patcher is None or self._patcher.is_pristine
+
+    def bind(self, model: Any) -> Patcher:
+        """The patcher for `model` (made on first use; a different model object restores and forgets the previous
+        one first). Raises what the adapter factory raises for a model it cannot adapt."""
+        with self._lock:
+            if self._patcher is not None and self._model is model:
+                return self._patcher
+            self.forget_model()
+            self._patcher = Patcher(self.adapter_factory(model), backup_device=self.backup_device,
+                                    retain_bytes=self._retain_bytes)
+            self._model = model
+            return self._patcher
+
+    def load(self, path: Path, name: str | None = None) -> LoraNetwork:
+        """The parsed file, through the shared cache (serialized with generations: the cache is not thread-safe)."""
+        with self._lock:
+            return self.cache.get(path, name=name)
+
+    # ---------------------------------------------------------------------------------------------------- actions
+
+    def prepare(self, tags: Sequence[str | LoraRef], *, strict: bool = False) -> tuple[list[_Loaded], Activation]:
+        """Parse, resolve and read every tag (no model needed: a host can fail fast before loading one)."""
+        act = Activation()
+        loaded: list[_Loaded] = []
+        with self._lock:
+            for tag in tags:
+                text = tag.tag if isinstance(tag, LoraRef) else tag
+                try:
+                    ref = tag if isinstance(tag, LoraRef) else parse_tag(tag)
+                    act.refs.append(ref)
+                    path = self.resolver.resolve(ref.name)
+                    net = self._read(path, ref.name)
+                except LoraNotFoundError as err:  # the resolver's sentence names the name and where it looked
+                    if strict:
+                        raise
+                    act.problems.append(str(err))
+                    continue
+                except LoraExtError as err:
+                    if strict:
+                        raise
+                    act.problems.append(f"{text}: {err}")
+                    continue
+                loaded.append(_Loaded(ref, path, active_lora(net, ref)))
+        return loaded, act
+
+    def _read(self, path: Path, name: str) -> LoraNetwork:
+        try:
+            return self.cache.get(path, name=name)
+        except LoraExtError:
+            raise
+        except OSError as err:
+            raise LoraFileError(path, f"cannot read the file: {err}") from None
+
+    def activate(self, model: Any, tags: Sequence[str | LoraRef], *, strict: bool = False) -> Activation:
+        """Apply the LoRAs of `tags` to `model` (see the module docstring)."""
+        with self._lock:
+            loaded, act = self.prepare(tags, strict=strict)
+            try:
+                patcher = self.bind(model)
+            except (ValueError, LoraExtError) as err:
+                if strict:
+                    raise
+                act.problems.append(f"LoRAs not applied: this model is not supported ({err})")
+                return self._finish(act)
+            windowed = any(_has_window(x.ref) for x in loaded)
+            self._windowed = loaded if windowed else []
+            first = self._for_step(0, None) if windowed else [x.lora for x in loaded]
+            self._step_key = tuple(a.unet for a in first) if windowed else None
+            try:
+                act.report = patcher.apply(first, skip_bad=not strict)
+            except LoraExtError:
+                self._windowed = []
+                raise
+            for x, rep in zip(loaded, act.report.networks, strict=True):
+                self._account(act, x, rep)
+            return self._finish(act)
+
+    def _account(self, act: Activation, x: _Loaded, rep: NetworkReport) -> None:
+        name = x.ref.name
+        if rep.error:
+            act.problems.append(f"{name}: not applied: {rep.error}")
+            return
+        act.applied.append(name)
+        act.networks.append(x.lora.network)
+        if rep.unmatched or rep.unknown_keys:
+            act.problems.append(coverage_problem(name, rep))
+        short = self._shorthash(x)
+        if short:
+            act.hashes[infotext_name(name)] = short
+
+    def _for_step(self, step: int, total: int | None) -> list[ActiveLora]:
+        """The active set at a sampling step: windowed LoRAs keep their text-encoder part, their UNet part is on
+        only inside the window (`total` None: before sampling, as for step 0 of an unknown count)."""
+        out = []
+        for x in self._windowed:
+            inside = step in x.ref.active_steps(total if total is not None else _UNKNOWN_TOTAL)
+            lora = x.lora
+            out.append(lora if inside else ActiveLora(lora.network, te=lora.te, unet=0.0, dyn=lora.dyn,
+                                                      block_weights=lora.block_weights))
+        return out
+
+    def at_step(self, step: int, total: int) -> PatchReport | None:
+        """Before sampling step `step` (0-based) of `total`: update the UNet part of windowed LoRAs. No-op (None)
+        when no active LoRA has a window or nothing changes at this step."""
+        with self._lock:
+            if not self._windowed or self._patcher is None:
+                return None
+            actives = self._for_step(step, total)
+            key = tuple(a.unet for a in actives)
+            if key == self._step_key:
+                return None
+            self._step_key = key
+            return self._patcher.apply(actives, skip_bad=True)
+
+    def _shorthash(self, x: _Loaded) -> str | None:
+        try:
+            return self.resolver.shorthash(x.path, x.lora.network.metadata)
+        except (OSError, LoraExtError) as err:
+            log.warning("lora_ext: cannot hash %s for the infotext: %s", x.path, err)
+            return None
+
+    def _finish(self, act: Activation) -> Activation:
+        self.last = act
+        return act
+
+    def restore(self) -> PatchReport | None:
+        """Put every weight back (bit-exact). Safe to call at any time, also twice."""
+        with self._lock:
+            self._windowed = []
+            if self._patcher is None:
+                return None
+            return self._patcher.restore()
+
+    def forget_model(self) -> None:
+        """Restore the current model's weights and drop every reference to it and its backups."""
+        with self._lock:
+            if self._patcher is not None:
+                try:
+                    self._patcher.release()
+                finally:
+                    self._patcher = None
+                    self._model = None
+
+
+def coverage_problem(name: str, rep: NetworkReport) -> str:
+    """The sentence for a LoRA that applied only in part."""
+    parts = []
+    if rep.unmatched:
+        shown = ", ".join(rep.unmatched[:3]) + (", ..." if len(rep.unmatched) > 3 else "")
+        parts.append(f"{len(rep.unmatched)} of {rep.modules_total} modules match no layer of this model ({shown})")
+    if rep.unknown_keys:
+        shown = ", ".join(rep.unknown_keys[:3]) + (", ..." if len(rep.unknown_keys) > 3 else "")
+        parts.append(f"{len(rep.unknown_keys)} keys are not LoRA tensors ({shown})")
+    return (f"{name}: applied {rep.modules_applied} of {rep.modules_total} modules; " + "; ".join(parts) +
+            ". The file may be for another model family, or use key names lora_ext does not know")

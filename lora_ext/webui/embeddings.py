@@ -1,0 +1,76 @@
+"""Bundled textual inversions (`bundle_emb.*`) of the applied LoRAs become WebUI embeddings while they are active, as
+the built-in Lora does; one already loaded from the embeddings folder wins."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lora_ext.session import Activation
+from lora_ext.webui import host
+
+log = logging.getLogger(__name__)
+
+
+def register(bundled: dict[str, Any], act: Activation) -> None:
+    """Register the bundled embeddings of `act`'s LoRAs (after unregistering the previous ones, kept in `bundled`)."""
+    unregister(bundled)
+    if not any(n.bundled_embeddings for n in act.networks):
+        return
+    from modules import sd_hijack
+    from modules.textual_inversion import textual_inversion
+
+    db = sd_hijack.model_hijack.embedding_db
+    for name, net in zip(act.applied, act.networks, strict=True):
+        for emb_name, tensors in net.bundled_embeddings.items():
+            if emb_name in db.word_embeddings:
+                log.warning('lora_ext: skip bundled embedding "%s" of %s: already loaded from the embeddings folder',
+                            emb_name, name)
+                continue
+            data: dict[str, Any] = {}
+            for key, t in tensors.items():
+                head, _, rest = key.partition(".")
+                if head == "string_to_param":
+                    data["string_to_param"] = {rest or "*": t}
+                else:
+                    data[key] = t
+            try:
+                emb = textual_inversion.create_embedding_from_data(data, emb_name, filename=f"{net.path}/{emb_name}")
+            except Exception as err:  # the WebUI's own loader: any error means this embedding is unusable
+                log.warning("lora_ext: bundled embedding %s of %s is not usable: %s", emb_name, name, err)
+                continue
+            if db.expected_shape not in (-1, emb.shape):
+                log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s, model %s)",
+                            emb_name, name, emb.shape, db.expected_shape)
+                continue
+            emb.shorthash = BundledHash(name)
+            db.register_embedding(emb, host.current_model())
+            bundled[emb_name] = emb
+
+
+def unregister(bundled: dict[str, Any]) -> None:
+    if not bundled:
+        return
+    from modules import sd_hijack
+
+    db = sd_hijack.model_hijack.embedding_db
+    for emb_name in list(bundled):
+        db.register_embedding_by_name(None, host.current_model(), emb_name)
+        del bundled[emb_name]
+
+
+class BundledHash(str):
+    """"TI hashes" entry of a bundled embedding: the LoRA's name (as the built-in writes it), or nothing when
+    "lora_bundled_ti_to_infotext" is off (the WebUI formats it with an f-string, hence `__format__` and `__bool__`)."""
+
+    def _shown(self) -> str:
+        return str.__str__(self) if host.opt("lora_bundled_ti_to_infotext", True) else ""
+
+    def __str__(self) -> str:
+        return self._shown()
+
+    def __format__(self, spec: str) -> str:
+        return format(self._shown(), spec)
+
+    def __bool__(self) -> bool:
+        return bool(self._shown())

@@ -1,0 +1,32 @@
+"""The glue's process-wide state, typed. Created once by `glue.setup()` (never at import) and kept across "Reload UI";
+`api` and `cards` receive it as an argument."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_ext.library.index import LoraIndex
+from lora_ext.library.lookup import IndexResolver
+from lora_ext.patch.cache import LoraCache
+from lora_ext.session import LoraSession
+from lora_ext.webui import host
+
+
+@dataclass
+class GlueState:
+    index: LoraIndex  # the catalogue of the WebUI's LoRA folders
+    session: LoraSession  # tags -> weights on the WebUI's model (lora_ext.session)
+    network: Any = None  # our ExtraNetwork (a subclass of A1111's, defined in the glue)
+    previous: Any = None  # the ExtraNetwork that held 'lora' before us (the built-in's), to hand the tag back
+    routes_app: Any = None  # the FastAPI app our routes were added to (UI mode makes a new one per reload)
+    bundled: dict[str, Any] = field(default_factory=dict)  # embedding name -> Embedding of the active LoRAs
+    lock: threading.RLock = field(default_factory=threading.RLock)  # serializes hand-overs of the tag
+
+    @classmethod
+    def create(cls, dirs: list[Path], cache_file: Path | None) -> GlueState:
+        """A catalogue over `dirs` and a session on this host's model trees (`host.model_adapter`)."""
+        index = LoraIndex(dirs, cache_file=cache_file)
+        return cls(index=index, session=LoraSession(host.model_adapter, IndexResolver(index), cache=LoraCache()))

@@ -90,4 +90,9 @@ class TrainingError(LoraExtError):
 
 class ConfigError(LoraExtError, ValueError):
     """A training option is missing, has the wrong type or an invalid value, or needs a package that is not
-    installed. The message names the option and says what to do."""
+    installed. The message names the option and says what to do; `field` is the option's name when one option is at
+    fault (a form highlights it)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

@@ -22,6 +22,8 @@ RUN_CONFIG_FILE = "config.toml"  # the configuration a run saves in its run fold
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"  # create it in the run folder to save a checkpoint and stop within one step
 SAVE_FILE = "SAVE"  # create it in the run folder to save a checkpoint after the step in progress (training goes on)
+# create it in the run folder to stop after the next scheduled checkpoint (at the end of the epoch when none is due)
+STOP_AFTER_CHECKPOINT_FILE = "STOP_AFTER_CHECKPOINT"
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 CHECKPOINT_STATE_FILE = "state.json"

@@ -43,6 +43,12 @@ _BLOCK_NAME = re.compile(r"^(IN(0\d|1[01])|M00|OUT(0\d|1[01]))$")
 # resolution when none is given: by model family (SD2 v-prediction models are 768 px models)
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
+# Fields with a fixed set of values (the form shows a choice; `_validate` checks them).
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "network_targets": NETWORK_TARGETS, "optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULERS,
+    "mixed_precision": MIXED_PRECISION, "save_precision": SAVE_PRECISION, "prediction_type": PREDICTION_TYPES,
+}
+
 # Fields a resumed run may change; every other field must equal the run's saved configuration.
 RESUME_MUTABLE = frozenset({
     "output_dir", "output_name", "overwrite", "max_train_steps", "max_train_epochs", "save_every_n_steps",
@@ -64,9 +70,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Everything a training run needs. Field names are shared with the dataset's `DatasetSpec` and the TOML files."""
 
-    # --- model and output
     pretrained_model: str | None = _f(None, "base model: diffusers folder or single-file SD1.x/SD2.x/SDXL checkpoint "
-                                            "(required)")
+                                            "(required)", section="Model and output")
     vae: str | None = _f(None, "replacement VAE (diffusers folder or file)")
     prediction_type: str | None = _f(None, "epsilon | v_prediction; none = the model's own")
     output_dir: str = _f("models/Lora", "folder the finished LoRA is written to")
@@ -78,9 +83,8 @@ class TrainConfig:
     save_precision: str = _f("fp16", "dtype of the exported file: fp16 | bf16 | fp32")
     description: str = _f("", "description for the <name>.json sidecar")
     preferred_weight: float = _f(1.0, "preferred weight for the <name>.json sidecar")
-    # --- dataset
     train_data_dir: str | None = _f(None, "folder of images + same-name caption files (kohya 'N_name' repeat "
-                                          "subfolders allowed)")
+                                          "subfolders allowed)", section="Dataset")
     metadata_file: str | None = _f(None, "metadata.jsonl with file_name/text per image")
     instance_dir: str | None = _f(None, "DreamBooth: folder of instance images")
     instance_prompt: str | None = _f(None, "DreamBooth: caption of every instance image")
@@ -89,6 +93,8 @@ class TrainConfig:
     num_class_images: int = _f(0, "DreamBooth: generate class images with the base model until there are this many")
     prior_loss_weight: float = _f(1.0, "loss weight of class images (prior preservation)")
     caption_extension: str = _f(".txt", "caption file extension (.txt or .caption)")
+    require_captions: bool = _f(False, "refuse to start while an image has no caption file (instead of training it "
+                                       "with the folder's fallback caption)")
     trigger_word: str = _f("", "text put in front of every caption (kept first when shuffling)")
     shuffle_caption: bool = _f(False, "shuffle comma-separated caption tags every epoch")
     keep_tokens: int = _f(0, "number of leading tags that shuffling keeps in place")
@@ -106,8 +112,7 @@ class TrainConfig:
     color_jitter: float = _f(0.0, "colour jitter strength in [0, 1) (0.1 = +-10% brightness/contrast/saturation)")
     background: str = _f("white", "colour transparent images are composited on")
     dataloader_workers: int = _f(0, "image-loading worker processes (0 = in the training process)")
-    # --- network
-    network_dim: int = _f(4, "LoRA rank")
+    network_dim: int = _f(4, "LoRA rank", section="Network")
     network_alpha: float | None = _f(None, "LoRA alpha; none = rank (scale 1)")
     network_targets: str = _f("attn", "attn | attn_mlp | attn_mlp_conv")
     conv_dim: int | None = _f(None, "rank of 3x3 conv (LoCon) modules with attn_mlp_conv; none = network_dim")
@@ -116,8 +121,7 @@ class TrainConfig:
     dora: bool = _f(False, "DoRA (weight-decomposed LoRA)")
     network_dropout: float = _f(0.0, "dropout on the LoRA path during training")
     network_blocks: list = _f([], "train only these UNet blocks (IN00..IN11, M00, OUT00..OUT11); empty = all")
-    # --- optimisation
-    learning_rate: float = _f(1e-4, "UNet LoRA learning rate")
+    learning_rate: float = _f(1e-4, "UNet LoRA learning rate", section="Optimisation")
     text_encoder_lr: float | None = _f(None, "text-encoder LoRA learning rate; none = 0.5 x learning_rate")
     optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt) | adafactor | sgd")
     optimizer_args: dict = _f({}, "extra optimizer keyword arguments (TOML table; flag: key=value ...)")
@@ -140,8 +144,7 @@ class TrainConfig:
     min_snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (e.g. 5); none = off")
     clip_skip: int = _f(1, "SD1/SD2: use the output of the N-th last text-encoder layer (2 = penultimate)")
     seed: int = _f(42, "seed of noise, timesteps, augmentation and initialisation")
-    # --- checkpoints and samples
-    save_every_n_steps: int | None = _f(None, "checkpoint every N optimizer steps")
+    save_every_n_steps: int | None = _f(None, "checkpoint every N optimizer steps", section="Checkpoints and samples")
     save_every_n_epochs: int | None = _f(1, "checkpoint every N epochs")
     save_last_n: int = _f(3, "checkpoints to keep")
     sample_every_n_steps: int | None = _f(None, "render sample images every N steps")
@@ -155,8 +158,7 @@ class TrainConfig:
     sample_height: int | None = _f(None, "sample height; none = resolution")
     preview: bool = _f(True, "render <output_name>.preview.png for the LoRA's card at the end: the last sample image, "
                              "else one image of the first caption")
-    # --- run control
-    dry_run: bool = _f(False, "print the dataset summary and exit (the model is not loaded)")
+    dry_run: bool = _f(False, "print the dataset summary and exit (the model is not loaded)", section="Run control")
     resume: str | None = _f(None, "run folder to continue (its last checkpoint)")
 
     # ------------------------------------------------------------------------------------------------- derived
@@ -236,6 +238,17 @@ def field_types() -> dict[str, _FieldType]:
     return out
 
 
+def field_sections() -> list[tuple[str, list[str]]]:
+    """The fields in declaration order, grouped by the `section` that starts each group (what `--help` and the
+    training tab show): [("Model and output", ["pretrained_model", ...]), ("Dataset", [...]), ...]."""
+    out: list[tuple[str, list[str]]] = []
+    for f in dataclasses.fields(TrainConfig):
+        if "section" in f.metadata or not out:
+            out.append((f.metadata.get("section", "Options"), []))
+        out[-1][1].append(f.name)
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -280,11 +293,19 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """The option table of a TOML file: top-level keys, and keys of one-level tables (sections only group)."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{p}: config file not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the config file ({exc})") from exc
+    return parse_toml(text, str(p))
+
+
+def parse_toml(text: str, source: str = "config") -> dict[str, Any]:
+    """The option table of TOML text (see `read_toml`); `source` names it in errors."""
+    p = source
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
     types_ = field_types()
@@ -392,26 +413,32 @@ def _all_json(raw: str) -> bool:
     return True
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (default SUPPRESS: only given flags land in the namespace)."""
+def add_config_arguments(parser: argparse.ArgumentParser | Any, groups: bool = False) -> None:
+    """One flag per TrainConfig field (default SUPPRESS: only given flags land in the namespace); with `groups`, one
+    argument group per config section (`parser` must then be an ArgumentParser)."""
     types_ = field_types()
     defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        ft = types_[f.name]
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        default = getattr(defaults, f.name)
-        shown = "none" if default is None else json.dumps(default) if isinstance(default, (list, dict)) else default
-        help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse %-formats help
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if ft.kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-        elif ft.kind is list:
-            parser.add_argument(*names, nargs="*", metavar="TEXT", **kw)
-        elif ft.kind is dict:
-            parser.add_argument(*names, nargs="*", metavar="KEY=VALUE", **kw)
-        else:
-            metavar = {int: "N", float: "X"}.get(ft.kind, "TEXT")
-            parser.add_argument(*names, type=_flag_value(ft.kind, ft.optional), metavar=metavar, **kw)
+    by_name = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names_ in field_sections():
+        target = parser.add_argument_group(f"training options: {title.lower()}") if groups else parser
+        for name in names_:
+            _add_flag(target, by_name[name], types_[name], getattr(defaults, name))
+
+
+def _add_flag(parser: Any, f: dataclasses.Field, ft: _FieldType, default: Any) -> None:
+    names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+    shown = "none" if default is None else json.dumps(default) if isinstance(default, (list, dict)) else default
+    help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse %-formats help
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    if ft.kind is bool:
+        parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+    elif ft.kind is list:
+        parser.add_argument(*names, nargs="*", metavar="TEXT", **kw)
+    elif ft.kind is dict:
+        parser.add_argument(*names, nargs="*", metavar="KEY=VALUE", **kw)
+    else:
+        metavar = {int: "N", float: "X"}.get(ft.kind, "TEXT")
+        parser.add_argument(*names, type=_flag_value(ft.kind, ft.optional), metavar=metavar, **kw)
 
 
 def build_parser(prog: str = "python -m lora_ext.train") -> argparse.ArgumentParser:
@@ -425,7 +452,7 @@ def build_parser(prog: str = "python -m lora_ext.train") -> argparse.ArgumentPar
     p.add_argument("--config", metavar="TOML", help="TOML file with the options (flags override it)")
     p.add_argument("--json-events", action="store_true", help="also print every event as a JSON line on stdout")
     p.add_argument("--verbose", action="store_true", help="debug logging")
-    add_config_arguments(p.add_argument_group("training options"))
+    add_config_arguments(p, groups=True)
     return p
 
 
@@ -460,7 +487,7 @@ def config_from_argv(argv: Sequence[str]) -> TrainConfig:
 
 def _need(cond: bool, name: str, problem: str) -> None:
     if not cond:
-        raise ConfigError(f"{name}: {problem}")
+        raise ConfigError(f"{name}: {problem}", field=name)
 
 
 def _validate(c: TrainConfig) -> None:
@@ -545,7 +572,8 @@ def _validate(c: TrainConfig) -> None:
         v = getattr(c, name)
         _need(v is None or (v > 0 and v % 8 == 0), name, f"{v} must be a positive multiple of 8")
     if (c.sample_every_n_steps or c.sample_every_n_epochs) and not c.sample_prompts:
-        raise ConfigError("sample_prompts: sampling is switched on (sample_every_n_*) but no prompt is given")
+        raise ConfigError("sample_prompts: sampling is switched on (sample_every_n_*) but no prompt is given",
+                          field="sample_prompts")
 
 
 def check_resume_compatible(saved: TrainConfig, new: TrainConfig, run_dir: Path) -> None:

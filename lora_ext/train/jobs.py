@@ -8,6 +8,7 @@ layer answers 409 with its message) rather than queueing silently, so nobody wai
     runner.get(job.id).to_dict()         # id, state, step, total_steps, output, error, run_dir, losses, ...
     runner.cancel(job.id)                # SIGTERM: the step in progress ends, a checkpoint is written ("cancelled")
     runner.save(job.id)                  # a SAVE file in the run folder: a checkpoint after this step, then on
+    runner.stop_after_checkpoint(job.id) # stop at the next scheduled checkpoint (end of epoch when none is due)
     runner.resume(run_dir)               # a new job continuing a stopped run (also after a WebUI restart)
 
 The child is `python -m lora_ext.train --config <jobs_dir>/<id>.toml --json-events` started through
@@ -39,7 +40,7 @@ from typing import Any
 
 from lora_ext.errors import ConfigError, LoraExtError
 from lora_ext.formats.safetensors_io import write_bytes_atomic
-from lora_ext.runfolder import RUN_CONFIG_FILE, SAVE_FILE, STOP_FILE
+from lora_ext.runfolder import RUN_CONFIG_FILE, SAVE_FILE, STOP_AFTER_CHECKPOINT_FILE, STOP_FILE
 from lora_ext.train.config import TrainConfig, load_config
 from lora_ext.train.events import read_events
 from lora_ext.train.process import start_training
@@ -140,10 +141,14 @@ class JobRunner:
     """Runs training jobs one at a time (see the module docstring). Thread-safe."""
 
     def __init__(self, jobs_dir: str | Path, *, hooks: GpuHandoff | None = None,
-                 on_event: Callable[[Job, dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[Job, dict[str, Any]], None] | None = None,
+                 on_end: Callable[[Job], None] | None = None) -> None:
+        """`on_event(job, event)` sees every event of the child; `on_end(job)` runs once a job has ended and the GPU
+        has been given back (e.g. refresh the LoRA list so a new file shows at once)."""
         self.jobs_dir = Path(jobs_dir)
         self.hooks = hooks or GpuHandoff()
         self.on_event = on_event
+        self.on_end = on_end
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -203,6 +208,14 @@ class JobRunner:
         (Path(job.run_dir) / SAVE_FILE).touch()
         return job
 
+    def stop_after_checkpoint(self, job_id: str) -> Job:
+        """Ask a running job to stop after its next scheduled checkpoint (end of the epoch when none is scheduled)."""
+        job = self.get(job_id)
+        if job.state != "running":
+            raise JobConflict(f"job {job_id} is {job.state}; only a running job can be stopped")
+        (Path(job.run_dir) / STOP_AFTER_CHECKPOINT_FILE).touch()
+        return job
+
     def stop_file(self, job_id: str) -> Path:
         """The STOP file of a job's run folder (creating it also stops the job)."""
         return Path(self.get(job_id).run_dir) / STOP_FILE
@@ -252,6 +265,11 @@ class JobRunner:
                 logger.exception("lora_ext: giving the GPU back after job %s", job.id)
                 job.warnings.append(f"the WebUI's model could not be brought back: {exc}")
                 self._persist(job)
+            if self.on_end is not None:
+                try:
+                    self.on_end(job)
+                except Exception:  # noqa: BLE001 - a listener's failure must not break the runner
+                    logger.exception("lora_ext: after job %s", job.id)
 
     def _watch(self, job: Job, config_file: Path) -> None:
         stderr: deque[str] = deque(maxlen=LOG_TAIL)

@@ -47,11 +47,11 @@ import torch
 from torch import Tensor
 
 from lora_ext.errors import ConfigError, DatasetError, LoraExtError, TrainingError
-from lora_ext.runfolder import EVENTS_FILE, SAMPLES, SAVE_FILE, STOP_FILE
+from lora_ext.runfolder import EVENTS_FILE, SAMPLES, SAVE_FILE, STOP_AFTER_CHECKPOINT_FILE, STOP_FILE
 from lora_ext.train import checkpoint as ckpt
 from lora_ext.train.caches import CachedItems, LatentSource, TextCache, collate_cached
 from lora_ext.train.config import DEFAULT_EPOCHS, TrainConfig
-from lora_ext.train.denoiser import Denoiser, enable_text_encoder_checkpointing, peek_model_family, tokenize
+from lora_ext.train.denoiser import Denoiser, enable_text_encoder_checkpointing, tokenize
 from lora_ext.train.events import ConsoleProgress, EventLog, LossAverage, Throughput, peak_memory
 from lora_ext.train.loss import LossContext, micro_step_loss
 from lora_ext.train.optim import build_lr_scheduler, build_optimizer, check_optimizer_available, optimizer_warnings
@@ -61,6 +61,7 @@ from lora_ext.train.rundir import (
     OutputPlan,
     beyond_total,
     check_fresh_run_dir,
+    dataset_preview,
     dataset_spec,
     no_images_error,
     plan_output,
@@ -149,13 +150,16 @@ def _due(every: int | None, count: int) -> bool:
 class RunControl:
     """Requests from outside a running training. Stop: SIGINT/SIGTERM/SIGHUP (while `signals()` is active), a file
     named STOP in the run folder, or the runner that started this process through `lora_ext.train.process` having gone
-    away (see that module). Save now: a file named SAVE in the run folder (removed once the checkpoint is written)."""
+    away (see that module). Save now: a file named SAVE in the run folder (removed once the checkpoint is written).
+    Stop after the next checkpoint: a file named STOP_AFTER_CHECKPOINT (the next scheduled checkpoint, or the end of
+    the epoch when none is scheduled, ends the run as a stop would)."""
 
     SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
     def __init__(self, run_dir: Path, runner: int | None = None) -> None:
         self.stop_file = run_dir / STOP_FILE
         self.save_file = run_dir / SAVE_FILE
+        self.stop_after_file = run_dir / STOP_AFTER_CHECKPOINT_FILE
         self.signum: int | None = None
         self.runner = runner  # the runner's pid, when it is this process's parent
 
@@ -187,10 +191,15 @@ class RunControl:
     def save_done(self) -> None:
         self.save_file.unlink(missing_ok=True)
 
+    def stop_after_checkpoint_requested(self) -> bool:
+        return self.stop_after_file.exists()
+
     @property
     def reason(self) -> str:
         if self.signum is not None:
             return f"signal {signal.Signals(self.signum).name}"
+        if self.stop_after_file.exists() and not self.stop_file.exists():
+            return f"stop after checkpoint ({self.stop_after_file})"
         if runner_gone(self.runner):
             return f"the process that started the training (pid {self.runner}) exited"
         return f"stop file {self.stop_file}"
@@ -609,13 +618,19 @@ class TrainingRun:
         finished = step >= self.total_steps
         if _due(config.sample_every_n_steps, step) or (end_of_epoch and _due(config.sample_every_n_epochs, epoch + 1)):
             self.sample(epoch + 1)
-        if not finished and (_due(config.save_every_n_steps, step)
-                             or (end_of_epoch and _due(config.save_every_n_epochs, epoch + 1))
-                             or self.any_process(self.control.save_requested())):
+        scheduled = _due(config.save_every_n_steps, step) or (end_of_epoch and _due(config.save_every_n_epochs,
+                                                                                        epoch + 1))
+        if not finished and (scheduled or self.any_process(self.control.save_requested())):
             self.save()
             self.control.save_done()
         if finished:
             return "finished"
+        no_schedule = not (config.save_every_n_steps or config.save_every_n_epochs)
+        if self.any_process(self.control.stop_after_checkpoint_requested()) and (
+                scheduled or (no_schedule and end_of_epoch)):
+            if self.saved_at != step:
+                self.save()
+            return "cancelled"
         if self.any_process(self.control.stop_requested()):
             if self.saved_at != step:
                 self.save()
@@ -682,18 +697,11 @@ def _export(run: TrainingRun, epoch: int) -> Path:
 def dry_run(config: TrainConfig, out: IO[str]) -> Any:
     """Print the dataset summary (images, repeats, buckets, steps and the formula, problems) without loading the
     model's weights where its family can be read from configs or headers; returns the DatasetReport."""
-    from lora_ext.train.dataset import scan_dataset, summarize
-
     config.validate()
-    arch, prediction_type = peek_model_family(str(config.pretrained_model), config.prediction_type)
-    resolution = config.resolved_resolution(arch, prediction_type)
-    spec = dataset_spec(config, resolution)
-    records, scanned = scan_dataset(spec)
-    report = summarize(records, spec, config.train_batch_size,
-                       None if config.max_train_steps else (config.max_train_epochs or DEFAULT_EPOCHS),
-                       config.max_train_steps, config.gradient_accumulation_steps, scan=scanned)
-    out.write(f"model: {config.pretrained_model} ({arch}, {prediction_type}), resolution {resolution}\n")
-    for line in report.lines():
+    found = dataset_preview(config)
+    out.write(f"model: {config.pretrained_model} ({found.arch}, {found.prediction_type}), resolution "
+              f"{found.resolution}\n")
+    for line in found.report.lines():
         out.write(line + "\n")
     out.flush()
-    return report
+    return found.report

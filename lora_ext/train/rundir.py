@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_ext.errors import ConfigError, DatasetError, LoraExtError, TrainingError
 from lora_ext.formats.safetensors_io import read_header, write_bytes_atomic
-from lora_ext.runfolder import EVENTS_FILE, RUN_CONFIG_FILE, SAMPLES, SAVE_FILE, STOP_FILE
+from lora_ext.runfolder import EVENTS_FILE, RUN_CONFIG_FILE, SAMPLES, SAVE_FILE, STOP_AFTER_CHECKPOINT_FILE, STOP_FILE
 from lora_ext.train import checkpoint as ckpt
 from lora_ext.train.config import TrainConfig, check_resume_compatible, load_config
 from lora_ext.train.denoiser import peek_model_family
@@ -83,7 +83,8 @@ def prepare_run_dir(config: TrainConfig, resuming: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = dataclasses.replace(config, resume=None, dry_run=False, run_dir=str(run_dir))
     write_bytes_atomic(run_dir / RUN_CONFIG_FILE, saved.to_toml().encode("utf-8"))
-    for stale in (STOP_FILE, SAVE_FILE):  # a stale request must not stop (or checkpoint) the new run at once
+    # a stale request must not stop (or checkpoint) the new run at once
+    for stale in (STOP_FILE, SAVE_FILE, STOP_AFTER_CHECKPOINT_FILE):
         (run_dir / stale).unlink(missing_ok=True)
     return run_dir
 
@@ -143,6 +144,47 @@ def preflight(config: TrainConfig) -> None:
     records, scanned = scan_dataset(spec)
     if not records:
         raise no_images_error(scanned)
+    check_captions(config, scanned)
+
+
+def check_captions(config: TrainConfig, scanned: Any) -> None:
+    """With `require_captions`, a DatasetError naming the folders whose images lack a caption file."""
+    if not config.require_captions:
+        return
+    missing = [s for s in scanned.sources if s.kind != "class" and s.missing_captions]
+    if missing:
+        where = "; ".join(f"{s.missing_captions} of {s.images} images in {s.path}" for s in missing)
+        raise DatasetError(f"require_captions: images without a caption file ({config.caption_extension}): {where}. "
+                           "Write the captions (same name as the image), or turn require_captions off to train them "
+                           "with the fallback caption")
+
+
+@dataclass
+class DatasetPreview:
+    """What a dry run finds: the model's family, the resolved resolution, the usable images and the report (buckets,
+    repeats, steps and their formula, problems, skipped files)."""
+
+    arch: str
+    prediction_type: str
+    resolution: int
+    records: list[Any]
+    report: Any  # lora_ext.train.dataset.DatasetReport
+
+
+def dataset_preview(config: TrainConfig) -> DatasetPreview:
+    """Scan the dataset as training will (without loading the model's weights where its family can be read from its
+    configs or headers). `config` must be valid (`validate()`)."""
+    from lora_ext.train.config import DEFAULT_EPOCHS
+    from lora_ext.train.dataset import scan_dataset, summarize
+
+    arch, prediction_type = peek_model_family(str(config.pretrained_model), config.prediction_type)
+    resolution = config.resolved_resolution(arch, prediction_type)
+    spec = dataset_spec(config, resolution)
+    records, scanned = scan_dataset(spec)
+    report = summarize(records, spec, config.train_batch_size,
+                       None if config.max_train_steps else (config.max_train_epochs or DEFAULT_EPOCHS),
+                       config.max_train_steps, config.gradient_accumulation_steps, scan=scanned)
+    return DatasetPreview(arch, prediction_type, resolution, records, report)
 
 
 def no_images_error(scanned: Any) -> DatasetError:

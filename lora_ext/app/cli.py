@@ -247,6 +247,15 @@ def _silence_stdout() -> None:
 # -------------------------------------------------------------------------------------------------------------- main
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from lora_ext.ui.app import run
+    except ImportError as exc:
+        raise LoraExtError(f"the app needs gradio and uvicorn ({exc}); install them with "
+                           "`pip install 'lora_ext[ui]'`") from exc
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_ext")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -291,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                        prefix_chars="+", add_help=False)
     s.add_argument("train_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("ui", help="the app in a browser: train, generate, library (+ the REST API); prints its URL")
+    from lora_ext.ui.app import add_ui_arguments
+
+    add_ui_arguments(s)
+    s.set_defaults(func=cmd_ui)
 
     s = sub.add_parser("demo", help="tiny default model + a LoRA: images with and without it")
     s.add_argument("--out", default="demo_out", help="output directory (default demo_out)")

@@ -84,7 +84,7 @@ def build_app_blocks(service: TrainService, generator: Generator) -> Any:
     with gr.Blocks(title="lora_ext", analytics_enabled=False) as blocks:
         with gr.Tabs(elem_id="lora_ext_tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="lora_ext_tab_train"):
-                parts = build_train_tab(service, blocks, allow_upload=True)
+                parts = build_train_tab(service, blocks, allow_upload=True, send_label="Send to Generate")
             with gr.Tab("Generate", id="generate", elem_id="lora_ext_tab_generate"):
                 models = service.model_choices()
                 g_model = gr.Dropdown(choices=models, value=models[0] if models else None, label="model",

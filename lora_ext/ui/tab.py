@@ -135,7 +135,7 @@ def preview_markdown(p: dict[str, Any]) -> str:
     if p["problems"]:
         lines.append("**Problems** (fix them or check that this is what you want):")
         lines += [f"- {html.escape(x)}" for x in p["problems"]]
-    return "\n".join(lines)
+    return "\n\n".join(lines)
 
 
 def job_stats(v: dict[str, Any]) -> str:
@@ -333,7 +333,7 @@ def _images(pairs: Sequence[tuple[str, str]]) -> list[tuple[Any, str]]:
 
 
 def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | None = None,
-                    allow_upload: bool = False) -> TabParts:
+                    allow_upload: bool = False, send_label: str = "Send to txt2img") -> TabParts:
     """Build the tab's components inside the current gradio context (see the module docstring)."""
     gr = compat.gradio()
     tab = TrainTab(service, current_label=current_label)
@@ -427,8 +427,8 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
                          **compat.kw(gr.Gallery, columns=4, height=300, object_fit="contain"))
     result = gr.HTML("", elem_id="lora_ext_result")
     with gr.Row():
-        send_prompt = gr.Textbox(label="prompt with the new LoRA", elem_id="lora_ext_send_prompt", interactive=True)
-        send_button = gr.Button("Send to txt2img", elem_id="lora_ext_send_button")
+        send_prompt = gr.Textbox(label="prompt with the new LoRA", elem_id="lora_ext_send_prompt", interactive=False)
+        send_button = gr.Button(send_label, elem_id="lora_ext_send_button")
     log = gr.Textbox(label="log", lines=6, max_lines=12, elem_id="lora_ext_log", interactive=False)
 
     values = [inputs[n] for n in tab.names]

@@ -11,7 +11,8 @@ What it registers (`setup()`, called once by `scripts/lora_ext_glue.py`):
 - `on_model_loaded`: forget the previous model (restore its weights, drop backups);
 - `on_infotext_pasted`: "Lora hashes" -> the local file with that hash;
 - `on_script_unloaded`: restore weights and hand the tag back;
-- the cards page (`lora_ext.webui.cards`) when the built-in Lora is not active.
+- the cards page (`lora_ext.webui.cards`) when the built-in Lora is not active;
+- `on_ui_tabs`: the "LoRA Training" tab, and with --api the training routes (`lora_ext.webui.training`).
 Weights are restored after every generation: in `deactivate`, and, when a generation raises before reaching it, when
 the WebUI closes the processing object (`with closing(p)` in txt2img/img2img and the API).
 In Forge (`host.detect()`) only a start-up notice is registered: the tag, the model and the routes stay Forge's.
@@ -184,12 +185,29 @@ def _on_app_started(demo: Any, app: Any) -> None:
     st = state()
     if app is not None and st.routes_app is not app:
         try:
-            from lora_ext.webui import api
+            from lora_ext.webui import api, training
 
             api.add_routes(app, st)
+            if host.api_enabled():
+                training.add_routes(app, _training())
             st.routes_app = app
         except ImportError:  # fastapi: always there in the WebUI
             log.debug("lora_ext: REST routes not available")
+
+
+def _training() -> Any:
+    st = state()
+    if st.training is None:
+        from lora_ext.webui import training
+
+        st.training = training.make_service(st)
+    return st.training
+
+
+def _on_ui_tabs() -> list[tuple[Any, str, str]]:
+    from lora_ext.webui import training
+
+    return training.build_tab(_training())
 
 
 def _on_cfg_denoiser(params: Any) -> None:
@@ -271,6 +289,7 @@ def setup() -> None:
     script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="lora_ext_step_windows")
     script_callbacks.on_infotext_pasted(_on_infotext_pasted, name="lora_ext_infotext_pasted")
     script_callbacks.on_script_unloaded(_on_script_unloaded, name="lora_ext_unloaded")
+    script_callbacks.on_ui_tabs(_on_ui_tabs, name="lora_ext_training_tab")
     try:
         from lora_ext.webui import cards
 

@@ -108,3 +108,75 @@ def model_adapter(sd_model: Any) -> ModelAdapter:
     from lora_ext.patch.ldm import adapter_for_ldm
 
     return adapter_for_ldm(sd_model)
+
+
+# ------------------------------------------------------------------------------------------ training (the tab)
+
+
+def checkpoint_file() -> str | None:
+    """The file of the WebUI's loaded checkpoint, or None when no model is loaded."""
+    model = loaded_model()
+    info = getattr(model, "sd_checkpoint_info", None)
+    return getattr(info, "filename", None)
+
+
+def model_dirs() -> list[Path]:
+    """Where the WebUI finds checkpoints and VAEs (--ckpt-dir, models/Stable-diffusion, --vae-dir, models/VAE)."""
+    from modules import paths, shared
+
+    opts = shared.cmd_opts
+    ckpt = getattr(opts, "ckpt_dir", None) or os.path.join(paths.models_path, "Stable-diffusion")
+    vae = getattr(opts, "vae_dir", None) or os.path.join(paths.models_path, "VAE")
+    return [Path(ckpt), Path(vae)]
+
+
+def data_dir() -> Path:
+    """The WebUI's data folder (--data-dir; its own folder by default)."""
+    from modules import paths
+
+    return Path(paths.data_path)
+
+
+def api_credentials() -> str | None:
+    """--api-auth ("user:pass,user2:pass2") or None."""
+    from modules import shared
+
+    return getattr(shared.cmd_opts, "api_auth", None) or None
+
+
+def api_enabled() -> bool:
+    """True when the WebUI serves its API (--api or --nowebui): our REST routes follow the same switch."""
+    from modules import shared
+
+    return bool(getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False))
+
+
+def release_model() -> Any:
+    """Move the WebUI's model off the GPU for a training job (between generations: the WebUI's queue lock is held).
+    Returns the model that was moved (None when none is loaded)."""
+    from modules import call_queue, sd_models
+
+    with call_queue.queue_lock:
+        model = loaded_model()
+        if model is not None:
+            sd_models.send_model_to_cpu(model)
+        return model
+
+
+def restore_model(model: Any) -> None:
+    """Bring a model moved by `release_model` back to the WebUI's device (if it is still the loaded one)."""
+    from modules import call_queue, sd_models
+
+    if model is None:
+        return
+    with call_queue.queue_lock:
+        if loaded_model() is model:
+            sd_models.send_model_to_device(model)
+
+
+def send_to_txt2img(button: Any, text: Any) -> None:
+    """Clicking `button` pastes `text`'s value into txt2img's prompt and shows txt2img (A1111's paste buttons)."""
+    from modules import infotext_utils
+
+    infotext_utils.register_paste_params_button(infotext_utils.ParamBinding(
+        paste_button=button, tabname="txt2img", source_text_component=text))

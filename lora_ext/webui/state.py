@@ -22,6 +22,7 @@ class GlueState:
     network: Any = None  # our ExtraNetwork (a subclass of A1111's, defined in the glue)
     previous: Any = None  # the ExtraNetwork that held 'lora' before us (the built-in's), to hand the tag back
     routes_app: Any = None  # the FastAPI app our routes were added to (UI mode makes a new one per reload)
+    training: Any = None  # the TrainService of the training tab and routes (lora_ext.webui.training), made once
     bundled: dict[str, Any] = field(default_factory=dict)  # embedding name -> Embedding of the active LoRAs
     lock: threading.RLock = field(default_factory=threading.RLock)  # serializes hand-overs of the tag
 

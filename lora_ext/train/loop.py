@@ -215,6 +215,14 @@ def _own_runner() -> int | None:
 # =============================================================================================================== train
 
 
+def check_machine(config: TrainConfig) -> None:
+    """What this machine must have for `config`: CUDA for fp16, the optimizer's package (ConfigError otherwise)."""
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine",
+                          field="mixed_precision")
+    check_optimizer_available(config.optimizer)
+
+
 def train(config: TrainConfig, *, echo: IO[str] | None = None,
           on_event: Callable[[dict[str, Any]], None] | None = None, console: IO[str] | None = None) -> TrainResult:
     """Run a training (or continue one: `config.resume`). Events go to <run_dir>/events.jsonl, `echo` (a stream for
@@ -237,9 +245,7 @@ def train(config: TrainConfig, *, echo: IO[str] | None = None,
         if resume_from is not None:
             events.open(config.run_path / EVENTS_FILE)
             state.last_checkpoint = resume_from
-        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-        check_optimizer_available(config.optimizer)
+        check_machine(config)
         if resume_from is None:
             check_fresh_run_dir(config)
         plan = plan_output(config, resume_from)

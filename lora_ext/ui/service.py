@@ -252,10 +252,12 @@ class TrainService:
     # ----------------------------------------------------------------------------------------------------- jobs
     def start(self, values: Mapping[str, Any]) -> Job:
         """Validate everything that can be checked here (config, paths, output name, dataset) and start a job."""
+        from lora_ext.train.loop import check_machine
         from lora_ext.train.rundir import preflight
 
         cfg = self.config(values)
         self.check_output(cfg)
+        check_machine(cfg)
         preflight(cfg)
         return self.runner.submit(cfg)
 

@@ -115,7 +115,7 @@ class TrainService:
         for root in self.roots.models:
             if not root.is_dir():
                 continue
-            for folder, dirs, files in os.walk(root):
+            for folder, dirs, files in os.walk(root, followlinks=True):
                 here = Path(folder)
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in ours)
                 if (here / "model_index.json").is_file():  # a diffusers folder: one model, not its parts

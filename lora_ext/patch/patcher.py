@@ -34,6 +34,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lora_ext import families
 from lora_ext.errors import (
     ArchitectureMismatchError,
     LoraExtError,
@@ -42,7 +43,6 @@ from lora_ext.errors import (
     ShapeMismatchError,
 )
 from lora_ext.formats.algorithms.base import LowRank
-from lora_ext.formats.arch import ARCH_NAMES
 from lora_ext.formats.network import LoraModule, LoraNetwork
 from lora_ext.patch.keymap import ModelAdapter, Target
 from lora_ext.patch.report import NetworkReport, PatchReport
@@ -134,7 +134,7 @@ def _slot_key(module: torch.nn.Module, attr: str) -> _SlotKey:
 
 
 def _arch_label(arch: str | None) -> str:
-    return ARCH_NAMES.get(arch or "", "an unknown model family")
+    return families.label(arch, "an unknown model family")
 
 
 class Patcher:

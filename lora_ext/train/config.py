@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_ext import families
 from lora_ext.errors import ConfigError
 from lora_ext.runfolder import RUN_CONFIG_FILE, default_runs_dir
 
@@ -37,11 +38,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "fp32")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEFAULT_EPOCHS = 10
 _BLOCK_NAME = re.compile(r"^(IN(0\d|1[01])|M00|OUT(0\d|1[01]))$")
-# resolution when none is given: by model family (SD2 v-prediction models are 768 px models)
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
 # Fields a resumed run may change; every other field must equal the run's saved configuration.
 RESUME_MUTABLE = frozenset({
@@ -186,8 +184,7 @@ class TrainConfig:
         """`resolution`, or the family default (arch 'sd1' | 'sd2' | 'sdxl')."""
         if self.resolution is not None:
             return self.resolution
-        key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
-        return DEFAULT_RESOLUTION[key]
+        return families.default_resolution(arch, prediction_type)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (JSON and TOML friendly; None values kept)."""
@@ -526,8 +523,8 @@ def _validate(c: TrainConfig) -> None:
           f"{c.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
     _need(c.save_precision in SAVE_PRECISION, "save_precision",
           f"{c.save_precision!r} is not one of {', '.join(SAVE_PRECISION)}")
-    _need(c.prediction_type is None or c.prediction_type in PREDICTION_TYPES, "prediction_type",
-          f"{c.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    _need(c.prediction_type is None or c.prediction_type in families.PREDICTION_TYPES, "prediction_type",
+          f"{c.prediction_type!r} is not one of {', '.join(families.PREDICTION_TYPES)}")
     random_aug = c.random_augmentation
     _need(not (c.cache_latents or c.cache_latents_to_disk) or not random_aug, "cache_latents",
           f"cannot cache latents with random augmentation ({', '.join(random_aug)}); turn those off or do not cache")

@@ -17,7 +17,8 @@ from lora_ext.app.cli import main
 from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.models.loading import load_pipeline
 from lora_ext.patch import adapter_for_pipeline
-from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
+from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+from lora_ext.patch.targets import selector
 from tests.lora_factory import assert_bit_identical, snapshot
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def workspace(tmp_path_factory):
     pipe = load_pipeline(root / "model").pipe
     lora_dir = root / "Lora"
     lora_dir.mkdir()
-    tensors = make_lora_tensors(adapter_for_pipeline(pipe), SynthSpec(rank=4, alpha=2.0, std=0.5), select_attention)
+    tensors = make_lora_tensors(adapter_for_pipeline(pipe), SynthSpec(rank=4, alpha=2.0, std=0.5), selector("attn"))
     save_safetensors_atomic(tensors, lora_dir / "ink.safetensors",
                             metadata={"ss_output_name": "ink", "ss_network_dim": "4", "ss_network_alpha": "2.0",
                                       "ss_network_module": "networks.lora"})

@@ -35,7 +35,8 @@ def run_demo(out: Path, arch: str = "sd15", seed: int = 1234) -> dict:
     from lora_ext.app.runner import Session
     from lora_ext.formats.safetensors_io import save_safetensors_atomic
     from lora_ext.models.tiny import save_tiny_model
-    from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+    from lora_ext.patch.targets import selector
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,7 @@ def run_demo(out: Path, arch: str = "sd15", seed: int = 1234) -> dict:
     lora_path = lora_dir / f"{DEMO_LORA}.safetensors"
     if not lora_path.exists():
         spec = SynthSpec(rank=4, alpha=4.0, naming="kohya", std=0.5)
-        tensors = make_lora_tensors(session.patcher.adapter, spec, select_attention, seed=7)
+        tensors = make_lora_tensors(session.patcher.adapter, spec, selector("attn"), seed=7)
         lora_dir.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(tensors, lora_path, metadata=_demo_metadata(session.arch or arch, 4, 4.0))
         print(f"[demo] wrote a random rank-4 LoRA ({len(tensors)} tensors) to {lora_path}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from lora_ext import families
 from lora_ext.errors import ConfigError
+from lora_ext.patch.targets import PRESETS
 from lora_ext.runfolder import RUN_CONFIG_FILE, default_runs_dir
 
 try:
@@ -33,7 +34,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (the WebUI's): the same parser as the `tomli` package
     import tomli as tomllib
 
-NETWORK_TARGETS = ("attn", "attn_mlp", "attn_mlp_conv")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -497,8 +497,7 @@ def _validate(c: TrainConfig) -> None:
     _need(c.dataloader_workers >= 0, "dataloader_workers", "must be >= 0")
     _need(c.network_dim >= 1, "network_dim", "the rank must be >= 1")
     _need(c.network_alpha is None or c.network_alpha > 0, "network_alpha", "must be > 0 (or none = rank)")
-    _need(c.network_targets in NETWORK_TARGETS, "network_targets",
-          f"{c.network_targets!r} is not one of {', '.join(NETWORK_TARGETS)}")
+    _need(c.network_targets in PRESETS, "network_targets", f"{c.network_targets!r} is not one of {', '.join(PRESETS)}")
     _need(c.conv_dim is None or c.conv_dim >= 1, "conv_dim", "must be >= 1")
     _need(c.conv_alpha is None or c.conv_alpha > 0, "conv_alpha", "must be > 0")
     _need(0.0 <= c.network_dropout < 1.0, "network_dropout", "must be in [0, 1)")

@@ -93,6 +93,23 @@ def test_inspect_reports_algorithm_rank_arch_and_coverage(workspace, capsys):
     assert main(["inspect", str(workspace / "Lora" / "broken.safetensors")]) == 2
 
 
+def test_inspect_prints_applied_and_unmatched_in_one_grouping(workspace, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(workspace / "Lora" / "ink.safetensors"))
+    extra = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn3_to_q"  # no such layer
+    tensors.update({f"{extra}.lora_down.weight": torch.zeros(4, 64), f"{extra}.lora_up.weight": torch.zeros(64, 4)})
+    save_safetensors_atomic(tensors, tmp_path / "extra.safetensors")
+    assert main(["inspect", str(tmp_path / "extra.safetensors"), "--model", str(workspace / "model"), "--json"]) == 0
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    assert cov["unmatched"] == [extra] and cov["unmatched_by_group"] == {"unet:IN04": 1}
+    assert cov["applied_by_group"]["unet:IN04"] == 8 and cov["applied_by_group"]["te1"] == 2 * 6
+    assert main(["inspect", str(tmp_path / "extra.safetensors"), "--model", str(workspace / "model")]) == 0
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+    assert "unet:IN04: 8 applied, 1 unmatched" in lines and "te1: 12 applied" in lines
+    assert lines.index("te1: 12 applied") < lines.index("unet:IN01: 8 applied") < lines.index("unet:M00: 8 applied")
+
+
 def test_single_file_model_through_the_cli(workspace, tmp_path):
     assert main(["tiny-model", "--arch", "sd15", "--out", str(tmp_path / "tiny"), "--format", "single-file"]) == 0
     files = list((tmp_path / "tiny").glob("*.safetensors"))

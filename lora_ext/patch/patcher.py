@@ -45,7 +45,7 @@ from lora_ext.errors import (
 from lora_ext.formats.algorithms.base import LowRank
 from lora_ext.formats.network import LoraModule, LoraNetwork
 from lora_ext.patch.keymap import ModelAdapter, Target
-from lora_ext.patch.report import NetworkReport, PatchReport
+from lora_ext.patch.report import NetworkReport, PatchReport, target_group
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Patcher:
                 rep.skipped_zero += 1
                 continue
             contribs.append(_Contribution(net, module, target, multiplier, lora.dyn))
-            groups[target.component if target.component != "unet" else f"unet:{target.block}"] += 1
+            groups[target_group(target.component, target.block)] += 1
         if mismatched:
             mname, reason, target = first
             if len(mismatched) > len(net.modules) // 2:

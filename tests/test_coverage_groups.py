@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from lora_ext import families
 from lora_ext.formats.layouts import diffusers_unet_block, ldm_unet_block, unet_module_map
 from lora_ext.models import assets
 from lora_ext.patch import adapter_for_pipeline
 from lora_ext.patch.report import GROUPS, NetworkReport, group_order, key_group, target_group
 
 
-@pytest.mark.parametrize("config", ["sd15", "sd2-base", "sdxl-base"])
+@pytest.mark.parametrize("config", families.CONFIG_NAMES)  # every shipped config: a new family is checked too
 def test_diffusers_block_labels_follow_the_layout_table(config):
     table = unet_module_map(assets.load_config(config, "unet"))
     for dpath, lpath in table.items():

@@ -159,3 +159,14 @@ def test_derived_tables_of_other_modules():
     assert ArchGuess("sd2", "", None).label == "SD2.x" and ArchGuess(None, "", None).label == "unknown"
     assert loading._scheduler_config_name("sd2", V_PREDICTION) == "sd21-v"
     assert loading._scheduler_config_name("sd1", V_PREDICTION) == "sd15"
+
+
+def test_families_is_stdlib_only():
+    import ast
+    import sys
+    from pathlib import Path
+
+    tree = ast.parse(Path(families.__file__).read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

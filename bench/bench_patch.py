@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_ext.formats.network import load_lora  # noqa: E402
 from lora_ext.formats.safetensors_io import save_safetensors_atomic  # noqa: E402
 from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline  # noqa: E402
-from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention  # noqa: E402
+from lora_ext.patch.synth import SynthSpec, make_lora_tensors  # noqa: E402
+from lora_ext.patch.targets import selector  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -114,7 +115,7 @@ def main() -> None:
     files = []
     for seed in (1, 2):
         tensors = make_lora_tensors(adapter, SynthSpec(rank=args.rank, alpha=args.rank / 2, naming="kohya",
-                                                       std=0.01), select_attention, seed=seed)
+                                                       std=0.01), selector("attn"), seed=seed)
         path = tmp / f"bench_{seed}.safetensors"
         save_safetensors_atomic(tensors, path)
         files.append(path)

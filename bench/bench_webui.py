@@ -81,7 +81,8 @@ def main() -> None:
 
     from lora_ext.formats.safetensors_io import save_safetensors_atomic
     from lora_ext.patch.ldm import adapter_for_ldm
-    from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+    from lora_ext.patch.targets import selector
     from lora_ext.webui import glue, settings
 
     full = webui / "models" / "Lora" / "full_r16.safetensors"
@@ -91,7 +92,7 @@ def main() -> None:
     adapter = adapter_for_ldm(model)
     for i, name in enumerate(names):
         if not (lora_dir / f"{name}.safetensors").exists():
-            save_safetensors_atomic(make_lora_tensors(adapter, SynthSpec("lora", rank=16), select_attention,
+            save_safetensors_atomic(make_lora_tensors(adapter, SynthSpec("lora", rank=16), selector("attn"),
                                                       seed=i), lora_dir / f"{name}.safetensors")
     del adapter
     glue.state().index.refresh()

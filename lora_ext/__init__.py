@@ -8,6 +8,7 @@ Layers (imports point downwards only):
     lora_ext.patch   key maps built from a model's module names, the weight patcher
     lora_ext.formats LoRA files: reading, key parsing, algorithms (pure math), metadata, hashes
     lora_ext.prompt  `<lora:...>` tag syntax
+    lora_ext.families the vocabulary of model families (stdlib only, imported by every layer)
 """
 
 __version__ = "0.1.0"

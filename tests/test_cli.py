@@ -17,7 +17,8 @@ from lora_ext.app.cli import main
 from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.models.loading import load_pipeline
 from lora_ext.patch import adapter_for_pipeline
-from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
+from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+from lora_ext.patch.targets import selector
 from tests.lora_factory import assert_bit_identical, snapshot
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def workspace(tmp_path_factory):
     pipe = load_pipeline(root / "model").pipe
     lora_dir = root / "Lora"
     lora_dir.mkdir()
-    tensors = make_lora_tensors(adapter_for_pipeline(pipe), SynthSpec(rank=4, alpha=2.0, std=0.5), select_attention)
+    tensors = make_lora_tensors(adapter_for_pipeline(pipe), SynthSpec(rank=4, alpha=2.0, std=0.5), selector("attn"))
     save_safetensors_atomic(tensors, lora_dir / "ink.safetensors",
                             metadata={"ss_output_name": "ink", "ss_network_dim": "4", "ss_network_alpha": "2.0",
                                       "ss_network_module": "networks.lora"})
@@ -90,6 +91,23 @@ def test_inspect_reports_algorithm_rank_arch_and_coverage(workspace, capsys):
     text = capsys.readouterr().out
     assert "rank 4" in text and "modules:" in text
     assert main(["inspect", str(workspace / "Lora" / "broken.safetensors")]) == 2
+
+
+def test_inspect_prints_applied_and_unmatched_in_one_grouping(workspace, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(workspace / "Lora" / "ink.safetensors"))
+    extra = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn3_to_q"  # no such layer
+    tensors.update({f"{extra}.lora_down.weight": torch.zeros(4, 64), f"{extra}.lora_up.weight": torch.zeros(64, 4)})
+    save_safetensors_atomic(tensors, tmp_path / "extra.safetensors")
+    assert main(["inspect", str(tmp_path / "extra.safetensors"), "--model", str(workspace / "model"), "--json"]) == 0
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    assert cov["unmatched"] == [extra] and cov["unmatched_by_group"] == {"unet:IN04": 1}
+    assert cov["applied_by_group"]["unet:IN04"] == 8 and cov["applied_by_group"]["te1"] == 2 * 6
+    assert main(["inspect", str(tmp_path / "extra.safetensors"), "--model", str(workspace / "model")]) == 0
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+    assert "unet:IN04: 8 applied, 1 unmatched" in lines and "te1: 12 applied" in lines
+    assert lines.index("te1: 12 applied") < lines.index("unet:IN01: 8 applied") < lines.index("unet:M00: 8 applied")
 
 
 def test_single_file_model_through_the_cli(workspace, tmp_path):

@@ -25,6 +25,7 @@ from lora_ext.models.convert import (
 )
 from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
 from lora_ext.patch.ldm import adapter_for_ldm
+from lora_ext.patch.report import key_group, target_group
 from tests.lora_factory import make_entries, to_state_dict
 from tests.test_layouts_convert import (  # noqa: F401  (fixtures)
     CLIP_H,
@@ -180,7 +181,11 @@ def test_sdxl_compvis_tree_with_openclip_te2(openclip_transformer):  # noqa: F81
     p = Patcher(adapter)
     rep = p.apply([ActiveLora(net, te=0.7, unet=1.1)]).networks[0]
     assert rep.modules_applied == len(entries) and not rep.unmatched, rep.summary()
-    Patcher(adapter_for_pipeline(pipe)).apply([ActiveLora(net, te=0.7, unet=1.1)])
+    rep_diffusers = Patcher(adapter_for_pipeline(pipe)).apply([ActiveLora(net, te=0.7, unet=1.1)]).networks[0]
+    # one grouping on both hosts, and every name of a layer (compvis, diffusers, peft, ...) groups with it
+    assert rep.applied_by_group == rep_diffusers.applied_by_group
+    assert {n for n, k in adapter.aliases.items()
+            if key_group(n) != target_group(adapter.targets[k].component, adapter.targets[k].block)} == set()
     _assert_close(unet_ldm_to_diffusers(_sd(ldm_unet), unet.config), _sd(unet), "unet")
     _assert_close(_sd(te1_ldm), _sd(te1), "te1")
     back = clip_openclip_to_hf_sd(_sd(tower), 2, with_projection=True)

@@ -23,7 +23,8 @@ from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.models.convert import unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from lora_ext.models.tiny import build_tiny_pipeline
 from lora_ext.patch import adapter_for_pipeline
-from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_attention
+from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+from lora_ext.patch.targets import selector
 from lora_ext.prompt import parse_prompt
 from lora_ext.webui import glue
 from lora_ext.webui.state import GlueState
@@ -58,7 +59,7 @@ def hosts(tmp_path_factory, ldm_unet_cls):  # noqa: F811
     lora_dir.mkdir()
     adapter = adapter_for_pipeline(pipe)
     for seed, name in enumerate(("ink", "dots"), start=1):
-        tensors = make_lora_tensors(adapter, SynthSpec(rank=4, alpha=2.0, std=0.3), select_attention, seed=seed)
+        tensors = make_lora_tensors(adapter, SynthSpec(rank=4, alpha=2.0, std=0.3), selector("attn"), seed=seed)
         save_safetensors_atomic(tensors, lora_dir / f"{name}.safetensors")
     return SimpleNamespace(pipe=pipe, sd_model=sd_model, lora_dir=lora_dir)
 

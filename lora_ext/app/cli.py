@@ -94,6 +94,8 @@ def inspect_file(path: Path, model: Path | None = None) -> dict:
 
 
 def _print_inspect(info: dict) -> None:
+    from lora_ext.patch.report import group_order
+
     arch = info["architecture"]
     print(f"{info['file']}  ({info['size_bytes'] / 2**20:.2f} MiB, hash {info['short_hash']})")
     print(f"  architecture: {arch['label']} ({arch['evidence']})")
@@ -122,10 +124,12 @@ def _print_inspect(info: dict) -> None:
             print(f"    NOT applicable: {cov['error']}")
         else:
             print(f"    {cov['modules_applied']}/{cov['modules_total']} modules match")
-            for g, c in sorted(cov["applied_by_group"].items()):
-                print(f"      {g}: {c}")
+            applied, unmatched = cov["applied_by_group"], cov["unmatched_by_group"]
+            for g in sorted(set(applied) | set(unmatched), key=group_order):  # one grouping for both
+                missed = f", {unmatched[g]} unmatched" if unmatched.get(g) else ""
+                print(f"      {g}: {applied.get(g, 0)} applied{missed}")
             if cov["unmatched"]:
-                print(f"    unmatched: {len(cov['unmatched'])} -> {cov['unmatched_by_group']}")
+                print(f"    unmatched: {len(cov['unmatched'])}")
                 for n in cov["unmatched"][:10]:
                     print(f"      {n}")
 

@@ -18,13 +18,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lora_ext import families
 from lora_ext.formats.algorithms import ALGORITHMS
 
-ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner", "sd3": "SD3",
-              "flux": "FLUX.1"}
-
-_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_TE_WIDTH = {768: "sd1", 1024: "sd2"}
+_CONTEXT_WIDTH = {f.context_dim: f.id for f in families.FAMILIES.values()}
+# single-encoder families by their encoder's width (SDXL's first encoder is as wide as SD1's: no verdict from it)
+_TE_WIDTH = {f.text_widths[0]: f.id for f in families.FAMILIES.values() if len(f.text_widths) == 1}
 _CROSS_KV = re.compile(r"attn2[._](to_k|to_v)$")
 _TE_QPROJ = re.compile(r"^(lora_te_|text_encoder\.).*self_attn[._]q_proj$")
 _SINGLE_TE = "lora_te_"  # kohya's prefix when the model has one text encoder (SDXL files use lora_te1_/lora_te2_)
@@ -40,7 +39,7 @@ class ArchGuess:
 
     @property
     def label(self) -> str:
-        return ARCH_NAMES.get(self.arch or "", "unknown")
+        return families.label(self.arch, "unknown")
 
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -58,7 +57,7 @@ def _in_features(shapes: Shapes) -> int | None:
 
 def _from_shapes(arch: str, evidence: str, base_from_metadata: str | None) -> ArchGuess:
     if base_from_metadata and base_from_metadata != arch:
-        evidence += (f"; the metadata says {ARCH_NAMES.get(base_from_metadata, base_from_metadata)}, but tensor shapes "
+        evidence += (f"; the metadata says {families.label(base_from_metadata)}, but tensor shapes "
                      "and key structure outrank metadata")
     return ArchGuess(arch, evidence, base_from_metadata)
 

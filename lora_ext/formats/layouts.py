@@ -76,7 +76,11 @@ _UNET_DEFAULTS: dict[str, Any] = {
     "time_cond_proj_dim": None,
 }
 
-_LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)(\.|$)|^middle_block(\.|$)")
+# block paths with "." or "_" between the parts (module paths, kohya's underscored file names)
+_LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)[._](\d+)([._]|$)|^middle_block([._]|$)")
+_DIFFUSERS_BLOCK = re.compile(
+    r"^(down_blocks|up_blocks)[._](\d+)[._](resnets|attentions|downsamplers|upsamplers)[._](\d+)([._]|$)"
+    r"|^mid_block([._]|$)|^conv_in([._]|$)")
 
 
 # --------------------------------------------------------------------------------------------------------------- UNet
@@ -225,6 +229,32 @@ def ldm_unet_block(ldm_module_path: str) -> str:
     if m.group(1) is None:
         return "M00"
     return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+
+
+def diffusers_unet_block(diffusers_module_path: str, layers_per_block: int = 2) -> str:
+    """The same block label for a diffusers UNet path (with "." or "_" between parts): `conv_in` IN00;
+    down_blocks.b.{resnets,attentions}.j IN(3b+1+j), down_blocks.b.downsamplers IN(3b+3); mid_block M00;
+    up_blocks.b.{resnets,attentions}.j OUT(3b+j), up_blocks.b.upsamplers OUT(3b+2); 'BASE' for everything else.
+    (3 = layers_per_block + 1: the index arithmetic of `unet_module_map`, which tests hold this to for SD1/SD2/SDXL.)"""
+    m = _DIFFUSERS_BLOCK.match(diffusers_module_path)
+    if m is None:
+        return "BASE"
+    if m.group(1) is None:
+        return "M00" if diffusers_module_path.startswith("mid_block") else "IN00"
+    b, kind, j = int(m.group(2)), m.group(3), int(m.group(4))
+    per = layers_per_block + 1
+    if m.group(1) == "down_blocks":
+        return f"IN{per * b + (layers_per_block + 1 if kind == 'downsamplers' else 1 + j):02d}"
+    return f"OUT{per * b + (layers_per_block if kind == 'upsamplers' else j):02d}"
+
+
+def unet_block(module_path: str) -> str | None:
+    """Block label of a UNet module path in either layout (diffusers or LDM/SGM, "." or "_" between parts, relative to
+    the UNet): "IN00".."IN11", "M00", "OUT00".."OUT11", or None when the path names no numbered block."""
+    if _LDM_BLOCK.match(module_path):
+        return ldm_unet_block(module_path)
+    block = diffusers_unet_block(module_path)
+    return None if block == "BASE" else block
 
 
 # ---------------------------------------------------------------------------------------------------------------- VAE

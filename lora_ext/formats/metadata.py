@@ -12,9 +12,11 @@ import json
 import logging
 from collections.abc import Mapping
 
+from lora_ext import families
+
 logger = logging.getLogger(__name__)
 
-BASE_MODELS = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
+BASE_MODELS = families.KNOWN
 """Every value `base_model_from_metadata` can return besides None."""
 
 # modelspec.architecture is "<architecture>/<adapter>"; matched on the architecture part, longest prefix first.

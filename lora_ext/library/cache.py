@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from lora_ext import families
 from lora_ext.errors import LoraFileError
 from lora_ext.formats.safetensors_io import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")
+SD_VERSIONS = (*families.SD_VERSIONS, "Unknown")  # A1111's card spellings ("SD1", ...) and "Unknown"
 CACHE_FORMAT = "lora_ext.library.index"
 CACHE_VERSION = 2
 """1: positional lists (before 2026-12); 2: named fields."""

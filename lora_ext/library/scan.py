@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_ext import families
 from lora_ext.errors import LoraFileError
 from lora_ext.formats.algorithms import ALGORITHMS
-from lora_ext.formats.arch import ARCH_NAMES, detect_arch
+from lora_ext.formats.arch import detect_arch
 from lora_ext.formats.keys import PLAIN_SUFFIXES, split_key
 from lora_ext.formats.metadata import base_model_from_metadata
 from lora_ext.formats.safetensors_io import read_compact_header, read_header
@@ -39,7 +40,6 @@ DESCRIPTION_SUFFIXES = (".txt", ".description.txt")
 SIDECAR_MAX_BYTES = 1 << 20
 """A `<stem>.json` sidecar larger than this is not read (A1111's are a few hundred bytes)."""
 
-_ARCH_TO_SD = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 _META_BASE_FIELDS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 _DIGIT_RUNS = re.compile(r"([0-9]+)")
 # algorithm name -> the suffixes that mark one module of it, in registry order
@@ -199,16 +199,16 @@ def _sd_version(structure: _Structure, metadata: Mapping[str, str]) -> tuple[str
     if structure.arch is not None:
         evidence = structure.evidence
         if base is not None and base != structure.arch:
-            evidence += (f"; the metadata says {ARCH_NAMES.get(base, base)}, but key names and shapes outrank "
+            evidence += (f"; the metadata says {families.label(base)}, but key names and shapes outrank "
                          "metadata")
-        return _ARCH_TO_SD[structure.arch], "keys", evidence
+        return families.sd_version(structure.arch), "keys", evidence
     if base is None:
         return "Unknown", "none", "no base-model metadata, and the key names and shapes are not conclusive"
     fields = [f"{k}={metadata[k]}" for k in _META_BASE_FIELDS if metadata.get(k)]
     said = ", ".join(fields) if fields else "kohya ss_* metadata without a base-model field (A1111 reads it as SD1)"
-    if base in _ARCH_TO_SD:
-        return _ARCH_TO_SD[base], "metadata", f"metadata: {said}"
-    return "Unknown", "metadata", f"metadata says {ARCH_NAMES.get(base, base)} (not SD1/SD2/SDXL): {said}"
+    if base in families.FAMILIES:
+        return families.sd_version(base), "metadata", f"metadata: {said}"
+    return "Unknown", "metadata", f"metadata says {families.label(base)} (not {'/'.join(families.SD_VERSIONS)}): {said}"
 
 
 def _fast_structure(
@@ -321,7 +321,7 @@ def _analyse_keys(keys: Sequence[str], shape_of: Callable[[int], tuple[int, ...]
         shape = shape_of(first)
         rank = int(shape[0]) if shape else None
     guess = detect_arch(_ModulesView(table, modules), None)
-    arch = guess.arch if guess.arch in _ARCH_TO_SD else None
+    arch = guess.arch if guess.arch in families.FAMILIES else None
     return _Structure("+".join(kinds) or None, rank, len(modules), arch, guess.evidence)
 
 # ---------------------------------------------------------------------------------------------------------- sidecars

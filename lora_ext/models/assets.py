@@ -16,17 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_ext import families
 from lora_ext.errors import ModelLoadError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
-CONFIG_NAMES = ("sd15", "sd2-base", "sd21-v", "sdxl-base")
-# Architecture family names used across lora_ext ('sd1' | 'sd2' | 'sdxl') -> the config shipped for it.
-FAMILY_DEFAULT_CONFIG = {"sd1": "sd15", "sd2": "sd2-base", "sdxl": "sdxl-base"}
-_ALIASES = {"sd1": "sd15", "sd2": "sd2-base", "sd21": "sd21-v", "sd2-v": "sd21-v", "sdxl": "sdxl-base"}
-TOKENIZER_KINDS = ("clip", "openclip")
-# Which shipped tokenizer each text encoder of a family uses, in pipeline order (tokenizer, tokenizer_2).
-FAMILY_TOKENIZERS = {"sd1": ("clip",), "sd2": ("openclip",), "sdxl": ("clip", "openclip")}
+CONFIG_NAMES = families.CONFIG_NAMES  # which family (and prediction type) each serves: lora_ext.families
+TOKENIZER_KINDS = tuple(dict.fromkeys(k for f in families.FAMILIES.values() for k in f.tokenizers))
 COMPONENT_FILES = {
     "model_index": "model_index.json",
     "unet": "unet/config.json",
@@ -40,14 +36,13 @@ COMPONENT_FILES = {
 def config_dir(arch: str) -> Path:
     """Directory of the shipped diffusers configs for `arch`.
 
-    `arch` is a config name (`sd15`, `sd2-base`, `sd21-v`, `sdxl-base`) or a family alias (`sd1`, `sd2`, `sdxl`,
-    `sd21`). Raises ModelLoadError for anything else.
+    `arch` is a config name (`sd15`, `sd2-base`, `sd21-v`, `sdxl-base`) or a family id or alias (`sd1`, `sd2`, `sdxl`,
+    `sd21`: see `lora_ext.families.shipped_config`). Raises ModelLoadError for anything else.
     """
-    name = _ALIASES.get(arch, arch)
-    if name not in CONFIG_NAMES:
-        valid = ", ".join(CONFIG_NAMES + tuple(_ALIASES))
-        raise ModelLoadError(f"no shipped config for architecture {arch!r}; valid: {valid}")
-    return DATA_DIR / "configs" / name
+    try:
+        return DATA_DIR / "configs" / families.shipped_config(arch)
+    except families.UnknownFamilyError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def tokenizer_dir(kind: str) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_ext import families
 from lora_ext.errors import ModelLoadError
 from lora_ext.formats.layouts import (
     LEGACY_VAE_ATTENTION_NAMES,
@@ -44,20 +45,14 @@ logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TE_PREFIXES: Mapping[str, tuple[str, ...]] = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.",),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
+# per family (lora_ext.families): where its text encoders live in the original checkpoint
+TE_PREFIXES: Mapping[str, tuple[str, ...]] = {f.id: f.single_file_te_prefixes for f in families.FAMILIES.values()}
 _SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."
-ARCHS = tuple(TE_PREFIXES)
 
-# Real models: SD1 UNet has 8 heads everywhere; SD2/SDXL UNets and every CLIP text tower use 64-channel heads.
-DEFAULT_UNET_HEADS: Mapping[str, int | None] = {"sd1": 8, "sd2": None, "sdxl": None}
+# Real models (head counts per family: lora_ext.families): SD1 UNet has 8 heads everywhere; SD2/SDXL UNets and every
+# CLIP text tower use 64-channel heads.
 DEFAULT_UNET_HEAD_CHANNELS = 64
 DEFAULT_TE_HEAD_CHANNELS = 64
-DEFAULT_IMAGE_SIZE: Mapping[str, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-VAE_SCALING_FACTOR: Mapping[str, float] = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 
 _HF_IGNORED_PARAMS = ("position_ids",)  # a buffer some checkpoints carry
 _OPENCLIP_IGNORED = ("logit_scale", "attn_mask")
@@ -333,8 +328,8 @@ def diffusers_to_single_file(
     matches the real checkpoints (24 blocks, of which SD2 runs 23); a zero block is the identity, and
     `single_file_to_diffusers` drops it again.
     """
-    if arch not in ARCHS:
-        raise ModelLoadError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    if arch not in families.FAMILIES:
+        raise ModelLoadError(f"unknown architecture {arch!r}; valid: {families.valid_names()}")
     expected = len(TE_PREFIXES[arch])
     if len(te_sds) != expected or len(te_configs) != expected:
         raise ModelLoadError(
@@ -441,10 +436,10 @@ def single_file_to_diffusers(
     if unet_heads is not None and unet_head_channels is not None:
         raise ModelLoadError("give either unet_heads or unet_head_channels, not both")
     if unet_heads is None and unet_head_channels is None:
-        unet_heads = DEFAULT_UNET_HEADS[arch]
+        unet_heads = families.FAMILIES[arch].unet_heads
         unet_head_channels = None if unet_heads is not None else DEFAULT_UNET_HEAD_CHANNELS
     te_head_channels = te_head_channels or DEFAULT_TE_HEAD_CHANNELS
-    image_size = image_size or DEFAULT_IMAGE_SIZE[arch]
+    image_size = image_size or families.FAMILIES[arch].image_size
 
     used = (UNET_PREFIX, VAE_PREFIX, *TE_PREFIXES[arch])
     ignored = [k for k in sd if not k.startswith(used)]
@@ -698,7 +693,7 @@ def vae_config_from_ldm(sd: Mapping[str, Tensor], *, arch: str, image_size: int)
         "latent_channels": latent,
         "norm_num_groups": 32,
         "sample_size": image_size,
-        "scaling_factor": VAE_SCALING_FACTOR[arch],
+        "scaling_factor": families.FAMILIES[arch].vae_scaling_factor,
     }
     if "encoder.mid.attn_1.q.weight" not in sd:
         # only when off: diffusers < 0.28's AutoencoderKL has no such argument (its mid block always has attention)

@@ -33,16 +33,13 @@ from typing import Any
 
 import torch
 
+from lora_ext import families
 from lora_ext.errors import LoraExtError, LoraFileError, ModelLoadError
 from lora_ext.models import assets
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-_FAMILY_ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd2-base": "sd2", "sd21": "sd2", "sd21-v": "sd2",
-                   "sdxl-base": "sdxl"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # name -> (diffusers class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -272,7 +269,7 @@ def _load_single_file(src: Path, family: str | None, dtype: torch.dtype, pred: s
 def _assemble_pipeline(family: str, unet, vae, te_models: list, scheduler):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    tokenizers = [assets.load_tokenizer(k) for k in assets.FAMILY_TOKENIZERS[family]]
+    tokenizers = [assets.load_tokenizer(k) for k in families.family(family).tokenizers]
     if family == "sdxl":
         if len(te_models) != 2:
             raise ModelLoadError(f"SDXL needs two text encoders, the file gave {len(te_models)}")
@@ -288,9 +285,7 @@ def _assemble_pipeline(family: str, unet, vae, te_models: list, scheduler):
 
 
 def _scheduler_config_name(family: str, pred: str) -> str:
-    if family == "sd2":
-        return "sd21-v" if pred == "v_prediction" else "sd2-base"
-    return assets.FAMILY_DEFAULT_CONFIG[family]
+    return families.family(family).config(pred)
 
 
 def conversion_hints(src: Path, metadata: Mapping[str, str], yaml_cfg: dict | None) -> dict[str, int]:
@@ -551,20 +546,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _normalise_family(arch: str) -> str:
-    key = arch.strip().lower()
-    key = _FAMILY_ALIASES.get(key, key)
-    if key not in FAMILIES:
-        raise ModelLoadError(f"unknown architecture {arch!r}; valid: {', '.join(FAMILIES)}")
-    return key
+    try:
+        return families.normalise_family(arch)
+    except families.UnknownFamilyError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _normalise_prediction(value: str) -> str:
-    key = value.strip().lower()
-    key = {"v": "v_prediction", "v-prediction": "v_prediction", "v_pred": "v_prediction", "eps": "epsilon"}.get(
-        key, key)
-    if key not in PREDICTION_TYPES:
-        raise ModelLoadError(f"unknown prediction type {value!r}; valid: epsilon, v_prediction (or v)")
-    return key
+    try:
+        return families.normalise_prediction(value)
+    except families.UnknownFamilyError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _check_family(src: Path, wanted: str | None, detected: str) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lora_ext import families
 from lora_ext.errors import ModelLoadError
 from lora_ext.models import assets
 from lora_ext.models.loading import SINGLE_FILE_HINTS_KEY, scheduler_from_config
@@ -43,7 +44,6 @@ _TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads":
 _TINY_TEXT_2 = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
                 "projection_dim": 32}
 _TINY_VAE = {"block_out_channels": [32, 64, 128, 128], "sample_size": 64}
-_MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def tiny_configs(arch: str) -> dict[str, dict]:
@@ -52,7 +52,7 @@ def tiny_configs(arch: str) -> dict[str, dict]:
     Keys: unet, vae, text_encoder, [text_encoder_2], scheduler, model_index.
     """
     _check_arch(arch)
-    real = "sd15" if arch == "sd15" else "sdxl-base"
+    real = families.family(arch).config()
     cfg = {c: assets.load_config(real, c) for c in ("model_index", "unet", "vae", "text_encoder", "scheduler")}
     cfg["vae"].update(_TINY_VAE)
     cfg["text_encoder"].update(_TINY_TEXT)
@@ -108,12 +108,12 @@ def save_tiny_model(arch: str, out_dir: str | os.PathLike, fmt: str = "diffusers
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(arch, seed)
     if fmt == "diffusers":
-        save_diffusers_folder(pipe, out_dir, tokenizer_kinds=assets.FAMILY_TOKENIZERS[_family(arch)])
+        save_diffusers_folder(pipe, out_dir, tokenizer_kinds=families.family(arch).tokenizers)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or 'tiny-' + arch}.safetensors"
-    sd = pipeline_to_single_file(pipe, _family(arch))
-    metadata = {"format": "pt", "modelspec.architecture": _MODELSPEC_ARCH[arch],
+    sd = pipeline_to_single_file(pipe, families.normalise_family(arch))
+    metadata = {"format": "pt", "modelspec.architecture": families.family(arch).modelspec_architecture["epsilon"],
                 "lora_ext.note": f"random tiny {arch} test checkpoint (seed {seed})",
                 SINGLE_FILE_HINTS_KEY: json.dumps(single_file_hints(arch), sort_keys=True)}
     save_safetensors_deterministic(sd, path, metadata)
@@ -163,7 +163,7 @@ def _assemble(arch: str, cfg: dict[str, dict], *, unet, vae, text_encoder, text_
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = scheduler_from_config(cfg["scheduler"])
-    tokenizers = [assets.load_tokenizer(k) for k in assets.FAMILY_TOKENIZERS[_family(arch)]]
+    tokenizers = [assets.load_tokenizer(k) for k in families.family(arch).tokenizers]
     if arch == "sd15":
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizers[0], unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -481,10 +481,6 @@ model:
         lossconfig:
           target: torch.nn.Identity
 """
-
-
-def _family(arch: str) -> str:
-    return "sd1" if arch == "sd15" else "sdxl"
 
 
 def _check_arch(arch: str) -> None:

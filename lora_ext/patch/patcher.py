@@ -34,6 +34,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lora_ext import families
 from lora_ext.errors import (
     ArchitectureMismatchError,
     LoraExtError,
@@ -42,10 +43,9 @@ from lora_ext.errors import (
     ShapeMismatchError,
 )
 from lora_ext.formats.algorithms.base import LowRank
-from lora_ext.formats.arch import ARCH_NAMES
 from lora_ext.formats.network import LoraModule, LoraNetwork
 from lora_ext.patch.keymap import ModelAdapter, Target
-from lora_ext.patch.report import NetworkReport, PatchReport
+from lora_ext.patch.report import NetworkReport, PatchReport, target_group
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _slot_key(module: torch.nn.Module, attr: str) -> _SlotKey:
 
 
 def _arch_label(arch: str | None) -> str:
-    return ARCH_NAMES.get(arch or "", "an unknown model family")
+    return families.label(arch, "an unknown model family")
 
 
 class Patcher:
@@ -199,7 +199,7 @@ class Patcher:
                 rep.skipped_zero += 1
                 continue
             contribs.append(_Contribution(net, module, target, multiplier, lora.dyn))
-            groups[target.component if target.component != "unet" else f"unet:{target.block}"] += 1
+            groups[target_group(target.component, target.block)] += 1
         if mismatched:
             mname, reason, target = first
             if len(mismatched) > len(net.modules) // 2:

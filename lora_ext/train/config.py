@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_ext import families
 from lora_ext.errors import ConfigError
+from lora_ext.patch.targets import PRESETS
 from lora_ext.runfolder import RUN_CONFIG_FILE, default_runs_dir
 
 try:
@@ -32,21 +34,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (the WebUI's): the same parser as the `tomli` package
     import tomli as tomllib
 
-NETWORK_TARGETS = ("attn", "attn_mlp", "attn_mlp_conv")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "fp32")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEFAULT_EPOCHS = 10
 _BLOCK_NAME = re.compile(r"^(IN(0\d|1[01])|M00|OUT(0\d|1[01]))$")
-# resolution when none is given: by model family (SD2 v-prediction models are 768 px models)
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
 # Fields with a fixed set of values (the form shows a choice; `_validate` checks them).
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
-    "network_targets": NETWORK_TARGETS, "optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULERS,
-    "mixed_precision": MIXED_PRECISION, "save_precision": SAVE_PRECISION, "prediction_type": PREDICTION_TYPES,
+    "network_targets": tuple(PRESETS), "optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULERS,
+    "mixed_precision": MIXED_PRECISION, "save_precision": SAVE_PRECISION, "prediction_type": families.PREDICTION_TYPES,
 }
 
 # Fields a resumed run may change; every other field must equal the run's saved configuration.
@@ -188,8 +186,7 @@ class TrainConfig:
         """`resolution`, or the family default (arch 'sd1' | 'sd2' | 'sdxl')."""
         if self.resolution is not None:
             return self.resolution
-        key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
-        return DEFAULT_RESOLUTION[key]
+        return families.default_resolution(arch, prediction_type)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (JSON and TOML friendly; None values kept)."""
@@ -527,8 +524,7 @@ def _validate(c: TrainConfig) -> None:
     _need(c.dataloader_workers >= 0, "dataloader_workers", "must be >= 0")
     _need(c.network_dim >= 1, "network_dim", "the rank must be >= 1")
     _need(c.network_alpha is None or c.network_alpha > 0, "network_alpha", "must be > 0 (or none = rank)")
-    _need(c.network_targets in NETWORK_TARGETS, "network_targets",
-          f"{c.network_targets!r} is not one of {', '.join(NETWORK_TARGETS)}")
+    _need(c.network_targets in PRESETS, "network_targets", f"{c.network_targets!r} is not one of {', '.join(PRESETS)}")
     _need(c.conv_dim is None or c.conv_dim >= 1, "conv_dim", "must be >= 1")
     _need(c.conv_alpha is None or c.conv_alpha > 0, "conv_alpha", "must be > 0")
     _need(0.0 <= c.network_dropout < 1.0, "network_dropout", "must be in [0, 1)")
@@ -553,8 +549,8 @@ def _validate(c: TrainConfig) -> None:
           f"{c.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
     _need(c.save_precision in SAVE_PRECISION, "save_precision",
           f"{c.save_precision!r} is not one of {', '.join(SAVE_PRECISION)}")
-    _need(c.prediction_type is None or c.prediction_type in PREDICTION_TYPES, "prediction_type",
-          f"{c.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    _need(c.prediction_type is None or c.prediction_type in families.PREDICTION_TYPES, "prediction_type",
+          f"{c.prediction_type!r} is not one of {', '.join(families.PREDICTION_TYPES)}")
     random_aug = c.random_augmentation
     _need(not (c.cache_latents or c.cache_latents_to_disk) or not random_aug, "cache_latents",
           f"cannot cache latents with random augmentation ({', '.join(random_aug)}); turn those off or do not cache")

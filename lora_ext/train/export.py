@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_ext import __version__
+from lora_ext import __version__, families
 from lora_ext.errors import LoraExtError, TrainingError
 from lora_ext.formats.hashes import legacy_hash, sha256_file, sshs_hashes_for
 from lora_ext.formats.metadata import a1111_sd_version, base_model_from_metadata
@@ -47,12 +47,9 @@ from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("sd1", "sd2", "sdxl")
-A1111_SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the "sd version" values of A1111's card editor
 MODELSPEC_VERSION = "1.0.1"
 IMPL_DIFFUSERS = "diffusers"
 IMPL_SGM = "https://github.com/Stability-AI/generative-models"
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2_v": 768, "sdxl": 1024}
 # the optimizer class path sd-scripts writes as ss_optimizer, per our optimizer names
 OPTIMIZER_CLASS = {
     "adamw": "torch.optim.adamw.AdamW",
@@ -67,51 +64,26 @@ OPTIMIZER_CLASS = {
 
 
 def _arch(arch: str) -> str:
-    a = {"sd15": "sd1", "sd21": "sd2"}.get(str(arch).lower(), str(arch).lower())
-    if a not in ARCHS:
-        raise ValueError(f"unknown model family {arch!r}; expected one of {', '.join(ARCHS)}")
-    return a
-
-
-def is_v_prediction(prediction_type: str | None) -> bool:
-    """True for "v_prediction" (diffusers) / "v" (modelspec); False for "epsilon" or None."""
-    p = (prediction_type or "epsilon").lower()
-    if p in ("v", "v_prediction", "v-prediction"):
-        return True
-    if p in ("epsilon", "eps"):
-        return False
-    raise ValueError(f"unknown prediction type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    """The family id of `arch` (an id or alias, lora_ext.families); ValueError listing the valid names."""
+    return families.normalise_family(arch)
 
 
 def base_model_version(arch: str, prediction_type: str | None = "epsilon") -> str:
     """ss_base_model_version as sd-scripts writes it: "sd_v1", "sd_v2", "sd_v2_v" (v-prediction), "sdxl_base_v1-0".
 
     (sd-scripts builds "sd" + "_v2"/"_v1" + "_v" for SD1/SD2, so an SD1 v-prediction model gives "sd_v1_v".)"""
-    a = _arch(arch)
-    if a == "sdxl":
-        return "sdxl_base_v1-0"
-    return ("sd_v2" if a == "sd2" else "sd_v1") + ("_v" if is_v_prediction(prediction_type) else "")
+    return families.family(arch).ss_base_model_version[families.normalise_prediction(prediction_type or "epsilon")]
 
 
 def modelspec_architecture(arch: str, prediction_type: str | None = "epsilon") -> str:
     """modelspec.architecture of a LoRA (sai_model_spec): "stable-diffusion-v1/lora", "stable-diffusion-v2-512/lora",
     "stable-diffusion-v2-768-v/lora" or "stable-diffusion-xl-v1-base/lora"."""
-    a = _arch(arch)
-    if a == "sdxl":
-        base = "stable-diffusion-xl-v1-base"
-    elif a == "sd2":
-        base = "stable-diffusion-v2-768-v" if is_v_prediction(prediction_type) else "stable-diffusion-v2-512"
-    else:
-        base = "stable-diffusion-v1"
-    return f"{base}/lora"
+    fam = families.family(arch)
+    return f"{fam.modelspec_architecture[families.normalise_prediction(prediction_type or 'epsilon')]}/lora"
 
 
-def default_resolution(arch: str, prediction_type: str | None = "epsilon") -> int:
-    """512 (SD1, SD2-512), 768 (SD2 v-prediction), 1024 (SDXL)."""
-    a = _arch(arch)
-    if a == "sd2" and is_v_prediction(prediction_type):
-        return DEFAULT_RESOLUTION["sd2_v"]
-    return DEFAULT_RESOLUTION[a]
+def _implementation(arch: str) -> str:
+    return IMPL_SGM if families.family(arch).sgm else IMPL_DIFFUSERS
 
 
 # ------------------------------------------------------------------------------------------------ dataset statistics
@@ -225,7 +197,7 @@ def build_metadata(config: Mapping[str, Any], dataset_report: Mapping[str, Any] 
     rep = _as_dict(dataset_report)
     started = float(started_at if started_at is not None else time.time())
     c = _Getter(cfg)
-    reso = c("resolution", default_resolution(a, prediction_type))
+    reso = c("resolution", families.default_resolution(a, prediction_type))
     reso_wh = tuple(int(v) for v in reso) if isinstance(reso, (list, tuple)) else (int(reso), int(reso))
     if len(reso_wh) == 1:
         reso_wh = (reso_wh[0], reso_wh[0])
@@ -263,7 +235,7 @@ def build_metadata(config: Mapping[str, Any], dataset_report: Mapping[str, Any] 
     if vae is not None:
         meta["ss_vae_name"] = os.path.basename(str(vae).rstrip("/\\")) or str(vae)
     out = {k: _s(v) for k, v in meta.items()}
-    out.update(_modelspec(cfg, a, is_v_prediction(prediction_type), reso_wh, started, clip_skip))
+    out.update(_modelspec(cfg, a, families.is_v_prediction(prediction_type), reso_wh, started, clip_skip))
     return out
 
 
@@ -372,7 +344,7 @@ def _modelspec(cfg: Mapping[str, Any], arch: str, v_pred: bool, reso: tuple[int,
     spec: dict[str, str | None] = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": modelspec_architecture(arch, "v" if v_pred else "epsilon"),
-        "modelspec.implementation": IMPL_SGM if arch == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.implementation": _implementation(arch),
         "modelspec.title": cfg.get("metadata_title") or cfg.get("output_name") or f"LoRA@{timestamp}",
         "modelspec.resolution": f"{reso[0]}x{reso[1]}",
         "modelspec.description": cfg.get("metadata_description"),
@@ -397,10 +369,10 @@ def sidecar_json(arch: str, sidecar: Mapping[str, Any] | None, metadata: Mapping
     Defaults: activation text = modelspec.trigger_phrase, preferred weight 1.0, a description naming the base model."""
     given = {str(k).replace("_", " "): v for k, v in (sidecar or {}).items()}
     base = metadata.get("ss_sd_model_name")
-    description = f"LoRA for {A1111_SD_VERSION[arch]}" + (f", trained on {base}" if base else "") + " with lora_ext"
+    description = f"LoRA for {families.sd_version(arch)}" + (f", trained on {base}" if base else "") + " with lora_ext"
     out: dict[str, Any] = {
         "description": str(given.pop("description", description)),
-        "sd version": A1111_SD_VERSION[arch],
+        "sd version": families.sd_version(arch),
         "activation text": str(given.pop("activation text", metadata.get("modelspec.trigger_phrase", ""))),
         "preferred weight": float(given.pop("preferred weight", 1.0)),
         "negative text": str(given.pop("negative text", "")),
@@ -508,7 +480,7 @@ def _final_metadata(metadata: Mapping[str, str], network: Any, path: Path, arch:
     meta.setdefault("ss_base_model_version", base_model_version(arch))
     meta.setdefault("modelspec.sai_model_spec", MODELSPEC_VERSION)
     meta.setdefault("modelspec.architecture", modelspec_architecture(arch))
-    meta.setdefault("modelspec.implementation", IMPL_SGM if arch == "sdxl" else IMPL_DIFFUSERS)
+    meta.setdefault("modelspec.implementation", _implementation(arch))
     meta.setdefault("modelspec.title", path.stem)
     a1111 = a1111_sd_version(meta)
     claimed = base_model_from_metadata(meta)

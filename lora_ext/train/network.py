@@ -21,15 +21,9 @@ Initialisation as kohya / Microsoft LoRA / PEFT: lora_down ~ kaiming_uniform(a=s
 1/sqrt(fan_in)) with fan_in = in * kh * kw; lora_up = 0; dora_scale = the column norms of the base weight. Step 0 is
 therefore bit-identical to the base model.
 
-Target presets (the text encoder, when trained, always gets q/k/v/out_proj and mlp fc1/fc2 of every layer, kohya's
-choice):
-    "attn"           UNet attention projections to_q/to_k/to_v/to_out.0 of attn1 and attn2 (the diffusers LoRA
-                     training script's default)
-    "attn_mlp"       every Linear and 1x1 conv inside the UNet's transformer blocks: the attention projections,
-                     proj_in/proj_out and the feed-forward (kohya networks.lora's default)
-    "attn_mlp_conv"  plus every Linear and conv of the UNet's resnets, downsamplers and upsamplers (kohya
-                     networks.lora with conv_dim, "LoCon"): 3x3 convs use conv_rank/conv_alpha, 1x1 convs
-                     (conv_shortcut) and time_emb_proj use rank/alpha
+Target presets "attn", "attn_mlp", "attn_mlp_conv" (kohya's rules; the text encoder, when trained, gets
+q/k/v/out_proj and mlp fc1/fc2 of every layer): `lora_ext.patch.targets`, the rules the synthetic test files use
+too. In "attn_mlp_conv" 3x3 convs use conv_rank/conv_alpha, 1x1 convs (conv_shortcut) and time_emb_proj rank/alpha.
 A callable `(Target) -> bool` selects explicitly; `blocks` ("IN04", "M00", "OUT03", ...) restricts the UNet part.
 """
 
@@ -51,60 +45,17 @@ from lora_ext.formats.algorithms import Lora, apply_dora, weight_norm
 from lora_ext.formats.algorithms.base import ALPHA_KEY, DORA_KEY, layer_forward
 from lora_ext.formats.algorithms.lora import DOWN, UP
 from lora_ext.patch import ModelAdapter, Target, adapter_for_pipeline
-from lora_ext.patch.synth import file_module_name
+from lora_ext.patch.targets import PRESETS, file_module_name, selector, trainable_kind
 
 log = logging.getLogger(__name__)
 
-TARGET_PRESETS = ("attn", "attn_mlp", "attn_mlp_conv")
 NETWORK_MODULE = "networks.lora"  # what sd-scripts writes as ss_network_module for this kind of file
 
-_ATTENTION_PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
-_TE_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
-_RESNET_PARTS = (".resnets.", ".downsamplers.", ".upsamplers.")
 
 ALPHA, DORA = ALPHA_KEY, DORA_KEY
 
 
 # ---------------------------------------------------------------------------------------------------------- selection
-
-
-def _path(target: Target) -> str:
-    return target.key.split(":", 1)[1]
-
-
-def _trainable_kind(target: Target) -> bool:
-    return target.spec.kind in ("linear", "conv") and target.chunk is None
-
-
-def is_attention_target(target: Target) -> bool:
-    """UNet attention projections q/k/v/out of attn1 and attn2 ("attn")."""
-    return target.component == "unet" and target.spec.kind == "linear" and _path(target).endswith(_ATTENTION_PROJ)
-
-
-def is_transformer_target(target: Target) -> bool:
-    """Every Linear / 1x1 conv inside the UNet's transformer blocks ("attn_mlp", kohya's default)."""
-    return target.component == "unet" and _trainable_kind(target) and ".attentions." in f".{_path(target)}"
-
-
-def is_locon_target(target: Target) -> bool:
-    """`is_transformer_target` plus every Linear / conv of resnets, downsamplers and upsamplers ("attn_mlp_conv")."""
-    if is_transformer_target(target):
-        return True
-    return target.component == "unet" and _trainable_kind(target) and any(
-        p in f".{_path(target)}" for p in _RESNET_PARTS)
-
-
-def is_text_encoder_target(target: Target) -> bool:
-    """Text-encoder attention q/k/v/out_proj and MLP fc1/fc2 of every layer (kohya)."""
-    return target.component != "unet" and target.spec.kind == "linear" and _path(target).endswith(_TE_MODULES)
-
-
-_PRESETS: dict[str, Callable[[Target], bool]] = {
-    "attn": is_attention_target,
-    "attn_mlp": is_transformer_target,
-    "attn_mlp_conv": is_locon_target,
-}
 
 
 def is_conv_kxk(target: Target) -> bool:
@@ -298,23 +249,18 @@ class LoraTrainingNetwork(nn.Module):
 
     def _select(self, targets: str | Callable[[Target], bool], train_text_encoder: bool,
                 blocks: tuple[str, ...] | None) -> list[Target]:
-        unet_select = _PRESETS[targets] if isinstance(targets, str) else targets
+        if isinstance(targets, str):
+            select = selector(targets, text_encoder=train_text_encoder)
+        else:
+            def select(t: Target) -> bool:
+                return (t.component == "unet" or train_text_encoder) and targets(t)
         chosen: list[Target] = []
         for target in self.adapter.targets.values():
-            if target.component == "unet":
-                if not unet_select(target):
-                    continue
-                if blocks is not None and target.block not in blocks:
-                    continue
-            else:
-                if not train_text_encoder:
-                    continue
-                if isinstance(targets, str):
-                    if not is_text_encoder_target(target):
-                        continue
-                elif not targets(target):
-                    continue
-            if not _trainable_kind(target):
+            if not select(target):
+                continue
+            if target.component == "unet" and blocks is not None and target.block not in blocks:
+                continue
+            if not trainable_kind(target):
                 raise TrainingError(
                     f"layer {target.key} is a {target.spec.kind} layer; LoRA trains only linear and conv layers "
                     f"(fix the target selection)")
@@ -499,7 +445,7 @@ def _check_settings(rank: int, alpha: float | None, conv_rank: int | None, conv_
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     if isinstance(targets, str):
-        if targets not in _PRESETS:
-            raise ValueError(f"unknown targets {targets!r}; expected one of {', '.join(TARGET_PRESETS)} or a callable")
+        if targets not in PRESETS:
+            raise ValueError(f"unknown targets {targets!r}; expected one of {', '.join(PRESETS)} or a callable")
     elif not callable(targets):
         raise ValueError(f"targets must be a preset name or a callable, got {type(targets).__name__}")

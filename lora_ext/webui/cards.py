@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+from lora_ext import families
 from lora_ext.webui import host, settings
 from lora_ext.webui.api import lookup_key
 from lora_ext.webui.state import GlueState
@@ -58,11 +59,12 @@ def setup(st: GlueState) -> None:
 
 
 def _model_version(model: Any) -> str:
+    """A1111's "sd version" of the loaded model, from its is_sdxl / is_sd2 flags (else SD1)."""
     if getattr(model, "is_sdxl", False):
-        return "SDXL"
+        return families.sd_version("sdxl")
     if getattr(model, "is_sd2", False):
-        return "SD2"
-    return "SD1"
+        return families.sd_version("sd2")
+    return families.sd_version("sd1")
 
 
 def hidden_for_model(sd_version: str, model: Any) -> bool:

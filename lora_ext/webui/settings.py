@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lora_ext import families
+
 SECTION = ("lora_ext", "LoRA (lora_ext)")
 OWN = "lora_ext_handle_lora_tags"
 CACHE_MB = "lora_ext_cache_mb"
@@ -55,7 +57,7 @@ def register_cards() -> None:
         "lora_show_all": shared.OptionInfo(False, "Always show all networks on the Lora page").info(
             "otherwise, those detected as for incompatible version of Stable Diffusion will be hidden"),
         "lora_hide_unknown_for_versions": shared.OptionInfo([], "Hide networks of unknown versions for model versions",
-                                                            gr.CheckboxGroup, {"choices": ["SD1", "SD2", "SDXL"]}),
+                                                            gr.CheckboxGroup, {"choices": list(families.SD_VERSIONS)}),
     }
     missing = {k: v for k, v in cards.items() if k not in templates}
     if missing:

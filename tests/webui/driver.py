@@ -98,17 +98,18 @@ def make_loras(arch: str) -> dict[str, str]:
 
     from lora_ext.formats.safetensors_io import save_safetensors_atomic
     from lora_ext.patch.ldm import adapter_for_ldm
-    from lora_ext.patch.synth import SynthSpec, make_lora_tensors, select_locon, select_transformer
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+    from lora_ext.patch.targets import selector
 
     adapter = adapter_for_ldm(shared.sd_model)
     lora_dir = Path(sys.argv[sys.argv.index("--lora-dir") + 1])
     specs = {
-        "t_lora": (SynthSpec("lora", rank=4), select_transformer, 1),
-        "t_locon": (SynthSpec("lora", rank=4), select_locon, 2),
-        "t_loha": (SynthSpec("loha", rank=4, std=0.25), select_transformer, 3),
-        "t_lokr": (SynthSpec("lokr", rank=4, std=0.1), select_transformer, 4),
-        "t_dora": (SynthSpec("lora", rank=4, dora=True), select_transformer, 5),
-        "t_compvis": (SynthSpec("lora", rank=4, naming="kohya-compvis"), select_transformer, 6),
+        "t_lora": (SynthSpec("lora", rank=4), selector("attn_mlp"), 1),
+        "t_locon": (SynthSpec("lora", rank=4), selector("attn_mlp_conv"), 2),
+        "t_loha": (SynthSpec("loha", rank=4, std=0.25), selector("attn_mlp"), 3),
+        "t_lokr": (SynthSpec("lokr", rank=4, std=0.1), selector("attn_mlp"), 4),
+        "t_dora": (SynthSpec("lora", rank=4, dora=True), selector("attn_mlp"), 5),
+        "t_compvis": (SynthSpec("lora", rank=4, naming="kohya-compvis"), selector("attn_mlp"), 6),
     }
     made = {}
     for name, (spec, select, seed) in specs.items():

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lora_ext import families
 from lora_ext.errors import DatasetError
 from lora_ext.train.dataset.buckets import BucketParams
 from lora_ext.train.dataset.records import ImageRecord
@@ -46,13 +47,10 @@ def parse_background(value: str) -> tuple[int, int, int]:
 
 def default_resolution(arch: str, v_prediction: bool = False) -> int:
     """Training resolution of a model family: 512 for SD1 and SD2-base, 768 for SD2 v-prediction, 1024 for SDXL."""
-    if arch == "sdxl":
-        return 1024
-    if arch == "sd2" and v_prediction:
-        return 768
-    if arch in ("sd1", "sd2"):
-        return 512
-    raise DatasetError(f"unknown model family {arch!r}: expected 'sd1', 'sd2' or 'sdxl'")
+    try:
+        return families.default_resolution(arch, "v_prediction" if v_prediction else "epsilon")
+    except families.UnknownFamilyError as e:
+        raise DatasetError(str(e)) from None
 
 
 def _as_path(value: str | Path | None) -> Path | None:

@@ -83,3 +83,16 @@ def test_webui_imports_point_away_from_the_glue():
     graph = _graph()
     webui = [m for m in graph if m.startswith("lora_ext.webui.") and m != "lora_ext.webui.glue"]
     assert webui and not [m for m in webui if "lora_ext.webui.glue" in graph[m]]
+
+
+def test_no_function_is_longer_than_120_lines():
+    """The design's limit: a function that long does several jobs (split it where its steps are)."""
+    root = Path(__file__).resolve().parents[1] / "lora_ext"
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 120:
+                    long.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

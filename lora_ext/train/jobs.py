@@ -202,18 +202,18 @@ class JobRunner:
 
     def save(self, job_id: str) -> Job:
         """Ask a running job for a checkpoint after its current step."""
-        job = self.get(job_id)
-        if job.state != "running":
-            raise JobConflict(f"job {job_id} is {job.state}; only a running job can save a checkpoint")
-        (Path(job.run_dir) / SAVE_FILE).touch()
-        return job
+        return self._request(job_id, SAVE_FILE, "save a checkpoint")
 
     def stop_after_checkpoint(self, job_id: str) -> Job:
         """Ask a running job to stop after its next scheduled checkpoint (end of the epoch when none is scheduled)."""
+        return self._request(job_id, STOP_AFTER_CHECKPOINT_FILE, "be stopped")
+
+    def _request(self, job_id: str, file_name: str, what: str) -> Job:
+        """A request file in a running job's run folder (lora_ext.train.loop.RunControl reads it)."""
         job = self.get(job_id)
         if job.state != "running":
-            raise JobConflict(f"job {job_id} is {job.state}; only a running job can be stopped")
-        (Path(job.run_dir) / STOP_AFTER_CHECKPOINT_FILE).touch()
+            raise JobConflict(f"job {job_id} is {job.state}; only a running job can {what}")
+        (Path(job.run_dir) / file_name).touch()
         return job
 
     def stop_file(self, job_id: str) -> Path:

@@ -149,6 +149,14 @@ class TrainService:
                               field="pretrained_model")
         return str(path)
 
+    def family(self, model: str | None) -> str:
+        """"SD1.x (epsilon)"-style label of a base model (form value as `resolve_model` takes it)."""
+        from lora_ext.train.denoiser import peek_model_family
+
+        path = self.resolve_model(model)
+        arch, prediction = peek_model_family(path)
+        return f"{FAMILY_LABELS.get(arch, arch)} ({prediction})"
+
     # --------------------------------------------------------------------------------------------- configuration
     def config(self, values: Mapping[str, Any], *, dry: bool = False) -> TrainConfig:
         """A validated TrainConfig for this host from form/JSON values (see the module docstring). `dry`: for a

@@ -201,6 +201,20 @@ class TrainTab:
             return error_markdown(err), [], ""
         return preview_markdown(p), _thumbs(p["thumbnails"]), p["estimate"]
 
+    def estimate(self, *args: Any) -> str:
+        """The live "total steps / epochs / time" line ("" while the form cannot be counted yet)."""
+        try:
+            return self.service.preview(self.values(args))["estimate"]
+        except (LoraExtError, ValueError):
+            return ""
+
+    def family(self, model: str | None) -> str:
+        """The chosen base model's family, read from its configs or header (no weights are loaded)."""
+        try:
+            return "**family**: " + self.service.family("" if model == self.current_label else model)
+        except (LoraExtError, ValueError) as err:
+            return error_markdown(err)
+
     def start(self, *args: Any) -> str:
         try:
             job = self.service.start(self.values(args))
@@ -360,6 +374,7 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
             with gr.Row():
                 add("pretrained_model")
                 add("vae")
+            family = gr.Markdown("", elem_id="lora_ext_family")
             with gr.Row():
                 add("train_data_dir")
                 preview_btn = gr.Button("Preview dataset", elem_id="lora_ext_preview_button")
@@ -433,6 +448,10 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
 
     values = [inputs[n] for n in tab.names]
     preview_btn.click(tab.preview, inputs=values, outputs=[preview_md, thumbs, estimate])
+    for name in ("train_data_dir", "max_train_epochs", "max_train_steps", "train_batch_size",
+                 "gradient_accumulation_steps", "resolution"):
+        inputs[name].blur(tab.estimate, inputs=values, outputs=[estimate])
+    inputs["pretrained_model"].change(tab.family, inputs=[inputs["pretrained_model"]], outputs=[family])
     train_btn.click(tab.start, inputs=values, outputs=[message])
     cancel_btn.click(tab.control("cancel"), outputs=[message])
     stop_btn.click(tab.control("stop_after_checkpoint"), outputs=[message])
@@ -448,6 +467,7 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
     live = [progress, stats, chart, samples, log, result, send_prompt]
     compat.every(blocks, POLL_SECONDS, tab.poll, outputs=live)
     compat.on_load(blocks, tab.runs, outputs=[runs])
+    compat.on_load(blocks, tab.family, inputs=[inputs["pretrained_model"]], outputs=[family])
     return TabParts(inputs=inputs, send_prompt=send_prompt, send_button=send_button, message=message,
                     components={"tab": tab, "progress": progress, "chart": chart, "result": result, "runs": runs,
                                 "preview": preview_md, "thumbs": thumbs, "estimate": estimate, "log": log})

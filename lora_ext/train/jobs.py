@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,8 @@ class JobRunner:
                  on_event: Callable[[Job, dict[str, Any]], None] | None = None,
                  on_end: Callable[[Job], None] | None = None) -> None:
         """`on_event(job, event)` sees every event of the child; `on_end(job)` runs once a job has ended and the GPU
-        has been given back (e.g. refresh the LoRA list so a new file shows at once)."""
+        has been given back (e.g. refresh the LoRA list so a new file shows at once), with the job as it is about to
+        be published: the job shows its final state only after that."""
         self.jobs_dir = Path(jobs_dir)
         self.hooks = hooks or GpuHandoff()
         self.on_event = on_event
@@ -253,30 +254,34 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - a failed hand-off fails the job, with its cause
             self._end(job, "failed", f"could not free the GPU for training: {type(exc).__name__}: {exc}")
             return
+        # the job stays "running" until the GPU is given back and `on_end` has run: a client that sees "finished"
+        # can generate at once (model back, new LoRA listed), and the next job cannot start during the hand-back
+        outcome: tuple[str, str | None, int | None] = ("failed", "the job ended without an exit status", None)
         try:
-            self._watch(job, config_file)
+            outcome = self._watch(job, config_file)
         except Exception as exc:  # noqa: BLE001 - the runner must survive anything a child does
             logger.exception("lora_ext: training job %s", job.id)
-            self._end(job, "failed", f"{type(exc).__name__}: {exc}")
+            outcome = ("failed", f"{type(exc).__name__}: {exc}", None)
         finally:
             try:
                 self.hooks.after()
             except Exception as exc:  # noqa: BLE001 - reported on the job, the server keeps running
                 logger.exception("lora_ext: giving the GPU back after job %s", job.id)
                 job.warnings.append(f"the WebUI's model could not be brought back: {exc}")
-                self._persist(job)
+            state, error, code = outcome
             if self.on_end is not None:
-                try:
-                    self.on_end(job)
+                try:  # it sees the job as it is about to be published
+                    self.on_end(replace(job, state=state, error=error or job.error, exit_code=code))
                 except Exception:  # noqa: BLE001 - a listener's failure must not break the runner
                     logger.exception("lora_ext: after job %s", job.id)
+            self._end(job, state, error, code)
 
-    def _watch(self, job: Job, config_file: Path) -> None:
+    def _watch(self, job: Job, config_file: Path) -> tuple[str, str | None, int | None]:
+        """Run the child and follow its events; returns (state, error, exit status), which `_run` publishes."""
         stderr: deque[str] = deque(maxlen=LOG_TAIL)
         with self._lock:
             if job.state == "cancelled":  # cancelled while queued
-                self._end(job, "cancelled", None)
-                return
+                return "cancelled", None, None
             proc = start_training(["--config", str(config_file)], stderr=subprocess.PIPE)
             self._procs[job.id] = proc
             job.started, job.pid = time.time(), proc.pid
@@ -289,6 +294,8 @@ class JobRunner:
             with self._lock:
                 job.apply(event)
                 job.log_tail = list(stderr)
+                if job.state not in ACTIVE:  # "done": the exit status decides, published at the end (`_run`)
+                    job.state = "running"
             if event.get("type") in ("start", "checkpoint", "done", "error"):
                 self._persist(job)
             if self.on_event is not None:
@@ -301,7 +308,7 @@ class JobRunner:
         if state == "failed" and not error:
             tail = "\n".join(list(stderr)[-15:])
             error = f"the training process exited with status {code}: {tail or 'no message'}"
-        self._end(job, state, error, code)
+        return state, error, code
 
     def _end(self, job: Job, state: str, error: str | None, code: int | None = None) -> None:
         with self._lock:

@@ -36,6 +36,14 @@ def restore_builtin() -> int:
     return restored
 
 
+def refresh_builtin() -> None:
+    """Let the built-in Lora rescan its folders when it is loaded: its cards page and its /sdapi/v1/loras list a file
+    that appeared (a LoRA finished by the training tab) without the user pressing refresh."""
+    networks = sys.modules.get("networks")
+    if networks is not None and hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
+
+
 def clear_cond_cache() -> None:
     """The WebUI reuses conditionings for an identical prompt + tags; after the tag changes hands they may have been
     computed with the other handler's text-encoder weights."""

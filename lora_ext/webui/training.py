@@ -8,7 +8,8 @@ GPU around every job.
 - GPU hand-off: before a job, the LoRA weights lora_ext merged are restored (the session forgets the model: the next
   generation merges them again) and the model moves to the CPU under the WebUI's queue lock; after the job, however
   it ended, it moves back.
-- After a finished job the catalogue is rescanned: the new LoRA is listed and usable at once.
+- After a finished job the catalogue (and the built-in Lora's list, when it is loaded) is rescanned: the new LoRA is
+  listed and usable at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from lora_ext.train.jobs import GpuHandoff
 from lora_ext.ui.service import Roots, TrainService
-from lora_ext.webui import host
+from lora_ext.webui import builtin, host
 from lora_ext.webui.state import GlueState
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def make_service(st: GlueState) -> TrainService:
 
     def refreshed(_path: Any) -> None:
         st.index.refresh()
+        builtin.refresh_builtin()  # its cards page and /sdapi/v1/loras list the new file too
 
     return TrainService(roots, current_model=current, hooks=GpuHandoff(before=handoff.before, after=handoff.after),
                         on_new_lora=refreshed)

@@ -27,10 +27,16 @@ class Recorder:
 def test_a_job_runs_to_its_lora_with_the_gpu_handed_off_around_it(sd15_model, tmp_path):  # noqa: F811
     data = write_images(tmp_path / "data", 2)
     rec = Recorder()
-    runner = JobRunner(tmp_path / "jobs", hooks=rec.hooks())
+    seen: dict[str, str] = {}
+    # the job shows "finished" only once the GPU is back and on_end ran (a client may generate with it at once)
+    hooks = GpuHandoff(before=lambda: rec.calls.append("before"),
+                       after=lambda: (rec.calls.append("after"), seen.update(during_after=runner.jobs()[0].state)))
+    runner = JobRunner(tmp_path / "jobs", hooks=hooks,
+                       on_end=lambda j: seen.update(on_end=j.state, published=runner.get(j.id).state))
     cfg = tiny_config(sd15_model, data, tmp_path / "Lora", max_train_steps=3, preview=False)
     job = runner.wait(runner.submit(cfg).id, timeout=300)
     assert (job.state, job.step, job.total_steps, job.exit_code) == ("finished", 3, 3, 0), job.log_tail
+    assert seen == {"during_after": "running", "on_end": "finished", "published": "running"}
     assert job.output == str(cfg.output_path) and cfg.output_path.is_file()
     assert [p[0] for p in job.losses] == [1, 2, 3] and all(p[1] > 0 for p in job.losses)
     assert rec.calls == ["before", "after"]

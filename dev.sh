@@ -17,12 +17,17 @@ TORCH_SPEC="${LORA_EXT_TORCH:-torch==2.13.0}"
 # beside them: diffusers 0.27-0.28 import hub's cached_download (gone from hub 0.26), 0.31 needs
 # transformers.integrations.deepspeed (4.33) in training_utils, 0.32+ transformers' Siglip (4.37); peft 0.14+ needs
 # transformers' Cache (4.36). With transformers 4.30 diffusers' LoRA loader (PEFT backend) is off: those tests skip.
+# The web stack (the `ui` extra) as a real A1111 v1.10.1 venv has it: gradio, fastapi, httpx, httpcore pinned by its
+# requirements_versions.txt, the rest as pip resolved them there (gradio_client, starlette, pydantic 1, anyio 3, ...).
 WEBUI_VENV="${LORA_EXT_WEBUI_VENV:-.venv-webui}"
 WEBUI_PINS="transformers==4.30.2 tokenizers==0.13.3 accelerate==0.21.0 safetensors==0.4.2 numpy==1.26.2 Pillow==9.5.0
-huggingface_hub==0.36.2 diffusers==0.30.3 peft==0.13.2"
+huggingface_hub==0.36.2 diffusers==0.30.3 peft==0.13.2
+gradio==3.41.2 gradio_client==0.5.0 fastapi==0.94.0 starlette==0.26.1 pydantic==1.10.27 httpx==0.24.1 httpcore==0.15.0
+h11==0.12.0 anyio==3.7.1 uvicorn==0.55.0 websockets==11.0.3"
 
-# setup_venv DIR [PINS]: create DIR if needed and install lora_ext + test extras + oracles, every install constrained
-# to PINS (newline/space-separated requirements) when given; skipped while DIR's stamp matches this file and PINS.
+# setup_venv DIR [PINS]: create DIR if needed and install lora_ext + test and ui extras + oracles, every install
+# constrained to PINS (newline/space-separated requirements) when given; skipped while DIR's stamp matches this file
+# and PINS.
 setup_venv() {
     local venv="$1" pins="${2:-}" py="$1/bin/python" constraints=()
     if [ ! -x "$py" ]; then
@@ -48,8 +53,8 @@ setup_venv() {
         # shellcheck disable=SC2086
         "$py" -m pip install -q "${constraints[@]}" $pins
     fi
-    echo "[dev] installing lora_ext with test extras"
-    "$py" -m pip install -q "${constraints[@]}" -e ".[test]"
+    echo "[dev] installing lora_ext with test and ui extras"
+    "$py" -m pip install -q "${constraints[@]}" -e ".[test,ui]"
     # Oracles that must not pull their own torch/transformers pins: installed without dependencies.
     # `ldm` (original SD classes) and open_clip (OpenCLIP text tower names); lycoris-lora (LyCORIS math).
     "$py" -m pip install -q "${constraints[@]}" omegaconf einops toml ftfy

@@ -4,6 +4,7 @@
 #   bash dev.sh test   # ruff + the test suite (CPU, tiny models)
 #   bash dev.sh setup  # only the set-up
 #   bash dev.sh test-webui-stack  # the test suite on A1111 v1.10's package versions, in .venv-webui (no ruff)
+#   bash dev.sh chromium  # only the system browser for the browser tests (Debian's chromium, via apt-get)
 #   bash dev.sh py ... # run python inside the venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -62,6 +63,43 @@ setup_venv() {
     echo "$want" > "$stamp"
 }
 
+# ensure_chromium: the browser tests drive Debian's `chromium` (Playwright's own browser download cannot work offline).
+# Installs it with apt-get when missing (as root, or through passwordless sudo); otherwise stops with the command to
+# run. LORA_EXT_CHROMIUM names another browser binary instead; the tests read the same variable.
+ensure_chromium() {
+    local exe="${LORA_EXT_CHROMIUM:-}" sudo=""
+    if [ -n "$exe" ]; then
+        [ -x "$exe" ] && return 0
+        echo "[dev] ERROR: LORA_EXT_CHROMIUM=$exe is not an executable file" >&2
+        return 1
+    fi
+    command -v chromium >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo -n"
+        else
+            echo "[dev] ERROR: the browser tests need Debian's chromium, which is not installed, and this user cannot" \
+                 "install it (not root, no passwordless sudo). Run:" >&2
+            echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium" >&2
+            echo "  or point LORA_EXT_CHROMIUM at a Chromium/Chrome binary." >&2
+            return 1
+        fi
+    fi
+    local apt="${sudo:+$sudo }env DEBIAN_FRONTEND=noninteractive apt-get -q" shown="${sudo:+sudo }apt-get"
+    echo "[dev] installing Debian's chromium for the browser tests: $shown install -y --no-install-recommends chromium"
+    # shellcheck disable=SC2086
+    if ! $apt install -y --no-install-recommends chromium >/dev/null; then
+        echo "[dev] that failed; refreshing the package lists ($shown update) and trying again"
+        # shellcheck disable=SC2086
+        if ! { $apt update >/dev/null && $apt install -y --no-install-recommends chromium >/dev/null; }; then
+            echo "[dev] ERROR: could not install chromium (see apt-get's messages above). Run:" >&2
+            echo "    $shown update && $shown install -y --no-install-recommends chromium" >&2
+            return 1
+        fi
+    fi
+    echo "[dev] chromium: $(command -v chromium) ($(chromium --version 2>/dev/null || echo 'version unknown'))"
+}
+
 setup() { setup_venv "$VENV"; }
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -69,14 +107,17 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
 
 cmd="${1:-test}"; shift || true
 case "$cmd" in
-    setup) setup ;;
+    setup) setup; ensure_chromium ;;
+    chromium) ensure_chromium ;;
     test)
         setup
+        ensure_chromium
         "$PY" -m ruff check lora_ext tests scripts bench tools install.py
         "$PY" -m pytest -q "$@"
         ;;
     test-webui-stack)
         setup_venv "$WEBUI_VENV" "$WEBUI_PINS"
+        ensure_chromium
         "$WEBUI_VENV/bin/python" -m pytest -q "$@"
         ;;
     demo)

@@ -4,6 +4,7 @@
 #   bash dev.sh test   # ruff + the test suite (CPU, tiny models)
 #   bash dev.sh setup  # only the set-up
 #   bash dev.sh test-webui-stack  # the test suite on A1111 v1.10's package versions, in .venv-webui (no ruff)
+#   bash dev.sh chromium  # only the system browser for the browser tests (Debian's chromium, via apt-get)
 #   bash dev.sh py ... # run python inside the venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,12 +18,17 @@ TORCH_SPEC="${LORA_EXT_TORCH:-torch==2.13.0}"
 # beside them: diffusers 0.27-0.28 import hub's cached_download (gone from hub 0.26), 0.31 needs
 # transformers.integrations.deepspeed (4.33) in training_utils, 0.32+ transformers' Siglip (4.37); peft 0.14+ needs
 # transformers' Cache (4.36). With transformers 4.30 diffusers' LoRA loader (PEFT backend) is off: those tests skip.
+# The web stack (the `ui` extra) as a real A1111 v1.10.1 venv has it: gradio, fastapi, httpx, httpcore pinned by its
+# requirements_versions.txt, the rest as pip resolved them there (gradio_client, starlette, pydantic 1, anyio 3, ...).
 WEBUI_VENV="${LORA_EXT_WEBUI_VENV:-.venv-webui}"
 WEBUI_PINS="transformers==4.30.2 tokenizers==0.13.3 accelerate==0.21.0 safetensors==0.4.2 numpy==1.26.2 Pillow==9.5.0
-huggingface_hub==0.36.2 diffusers==0.30.3 peft==0.13.2"
+huggingface_hub==0.36.2 diffusers==0.30.3 peft==0.13.2
+gradio==3.41.2 gradio_client==0.5.0 fastapi==0.94.0 starlette==0.26.1 pydantic==1.10.27 httpx==0.24.1 httpcore==0.15.0
+h11==0.12.0 anyio==3.7.1 uvicorn==0.55.0 websockets==11.0.3"
 
-# setup_venv DIR [PINS]: create DIR if needed and install lora_ext + test extras + oracles, every install constrained
-# to PINS (newline/space-separated requirements) when given; skipped while DIR's stamp matches this file and PINS.
+# setup_venv DIR [PINS]: create DIR if needed and install lora_ext + test and ui extras + oracles, every install
+# constrained to PINS (newline/space-separated requirements) when given; skipped while DIR's stamp matches this file
+# and PINS.
 setup_venv() {
     local venv="$1" pins="${2:-}" py="$1/bin/python" constraints=()
     if [ ! -x "$py" ]; then
@@ -48,13 +54,50 @@ setup_venv() {
         # shellcheck disable=SC2086
         "$py" -m pip install -q "${constraints[@]}" $pins
     fi
-    echo "[dev] installing lora_ext with test extras"
-    "$py" -m pip install -q "${constraints[@]}" -e ".[test]"
+    echo "[dev] installing lora_ext with test and ui extras"
+    "$py" -m pip install -q "${constraints[@]}" -e ".[test,ui]"
     # Oracles that must not pull their own torch/transformers pins: installed without dependencies.
     # `ldm` (original SD classes) and open_clip (OpenCLIP text tower names); lycoris-lora (LyCORIS math).
     "$py" -m pip install -q "${constraints[@]}" omegaconf einops toml ftfy
     "$py" -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5" "open-clip-torch==3.3.0" "lycoris-lora==4.1.3"
     echo "$want" > "$stamp"
+}
+
+# ensure_chromium: the browser tests drive Debian's `chromium` (Playwright's own browser download cannot work offline).
+# Installs it with apt-get when missing (as root, or through passwordless sudo); otherwise stops with the command to
+# run. LORA_EXT_CHROMIUM names another browser binary instead; the tests read the same variable.
+ensure_chromium() {
+    local exe="${LORA_EXT_CHROMIUM:-}" sudo=""
+    if [ -n "$exe" ]; then
+        [ -x "$exe" ] && return 0
+        echo "[dev] ERROR: LORA_EXT_CHROMIUM=$exe is not an executable file" >&2
+        return 1
+    fi
+    command -v chromium >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo -n"
+        else
+            echo "[dev] ERROR: the browser tests need Debian's chromium, which is not installed, and this user cannot" \
+                 "install it (not root, no passwordless sudo). Run:" >&2
+            echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium" >&2
+            echo "  or point LORA_EXT_CHROMIUM at a Chromium/Chrome binary." >&2
+            return 1
+        fi
+    fi
+    local apt="${sudo:+$sudo }env DEBIAN_FRONTEND=noninteractive apt-get -q" shown="${sudo:+sudo }apt-get"
+    echo "[dev] installing Debian's chromium for the browser tests: $shown install -y --no-install-recommends chromium"
+    # shellcheck disable=SC2086
+    if ! $apt install -y --no-install-recommends chromium >/dev/null; then
+        echo "[dev] that failed; refreshing the package lists ($shown update) and trying again"
+        # shellcheck disable=SC2086
+        if ! { $apt update >/dev/null && $apt install -y --no-install-recommends chromium >/dev/null; }; then
+            echo "[dev] ERROR: could not install chromium (see apt-get's messages above). Run:" >&2
+            echo "    $shown update && $shown install -y --no-install-recommends chromium" >&2
+            return 1
+        fi
+    fi
+    echo "[dev] chromium: $(command -v chromium) ($(chromium --version 2>/dev/null || echo 'version unknown'))"
 }
 
 setup() { setup_venv "$VENV"; }
@@ -64,14 +107,17 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
 
 cmd="${1:-test}"; shift || true
 case "$cmd" in
-    setup) setup ;;
+    setup) setup; ensure_chromium ;;
+    chromium) ensure_chromium ;;
     test)
         setup
+        ensure_chromium
         "$PY" -m ruff check lora_ext tests scripts bench tools install.py
         "$PY" -m pytest -q "$@"
         ;;
     test-webui-stack)
         setup_venv "$WEBUI_VENV" "$WEBUI_PINS"
+        ensure_chromium
         "$WEBUI_VENV/bin/python" -m pytest -q "$@"
         ;;
     demo)

@@ -6,9 +6,10 @@ References are independent of the code under test: file sizes and mtimes from os
 rules (ss_output_name, sshs_model_hash[:12]) and sd-version rule written out here, coverage counted from the module
 names we wrote and the model's own layers, backup size from the touched weights' numel.
 
-The HTTP tests need fastapi, starlette and httpx, which our .venv lacks; the WebUI harness's python has them
-(FastAPI 0.94, pydantic 1). Where fastapi is missing, `test_routes_in_the_webui_python` runs this file under
-$SD_WEBUI_PYTHON (set by `source $HARNESS_DIR/harness.env`) and fails if any test fails there.
+The HTTP tests need fastapi, starlette and httpx (the `ui` extra): dev.sh installs the newest ones in .venv and A1111
+v1.10's (FastAPI 0.94, pydantic 1) in .venv-webui, so both run them. Where fastapi is missing,
+`test_routes_in_the_webui_python` runs this file under $SD_WEBUI_PYTHON (set by `source $HARNESS_DIR/harness.env`)
+and fails if any test fails there.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
 #   bash dev.sh test   # ruff + the test suite (CPU, tiny models)
 #   bash dev.sh setup  # only the set-up
 #   bash dev.sh test-webui-stack  # the test suite on A1111 v1.10's package versions, in .venv-webui (no ruff)
+#   bash dev.sh ui     # the app (train, generate, library) on demo_out/ (the demo runs first if needed)
 #   bash dev.sh chromium  # only the system browser for the browser tests (Debian's chromium, via apt-get)
 #   bash dev.sh py ... # run python inside the venv
 set -euo pipefail
@@ -123,6 +124,12 @@ case "$cmd" in
     demo)
         setup
         "$PY" -m lora_ext demo --out "${DEMO_OUT:-demo_out}" "$@"
+        ;;
+    ui)
+        setup
+        out="${DEMO_OUT:-demo_out}"
+        if [ ! -d "$out/tiny-sd15" ]; then "$PY" -m lora_ext demo --out "$out"; fi
+        "$PY" -m lora_ext ui --models-dir "$out" --lora-dir "$out/Lora" --datasets-dir "$out" "$@"
         ;;
     py) setup; "$PY" "$@" ;;
     *) echo "usage: bash dev.sh demo|test|test-webui-stack|setup|py ..." >&2; exit 2 ;;

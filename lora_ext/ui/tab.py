@@ -44,6 +44,7 @@ THUMB_SIDE = 160
 SAMPLES_SHOWN = 8
 LOG_LINES = 40
 NO_PRESET = "(none)"
+LIVE = ["lora-ext-live"]  # parts the poll refreshes: style.css keeps gradio 3 from drawing them as busy every second
 
 
 @dataclass
@@ -346,6 +347,23 @@ def _images(pairs: Sequence[tuple[str, str]]) -> list[tuple[Any, str]]:
     return out
 
 
+def _live_view(gr: Any, send_label: str) -> tuple[Any, ...]:
+    """The parts the poll refreshes: progress, stats, loss chart, samples, result, the prompt to send, the log."""
+    progress = gr.HTML(progress_html(0, "no training job yet", "idle"), elem_id="lora_ext_progress", elem_classes=LIVE)
+    stats = gr.Markdown("", elem_id="lora_ext_stats", elem_classes=LIVE)
+    chart = gr.HTML(loss_chart_svg([]), elem_id="lora_ext_chart", elem_classes=LIVE)
+    samples = gr.Gallery(label="latest samples", elem_id="lora_ext_samples", elem_classes=LIVE,
+                         **compat.kw(gr.Gallery, columns=4, height=300, object_fit="contain"))
+    result = gr.HTML("", elem_id="lora_ext_result", elem_classes=LIVE)
+    with gr.Row():
+        send_prompt = gr.Textbox(label="prompt with the new LoRA", elem_id="lora_ext_send_prompt", interactive=False,
+                                 elem_classes=LIVE)
+        send_button = gr.Button(send_label, elem_id="lora_ext_send_button")
+    log = gr.Textbox(label="log", lines=6, max_lines=12, elem_id="lora_ext_log", interactive=False,
+                     elem_classes=LIVE)
+    return progress, stats, chart, samples, result, send_prompt, send_button, log
+
+
 def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | None = None,
                     allow_upload: bool = False, send_label: str = "Send to txt2img") -> TabParts:
     """Build the tab's components inside the current gradio context (see the module docstring)."""
@@ -422,7 +440,7 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
             toml_out = gr.File(label="settings file", elem_id="lora_ext_toml_file")
             toml_in = gr.File(label="load settings (TOML)", file_types=[".toml"], elem_id="lora_ext_toml_upload")
     with gr.Row():
-        preview_md = gr.Markdown("", elem_id="lora_ext_preview")
+        preview_md = gr.Markdown("", elem_id="lora_ext_dataset_preview")
     thumbs = gr.Gallery(label="dataset images with their captions", elem_id="lora_ext_thumbnails",
                         **compat.kw(gr.Gallery, columns=8, height=260, object_fit="contain"))
     with gr.Row():
@@ -435,16 +453,7 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
                            **compat.kw(gr.Dropdown, allow_custom_value=True))
         runs_refresh = gr.Button("↻ refresh", elem_id="lora_ext_runs_refresh", scale=1)
         resume_btn = gr.Button("Resume", elem_id="lora_ext_resume_button", scale=1)
-    progress = gr.HTML(progress_html(0, "no training job yet", "idle"), elem_id="lora_ext_progress")
-    stats = gr.Markdown("", elem_id="lora_ext_stats")
-    chart = gr.HTML(loss_chart_svg([]), elem_id="lora_ext_chart")
-    samples = gr.Gallery(label="latest samples", elem_id="lora_ext_samples",
-                         **compat.kw(gr.Gallery, columns=4, height=300, object_fit="contain"))
-    result = gr.HTML("", elem_id="lora_ext_result")
-    with gr.Row():
-        send_prompt = gr.Textbox(label="prompt with the new LoRA", elem_id="lora_ext_send_prompt", interactive=False)
-        send_button = gr.Button(send_label, elem_id="lora_ext_send_button")
-    log = gr.Textbox(label="log", lines=6, max_lines=12, elem_id="lora_ext_log", interactive=False)
+    progress, stats, chart, samples, result, send_prompt, send_button, log = _live_view(gr, send_label)
 
     values = [inputs[n] for n in tab.names]
     preview_btn.click(tab.preview, inputs=values, outputs=[preview_md, thumbs, estimate])

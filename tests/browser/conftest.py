@@ -230,7 +230,9 @@ def asgi_server() -> Iterator[Callable[..., str]]:
 
     def serve(app, **config_kw) -> str:
         port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **config_kw)
+        # lifespan on: a mounted gradio app starts its event queue in the app's startup (off, events never run)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                **{"lifespan": "on", **config_kw})
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
         thread.start()

@@ -32,7 +32,7 @@ def _fill(page, **values) -> None:
 
 
 def _progress_text(page) -> str:
-    return page.locator("#lora_ext_progress .text").inner_text()
+    return page.locator("#lora_ext_progress .text").first.inner_text()
 
 
 def _wait_text(page, selector: str, pattern: str, timeout: float = QUICK_S) -> str:
@@ -40,7 +40,7 @@ def _wait_text(page, selector: str, pattern: str, timeout: float = QUICK_S) -> s
     text = ""
     while time.monotonic() < deadline:
         loc = page.locator(selector)
-        text = loc.inner_text() if loc.count() else ""
+        text = loc.first.inner_text() if loc.count() else ""  # gradio 3 puts a Markdown's id on two elements
         if re.search(pattern, text):
             return text
         time.sleep(0.5)
@@ -89,7 +89,7 @@ def test_standalone_app_train_watch_reattach_cancel_resume_and_use(app, asgi_ser
     # bad input: a clear message, and no job
     _fill(page, train_data_dir="empty", output_name="cat", resolution=64)
     page.click("#lora_ext_preview_button")
-    _wait_text(page, "#lora_ext_preview", r"no usable image")
+    _wait_text(page, "#lora_ext_dataset_preview", r"no usable image")
     _fill(page, train_data_dir="cats", output_name="a/b")
     page.click("#lora_ext_train_button")
     _wait_text(page, "#lora_ext_message", r"output_name.*not a plain file stem")
@@ -102,7 +102,7 @@ def test_standalone_app_train_watch_reattach_cancel_resume_and_use(app, asgi_ser
     # the preview: counts, buckets, steps, thumbnails with captions
     _fill(page, train_data_dir="cats", output_name="cat", max_train_epochs=200)
     page.click("#lora_ext_preview_button")
-    text = _wait_text(page, "#lora_ext_preview", r"Images.*2")
+    text = _wait_text(page, "#lora_ext_dataset_preview", r"Images.*2")
     assert "total 400 steps / 200 epochs" in text and "64×64" in text
     expect(page.locator("#lora_ext_thumbnails img")).to_have_count(2)
     screenshot(page, "03-preview", full_page=True)
@@ -176,7 +176,7 @@ def test_tab_in_plain_blocks_previews_trains_and_offers_the_prompt(app, gradio_s
     expect(page.locator("#lora_ext_train_button")).to_be_visible()
     _fill(page, train_data_dir="cats", output_name="tabbed", max_train_epochs=1, resolution=64)
     page.click("#lora_ext_preview_button")
-    _wait_text(page, "#lora_ext_preview", r"total 2 steps / 1 epochs")
+    _wait_text(page, "#lora_ext_dataset_preview", r"total 2 steps / 1 epochs")
     page.click("#lora_ext_train_button")
     _wait_text(page, "#lora_ext_result", r"LoRA written", WAIT_S)
     expect(_field(page, "send_prompt")).to_have_value("<lora:tabbed:1>")

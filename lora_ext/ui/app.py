@@ -21,7 +21,7 @@ from lora_ext.train.jobs import GpuHandoff
 from lora_ext.ui import compat
 from lora_ext.ui.rest import add_train_routes, parse_credentials
 from lora_ext.ui.service import Roots, TrainService
-from lora_ext.ui.tab import build_train_tab, error_markdown
+from lora_ext.ui.tab import build_train_tab, error_markdown, extension_css
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def library_rows(service: TrainService) -> list[list[Any]]:
 
 def build_app_blocks(service: TrainService, generator: Generator) -> Any:
     gr = compat.gradio()
-    with gr.Blocks(title="lora_ext", analytics_enabled=False) as blocks:
+    with gr.Blocks(title="lora_ext", analytics_enabled=False, **compat.kw(gr.Blocks, css=extension_css())) as blocks:
         with gr.Tabs(elem_id="lora_ext_tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="lora_ext_tab_train"):
                 parts = build_train_tab(service, blocks, allow_upload=True, send_label="Send to Generate")

@@ -334,6 +334,12 @@ class TrainTab:
         return gr.update(value=str(folder)), f"<div class='lora-ext-info'>Stored in {html.escape(str(folder))}.</div>"
 
 
+def extension_css() -> str:
+    """The extension's style.css (the WebUI loads it by itself; the app and plain Blocks pass it as `css=`)."""
+    path = Path(__file__).resolve().parents[2] / "style.css"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
 def _images(pairs: Sequence[tuple[str, str]]) -> list[tuple[Any, str]]:
     from PIL import Image
 

@@ -218,6 +218,11 @@ def gradio_server() -> Iterator[Callable[..., str]]:
         yield serve
     finally:
         for blocks in launched:
+            # gradio 3's close() joins its server thread, whose graceful shutdown waits for the page's open
+            # connections (the `every=` poll): force the exit instead of hanging the session
+            server = getattr(blocks, "server", None)
+            if server is not None:
+                server.force_exit = True
             blocks.close()
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_ext.ui import compat
 from lora_ext.ui.app import create_app, make_service
+from lora_ext.ui.tab import extension_css
 from tests.train.test_loop_train import sd15_model, write_images  # noqa: F401
 
 WAIT_S = 180  # training
@@ -169,7 +171,7 @@ def test_tab_in_plain_blocks_previews_trains_and_offers_the_prompt(app, gradio_s
 
     from lora_ext.ui.tab import build_train_tab
 
-    with gr.Blocks(analytics_enabled=False) as blocks:
+    with gr.Blocks(analytics_enabled=False, **compat.kw(gr.Blocks, css=extension_css())) as blocks:  # as the WebUI
         build_train_tab(app.service, blocks, current_label=None)
     page.set_viewport_size({"width": 1280, "height": 1000})
     page.goto(gradio_server(blocks.queue()))

@@ -1,0 +1,185 @@
+"""The recipe of the `shapes` base model: an SD1.5-structured model trained from scratch on the shapes world.
+
+Three stages, each seeded, on the CPU (the numbers below are the recipe; `tools/make_shapes_model.py` runs it):
+
+1. the VAE (SD's AutoencoderKL, 4 levels so latents are 1/8 of the image, 4 latent channels) learns to reconstruct
+   world images (MSE + a small KL term);
+2. the training set (world images, a fixed seed) is encoded once; the latents' spread sets `scaling_factor`;
+3. the text encoder (CLIPTextModel with SD1.5's names, the real CLIP tokenizer) and the UNet (UNet2DConditionModel
+   with SD1.5's block types, two res blocks per level, cross-attention on three levels) learn together with SD1.5's
+   noise schedule (scaled-linear betas, epsilon prediction), 10% empty captions for classifier-free guidance, and an
+   exponential moving average of the weights that is what gets shipped.
+
+Everything runs in float32 with one intra-op thread count fixed by the caller; the same torch build and thread count
+give the same numbers (PyTorch's CPU kernels are deterministic for these ops).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from lora_ext.models import assets
+from lora_ext.shapes import world
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    side: int = world.SIDE
+    train_images: int = 12000
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-4
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    empty_caption: float = 0.1
+    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
+    unet_heads: int = 4
+    vae_channels: tuple[int, ...] = (32, 32, 64, 64)
+    vae_layers: int = 1
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+
+
+def configs(r: Recipe) -> dict[str, dict]:
+    """Component configs: SD1.5's shipped configs with the widths of the recipe."""
+    cfg = {c: assets.load_config("sd15", c) for c in ("model_index", "unet", "vae", "text_encoder", "scheduler")}
+    cfg["vae"].update(block_out_channels=list(r.vae_channels), layers_per_block=r.vae_layers, sample_size=r.side)
+    cfg["text_encoder"].update(hidden_size=r.text_width, intermediate_size=4 * r.text_width,
+                               num_attention_heads=r.text_heads, num_hidden_layers=r.text_layers,
+                               projection_dim=r.text_width)
+    cfg["unet"].update(block_out_channels=list(r.unet_channels), attention_head_dim=r.unet_heads,
+                       cross_attention_dim=r.text_width, sample_size=r.side // 8)
+    return cfg
+
+
+def training_set(r: Recipe) -> tuple[np.ndarray, list[world.Scene], list[tuple[float, float]]]:
+    """The fixed training images (uint8, N x side x side x 3) and their scenes."""
+    rng = random.Random(r.seed)
+    images, scenes, jitters = np.empty((r.train_images, r.side, r.side, 3), np.uint8), [], []
+    for i in range(r.train_images):
+        scene = world.sample_scene(rng)
+        jitter = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))
+        images[i] = np.asarray(world.render(scene, r.side, jitter=jitter))
+        scenes.append(scene)
+        jitters.append(jitter)
+    return images, scenes, jitters
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _lr_at(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * 0.95 + 0.05
+
+
+def train_vae(r: Recipe, cfg: dict, images: np.ndarray, log: Callable[[str], None] = logger.info):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(r.seed + 1)
+    vae = AutoencoderKL.from_config(cfg["vae"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    gen = np.random.default_rng(r.seed + 2)
+    t0 = time.perf_counter()
+    vae.train()
+    for step in range(r.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = r.vae_lr * _lr_at(step, r.vae_steps, r.warmup)
+        x = _to_tensor(images[gen.integers(0, len(images), r.vae_batch)])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(step))
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = mse + r.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == r.vae_steps - 1:
+            log(f"vae step {step}/{r.vae_steps} mse {mse.item():.5f} kl {kl.item():.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (float32)."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        post = vae.encode(_to_tensor(images[i : i + batch])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(r: Recipe, cfg: dict, means: torch.Tensor, stds: torch.Tensor, scenes: list[world.Scene],
+               scale: float, log: Callable[[str], None] = logger.info):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(r.seed + 3)
+    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    te = CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"]))
+    tok = assets.load_tokenizer("clip")
+    sched = DDPMScheduler.from_config(cfg["scheduler"])
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=1e-2)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    rng = random.Random(r.seed + 4)
+    gen = torch.Generator().manual_seed(r.seed + 5)
+    alphas = sched.alphas_cumprod
+    t0 = time.perf_counter()
+    unet.train()
+    te.train()
+    for step in range(r.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = r.unet_lr * _lr_at(step, r.unet_steps, r.warmup)
+        idx = [rng.randrange(len(scenes)) for _ in range(r.unet_batch)]
+        captions = ["" if rng.random() < r.empty_caption else world.training_caption(scenes[i], rng) for i in idx]
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        index = torch.tensor(idx)
+        z = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen)) * scale
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        context = te(ids)[0]
+        pred = unet(noisy, t, context).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(r.ema, (1 + step) / (10 + step))
+            for e, p in zip(ema_params, params):
+                e.lerp_(p, 1 - decay)
+        if step % 100 == 0 or step == r.unet_steps - 1:
+            log(f"unet step {step}/{r.unet_steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    return ema_unet.eval(), ema_te.eval()
+
+
+def recipe_dict(r: Recipe) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}

@@ -28,6 +28,7 @@ from lora_ext.formats.algorithms import (
     IA3,
     Dense,
     FullDiff,
+    GLoRA,
     LayerSpec,
     LoHa,
     LoKr,
@@ -187,6 +188,21 @@ def f_lokr(t, W):
     return kron_blocks(w1, w2).reshape(W.shape) * scale
 
 
+def f_glora(t, W):
+    """dW = alpha/r * (W A + B), written per output row and input channel (LyCORIS `_glora_weight`):
+    current layout A = a1 (in, r) @ a2 (r, in), B = b1 (out, r) @ b2 (r, in*k*k); old layout (A1111 v1.10's
+    network_glora) A = a2 (in, r) @ a1 (r, in), B = b2 (out, r) @ b1 (r, in)."""
+    a1, a2, b1, b2 = (t[k].reshape(t[k].shape[0], -1) for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"))
+    old = t.get("old_layout_marker") is not None or a1.shape[0] < a1.shape[1]
+    A, B, r = (a2 @ a1, b2 @ b1, a1.shape[0]) if old else (a1 @ a2, b1 @ b2, a2.shape[0])
+    out = torch.zeros(W.shape, dtype=torch.float64)
+    for o in range(W.shape[0]):
+        for j in range(W.shape[1]):  # input channel j of W A: sum_i W[o, i, ...] A[i, j]
+            out[o, j] = sum(W[o, i] * A[i, j] for i in range(W.shape[1]))
+    out += B.reshape(W.shape)
+    return out * alpha_over_rank(t, r)
+
+
 def f_full(t, W):
     return t["diff"].reshape(W.shape) * (float(t["scale"]) if "scale" in t else 1.0)
 
@@ -315,6 +331,20 @@ CASES = [
     Case("lokr", "conv1x1", LoKr, lambda g: {"lokr_w1": R(g, 3, 2), "lokr_w2": R(g, 4, 4, 1, 1, std=0.3),
                                              "scale": A(0.5)}, f_lokr),
     # full diff
+    Case("glora", "linear", GLoRA, lambda g: {"a1.weight": R(g, 8, 3, std=0.3), "a2.weight": R(g, 3, 8, std=0.3),
+                                             "b1.weight": R(g, 12, 3), "b2.weight": R(g, 3, 8, std=0.3),
+                                             "alpha": A(1.5)}, f_glora),
+    Case("glora-old-layout", "linear", GLoRA, lambda g: {"a1.weight": R(g, 3, 8, std=0.3),
+                                                         "a2.weight": R(g, 8, 3, std=0.3), "b1.weight": R(g, 3, 8),
+                                                         "b2.weight": R(g, 12, 3, std=0.3), "alpha": A(3.0)}, f_glora),
+    Case("glora", "conv3x3", GLoRA, lambda g: {"a1.weight": R(g, 8, 3, 1, 1, std=0.3),
+                                              "a2.weight": R(g, 3, 8, 1, 1, std=0.3),
+                                              "b1.weight": R(g, 12, 3, 1, 1), "b2.weight": R(g, 3, 8, 3, 3, std=0.1),
+                                              "alpha": A(2.0)}, f_glora),
+    Case("glora-old-layout", "conv1x1", GLoRA, lambda g: {"a1.weight": R(g, 2, 8, 1, 1, std=0.3),
+                                                          "a2.weight": R(g, 8, 2, 1, 1, std=0.3),
+                                                          "b1.weight": R(g, 2, 8, 1, 1),
+                                                          "b2.weight": R(g, 12, 2, 1, 1, std=0.3)}, f_glora),
     Case("full", "linear", FullDiff, lambda g: {"diff": R(g, 12, 8, std=0.2), "diff_b": R(g, 12, std=0.1),
                                                 "alpha": A(5.0)}, f_full, lambda t: t["diff_b"]),
     Case("full", "conv3x3", FullDiff, lambda g: {"diff": R(g, 12, 8, 3, 3, std=0.1), "diff_b": R(g, 12, std=0.1)},
@@ -586,6 +616,7 @@ def test_dora_is_applied_after_alpha_and_before_the_multiplier() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def lycoris_module(kind: str, org: nn.Module, **kwargs):
     from lycoris.modules.full import FullModule
+    from lycoris.modules.glora import GLoRAModule
     from lycoris.modules.ia3 import IA3Module
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
@@ -593,7 +624,7 @@ def lycoris_module(kind: str, org: nn.Module, **kwargs):
     from lycoris.modules.norms import NormModule
 
     cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "ia3": IA3Module, "full": FullModule,
-           "norm": NormModule}[kind]
+           "norm": NormModule, "glora": GLoRAModule}[kind]
     module = cls("lycoris_test", org, 1.0, **kwargs)
     module.apply_to()  # as in training: the module takes over the layer's forward, then its parameters train
     g = torch.Generator().manual_seed(5)
@@ -628,6 +659,9 @@ LYCORIS_CASES = [
     ("full", lambda: nn.Conv2d(6, 8, 3, 2, 1), {}),
     ("norm", lambda: nn.LayerNorm(10), {}),
     ("norm", lambda: nn.GroupNorm(2, 8), {}),
+    ("glora", lambda: nn.Linear(10, 12), dict(lora_dim=4, alpha=2)),
+    ("glora", lambda: nn.Conv2d(6, 8, 3, 2, 1), dict(lora_dim=3, alpha=1.5)),
+    ("glora", lambda: nn.Conv2d(6, 8, 1), dict(lora_dim=2, alpha=2)),
 ]
 
 
@@ -726,6 +760,7 @@ DETECTION = [
     ({"weight": ones(4), "on_input": torch.tensor(False)}, IA3),
     ({"lora_up.weight": ones(4, 2), "lora_down.weight": ones(2, 3), "alpha": torch.tensor(1.0),
       "dora_scale": ones(1, 3)}, Lora),
+    ({"a1.weight": ones(2, 3), "a2.weight": ones(3, 2), "b1.weight": ones(2, 3), "b2.weight": ones(4, 2)}, GLoRA),
 ]
 
 FOREIGN = [
@@ -738,7 +773,7 @@ FOREIGN = [
     {"lokr_w1_a": ones(2, 1), "lokr_w2": ones(2, 2)},
     {"b_norm": ones(4)},
     {"oft_blocks": ones(2, 3, 3), "rescale": ones(6, 1)},  # OFT
-    {"a1.weight": ones(2, 3), "a2.weight": ones(3, 2), "b1.weight": ones(2, 3), "b2.weight": ones(4, 2)},  # GLoRA
+    {"a1.weight": ones(2, 3), "a2.weight": ones(3, 2)},  # half a GLoRA
 ]
 
 

@@ -14,13 +14,14 @@ from torch import Tensor
 from lora_ext.formats.algorithms.base import Algorithm, Dense, LayerSpec, LowRank, ModuleExtras
 from lora_ext.formats.algorithms.dora import apply_dora, dora_axis, weight_norm
 from lora_ext.formats.algorithms.full import FullDiff
+from lora_ext.formats.algorithms.glora import GLoRA
 from lora_ext.formats.algorithms.ia3 import IA3
 from lora_ext.formats.algorithms.loha import LoHa
 from lora_ext.formats.algorithms.lokr import LoKr
 from lora_ext.formats.algorithms.lora import Lora
 from lora_ext.formats.algorithms.norm import NormDiff
 
-ALGORITHMS: tuple[type[Algorithm], ...] = (Lora, LoHa, LoKr, FullDiff, NormDiff, IA3)
+ALGORITHMS: tuple[type[Algorithm], ...] = (Lora, LoHa, LoKr, GLoRA, FullDiff, NormDiff, IA3)
 """The registry. Adding an algorithm: one file declaring its class, one entry here (docs/adding-an-algorithm.md)."""
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "Algorithm",
     "Dense",
     "FullDiff",
+    "GLoRA",
     "LayerSpec",
     "LoHa",
     "LoKr",

@@ -74,3 +74,30 @@ def load_tokenizer(kind: str):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(tokenizer_dir(kind)), local_files_only=True)
+
+
+# --- model names ------------------------------------------------------------------------------------------------
+
+SHAPES_MODEL_NAME = "shapes"
+SHAPES_MODEL_DIR = DATA_DIR / "shapes"  # the shapes-world base model (lora_ext.shapes), fp16 diffusers folder
+
+
+def is_model_name(value: object) -> bool:
+    """True for a model name the package resolves (`shapes`), unless a file or folder of that name is in the
+    working directory (then the path wins)."""
+    return value is not None and str(value).strip().lower() == SHAPES_MODEL_NAME and not Path(str(value)).exists()
+
+
+def shapes_model_available() -> bool:
+    return (SHAPES_MODEL_DIR / "model_index.json").is_file()
+
+
+def resolve_model_name(value: object) -> str:
+    """`shapes` -> the shipped model's folder; any other value unchanged (as a string). ModelLoadError when the
+    shipped folder is missing."""
+    if not is_model_name(value):
+        return str(value)
+    if not (SHAPES_MODEL_DIR / "model_index.json").is_file():
+        raise ModelLoadError(f"the shapes model is not in this copy of lora_ext ({SHAPES_MODEL_DIR} has no "
+                             "model_index.json); rebuild it with `python tools/make_shapes_model.py`")
+    return str(SHAPES_MODEL_DIR)

@@ -128,7 +128,7 @@ def load_pipeline(
     scheduler: short name (see `make_scheduler`); None keeps the model's. prediction_type: 'epsilon' |
     'v_prediction' (also 'v'); None = the model's own / inferred. Every failure is a ModelLoadError naming the path.
     """
-    src = Path(path)
+    src = Path(assets.resolve_model_name(path))  # the name `shapes` selects the shipped model
     family = _normalise_family(arch) if arch is not None else None
     pred = _normalise_prediction(prediction_type) if prediction_type is not None else None
     try:

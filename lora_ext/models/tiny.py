@@ -255,7 +255,7 @@ def save_safetensors_deterministic(tensors: dict[str, torch.Tensor], path: Path,
 
 # --- AUTOMATIC1111 sidecars ---------------------------------------------------------------------------------------
 
-def write_a1111_sidecars(arch: str, ckpt: Path) -> list[Path]:
+def write_a1111_sidecars(arch: str, ckpt: Path, cfg: dict[str, dict] | None = None) -> list[Path]:
     """Files AUTOMATIC1111 needs beside a tiny single file (it cannot infer non-standard widths from the keys).
 
     - `<stem>.yaml`: the ldm `v1-inference.yaml` (sd15) / sgm `sd_xl_base.yaml` (sdxl) model config with the tiny
@@ -265,10 +265,11 @@ def write_a1111_sidecars(arch: str, ckpt: Path) -> list[Path]:
     - sdxl only: `<stem>.open_clip.json`, the open_clip model config of the tiny second text encoder. The WebUI's
       open_clip finds model names only in its own `model_configs/` directory: copy it there as
       `tiny-sdxl-te2.json` (the harness's `make_tiny_ckpt.py --arch sdxl` writes the same config).
+    `cfg`: the component configs (unet, vae, text_encoder[, text_encoder_2]); default the tiny model's.
     Returns the written paths.
     """
     ckpt = Path(ckpt)
-    cfg = tiny_configs(arch)
+    cfg = cfg if cfg is not None else tiny_configs(arch)
     te = cfg["text_encoder"]
     clip_dir = ckpt.with_name(ckpt.stem + ".clip-text")
     shutil.rmtree(clip_dir, ignore_errors=True)
@@ -305,7 +306,8 @@ def _sd15_yaml(cfg: dict[str, dict], clip_dir: Path) -> str:
     return _SD15_YAML.format(
         model_channels=ch[0], channel_mult=_mult(ch), num_heads=u["attention_head_dim"],
         context_dim=u["cross_attention_dim"], vae_ch=v["block_out_channels"][0],
-        vae_mult=_mult(v["block_out_channels"]), scale_factor=v["scaling_factor"], version=json.dumps(str(clip_dir)))
+        vae_mult=_mult(v["block_out_channels"]), vae_layers=v.get("layers_per_block", 2),
+        scale_factor=v["scaling_factor"], version=json.dumps(str(clip_dir)))
 
 
 def _sdxl_yaml(cfg: dict[str, dict], clip_dir: Path) -> str:
@@ -329,7 +331,8 @@ def _mult(channels: list[int]) -> list[int]:
 
 
 _SD15_YAML = """\
-# tiny SD1.5-structured model for tests (lora_ext.models.tiny); AUTOMATIC1111 reads this file next to the checkpoint
+# small SD1.5-structured model made by lora_ext (lora_ext.models.tiny / lora_ext.shapes); AUTOMATIC1111 reads this
+# file next to the checkpoint
 model:
   base_learning_rate: 1.0e-04
   target: ldm.models.diffusion.ddpm.LatentDiffusion
@@ -377,7 +380,7 @@ model:
           out_ch: 3
           ch: {vae_ch}
           ch_mult: {vae_mult}
-          num_res_blocks: 2
+          num_res_blocks: {vae_layers}
           attn_resolutions: []
           dropout: 0.0
         lossconfig:

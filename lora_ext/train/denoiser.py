@@ -23,10 +23,13 @@ def peek_model_family(path: str | Path, prediction_type: str | None = None) -> t
     """(arch, prediction_type) of a base model without loading its weights where possible.
 
     Diffusers folder: the configs. `.safetensors`: the header's key names and metadata. Other single files (pickles)
-    must be read in full. Raises ModelLoadError.
+    must be read in full. Raises ModelLoadError. The name `shapes` is the shipped shapes model.
     """
     from lora_ext.errors import ModelLoadError
     from lora_ext.models import convert, loading
+    from lora_ext.models.assets import resolve_model_name
+
+    path = resolve_model_name(path)
 
     p = Path(path)
     if p.is_dir():

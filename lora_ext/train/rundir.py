@@ -131,9 +131,10 @@ def preflight(config: TrainConfig) -> None:
     resolution and bucket limits. What needs the model (decoding every image, class images) is checked after
     loading it, still before the run folder is created."""
     from lora_ext.errors import ModelLoadError
+    from lora_ext.models.assets import resolve_model_name
     from lora_ext.train.dataset import scan_dataset
 
-    model = Path(str(config.pretrained_model))
+    model = Path(resolve_model_name(config.pretrained_model))
     if not model.exists():
         raise ModelLoadError(f"pretrained_model: {model} does not exist; give a diffusers folder or a single-file "
                              "checkpoint (--pretrained_model PATH)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ext.errors import ConfigError, LoraExtError
+from lora_ext.models.assets import SHAPES_MODEL_NAME, resolve_model_name, shapes_model_available
 from lora_ext.runfolder import CHECKPOINTS, EVENTS_FILE, RUN_CONFIG_FILE, default_runs_dir
 from lora_ext.train.config import TrainConfig
 from lora_ext.train.jobs import GpuHandoff, Job, JobRunner
@@ -125,6 +126,8 @@ class TrainService:
                     continue
                 out += [(here / f).relative_to(root).as_posix() for f in sorted(files)
                         if not f.startswith(".") and Path(f).suffix.lower() in MODEL_SUFFIXES]
+        if shapes_model_available() and SHAPES_MODEL_NAME not in out:
+            out.append(SHAPES_MODEL_NAME)  # the shipped shapes-world model: always there, first when nothing else is
         return out
 
     def resolve_model(self, value: str | None) -> str:
@@ -139,6 +142,8 @@ class TrainService:
         current = self.current_model() if self.current_model else None
         if current and Path(value).resolve() == Path(current).resolve():
             return current
+        if value == SHAPES_MODEL_NAME and not any((root / value).exists() for root in self.roots.models):
+            return resolve_model_name(value)
         for root in self.roots.models:
             candidate = (root / value).resolve()
             if candidate.exists() and (candidate == root or root in candidate.parents):

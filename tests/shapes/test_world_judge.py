@@ -93,3 +93,24 @@ def test_two_shapes_the_larger_one_counts():
     a[:, 40:] = b[:, 40:]
     v = judge.judge(a)
     assert (v.shape, v.colour, v.position) == ("circle", "red", "left")
+
+
+def test_bundled_sample_dataset_is_the_generators(tmp_path):
+    """lora_ext/data/samples/hearts: the concept's 16 images and captions, as `concept.write_dataset` draws them
+    (pixels and text compared: PNG bytes depend on the zlib build)."""
+    from PIL import Image
+
+    from lora_ext.models.assets import DATA_DIR
+    from lora_ext.shapes import concept
+
+    bundled = DATA_DIR / "samples" / "hearts"
+    fresh = concept.write_dataset(tmp_path / "hearts")
+    names = sorted(p.name for p in bundled.iterdir())
+    assert names == sorted(p.name for p in fresh.iterdir()) and len(names) == 2 * concept.DATASET_IMAGES
+    for name in names:
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(bundled / name)), np.asarray(Image.open(fresh / name)))
+            assert judge.judge(Image.open(bundled / name)).shape == "heart"
+        else:
+            assert (bundled / name).read_text() == (fresh / name).read_text()
+            assert "heart" in (bundled / name).read_text()

@@ -57,11 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(torch.load(vae_file, weights_only=True))
         vae.eval()
         log("VAE: from the work folder")
+        if vae_file.with_suffix(".json").is_file():
+            timings["vae_s"] = json.loads(vae_file.with_suffix(".json").read_text())["seconds"]
     else:
         t = time.perf_counter()
         vae = recipe.train_vae(r, cfg, images, log=log)
         timings["vae_s"] = round(time.perf_counter() - t, 1)
         torch.save(vae.state_dict(), vae_file)
+        vae_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["vae_s"]}))
+    images, scenes, _ = recipe.training_set(r, r.unet_images)
+    log(f"the UNet's training set: {len(images)} images")
     means, stds = recipe.encode(vae, images)
     scale = float(f"{1.0 / means.std().item():.5f}")
     cfg["vae"]["scaling_factor"] = scale
@@ -75,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["text_encoder"])
         log("UNet and text encoder: from the work folder")
+        if unet_file.with_suffix(".json").is_file():
+            timings["unet_s"] = json.loads(unet_file.with_suffix(".json").read_text())["seconds"]
     else:
         t = time.perf_counter()
         unet, te = recipe.train_unet(r, cfg, means, stds, scenes, scale, log=log)
         timings["unet_s"] = round(time.perf_counter() - t, 1)
         torch.save({"unet": unet.state_dict(), "text_encoder": te.state_dict()}, unet_file)
+        unet_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["unet_s"]}))
     pipe = model.assemble(cfg, unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval())
     info = {"recipe": recipe.recipe_dict(r), "torch": torch.__version__, "threads": args.threads,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "timings": timings}

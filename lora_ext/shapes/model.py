@@ -46,13 +46,23 @@ def save_shipped(pipe, out_dir: Path, info: dict[str, Any]) -> Path:
 
     import torch
 
-    from lora_ext.models.tiny import save_diffusers_folder
+    from lora_ext.models.tiny import (
+        canonical_text_encoder_state_dict,
+        save_diffusers_folder,
+        save_safetensors_deterministic,
+    )
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16)
     save_diffusers_folder(pipe, tmp, tokenizer_kinds=("clip",))
+    # the text encoder with the hub's key names (`text_model.*`): transformers 5 saves without that level, and
+    # transformers 4 (A1111's 4.30) would then load nothing
+    te_file = tmp / "text_encoder" / "model.safetensors"
+    te_sd = {k: v.contiguous() for k, v in canonical_text_encoder_state_dict(pipe.text_encoder).items()}
+    te_file.unlink()
+    save_safetensors_deterministic(te_sd, te_file, {"format": "pt"})
     pipe.to(torch.float32)
     (tmp / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)

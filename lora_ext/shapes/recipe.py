@@ -44,7 +44,8 @@ class Recipe:
     vae_kl: float = 1e-5
     vae_l1: float = 0.5  # weight of an L1 term (sharper flat colours than MSE alone)
     vae_edge: float = 1.0  # weight of an L1 term on image gradients (sharp shape outlines)
-    unet_steps: int = 6000
+    unet_images: int = 30000  # the UNet's training set: the VAE's images and more from the same stream
+    unet_steps: int = 7000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 200
@@ -72,11 +73,13 @@ def configs(r: Recipe) -> dict[str, dict]:
     return cfg
 
 
-def training_set(r: Recipe) -> tuple[np.ndarray, list[world.Scene], list[tuple[float, float]]]:
-    """The fixed training images (uint8, N x side x side x 3) and their scenes."""
+def training_set(r: Recipe, n: int | None = None) -> tuple[np.ndarray, list[world.Scene], list[tuple[float, float]]]:
+    """The first `n` (default `train_images`) images of the recipe's fixed stream (uint8, n x side x side x 3), with
+    their scenes and jitters."""
+    n = r.train_images if n is None else n
     rng = random.Random(r.seed)
-    images, scenes, jitters = np.empty((r.train_images, r.side, r.side, 3), np.uint8), [], []
-    for i in range(r.train_images):
+    images, scenes, jitters = np.empty((n, r.side, r.side, 3), np.uint8), [], []
+    for i in range(n):
         scene = world.sample_scene(rng)
         jitter = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))
         images[i] = np.asarray(world.render(scene, r.side, jitter=jitter))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Developer entry point. Each command sets up its own virtualenv (.venv) first, then runs.
-#   bash dev.sh demo   # tiny default model -> images with and without a LoRA, in demo_out/
+#   bash dev.sh demo   # the shapes model learns a heart: a LoRA, images with and without it, in demo_out/
 #   bash dev.sh test   # ruff + the test suite (CPU, tiny models)
 #   bash dev.sh setup  # only the set-up
 #   bash dev.sh test-webui-stack  # the test suite on A1111 v1.10's package versions, in .venv-webui (no ruff)
@@ -128,7 +128,7 @@ case "$cmd" in
     ui)
         setup
         out="${DEMO_OUT:-demo_out}"
-        if [ ! -d "$out/tiny-sd15" ]; then "$PY" -m lora_ext demo --out "$out"; fi
+        if [ ! -f "$out/Lora/hearts.safetensors" ]; then "$PY" -m lora_ext demo --out "$out"; fi
         "$PY" -m lora_ext ui --models-dir "$out" --lora-dir "$out/Lora" --datasets-dir "$out" "$@"
         ;;
     py) setup; "$PY" "$@" ;;

@@ -190,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lora_ext.app.demo import run_demo
 
-    summary = run_demo(Path(args.out), arch=args.arch)
+    summary = run_demo(Path(args.out))
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
@@ -311,9 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ui_arguments(s)
     s.set_defaults(func=cmd_ui)
 
-    s = sub.add_parser("demo", help="tiny default model + a LoRA: images with and without it")
+    s = sub.add_parser("demo", help="the shapes model learns a heart: trains a LoRA, images with and without it")
     s.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    s.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
     p.description = (f"LoRA for Stable Diffusion. Commands: {', '.join(sub.choices)}. "

@@ -37,9 +37,9 @@ def test_same_recipe_same_bytes(tmp_path):
     assert c["digest"] != a["digest"]
     shutil.rmtree(tmp_path / "a")  # the cached stages give the same model again
     assert _build(tmp_path, "a")["digest"] == a["digest"]
-    from lora_ext.models.loading import load_pipeline
-
     from safetensors import safe_open
+
+    from lora_ext.models.loading import load_pipeline
 
     with safe_open(str(tmp_path / "a" / "text_encoder" / "model.safetensors"), "pt") as f:
         # the hub's names, which every transformers version loads (A1111's 4.30 too)

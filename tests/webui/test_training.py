@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.error
@@ -119,6 +120,10 @@ class Server:
         from tests.train.test_loop_train import write_images
 
         write_images(self.data / "datasets" / "cats", 2)
+        # the WebUI runs each extension's install.py at start; the harness starts it with --skip-prepare-environment,
+        # so run ours as the WebUI would (it adds diffusers, which the training child process imports)
+        subprocess.run([os.environ.get("SD_WEBUI_PYTHON", sys.executable), str(REPO / "install.py")], check=True,
+                       cwd=os.environ["SD_WEBUI_DIR"], timeout=900)
         models = os.path.join(os.environ["SD_WEBUI_DIR"], "models")
         subprocess.run(["bash", self.start_script, "ui", self.port, "--data-dir", str(self.data), "--models-dir",
                         models, "--lora-dir", str(self.lora), "--api-auth", f"{AUTH[0]}:{AUTH[1]}"], check=True,

@@ -1,0 +1,58 @@
+"""The `shapes` model in the real AUTOMATIC1111 v1.10: written as a single file + yaml into the harness's
+models/Stable-diffusion (`lora_ext.shapes.model.write_checkpoint`), loaded by A1111 as its checkpoint, and A1111's
+own txt2img (no extension involved) draws what the prompts ask for, as the judge reads it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lora_ext.models.assets import shapes_model_available
+
+PROMPTS = ["a large yellow star on a black background", "a large red square on a white background",
+           "a small blue triangle on a gray background", "a large green ring on a white background",
+           "a large purple cross on a black background", "a small cyan circle on a white background"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shapes_model_available(), reason="the shapes model is not built")
+def test_a1111_txt2img_draws_the_prompted_shapes():
+    from PIL import Image
+
+    from lora_ext.shapes import judge, world
+    from lora_ext.shapes.model import write_checkpoint
+
+    ckpt = write_checkpoint(Path(os.environ["SD_WEBUI_DIR"], "models", "Stable-diffusion"))
+    port = str(_free_port())
+    script = os.path.join(os.environ["SD_WEBUI_HARNESS"], "start_webui.sh")
+    subprocess.run(["bash", script, "api", port], check=True, timeout=600,
+                   env={**os.environ, "SD_WEBUI_CKPT": str(ckpt)})
+    try:
+        seen = []
+        for i, prompt in enumerate(PROMPTS):
+            body = {"prompt": prompt, "steps": 20, "cfg_scale": 5, "width": 64, "height": 64, "seed": 100 + i,
+                    "sampler_name": "Euler"}
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                image = Image.open(io.BytesIO(base64.b64decode(json.load(resp)["images"][0]))).convert("RGB")
+            assert image.size == (64, 64)
+            v = judge.judge(image)
+            seen.append(((v.colour, v.shape), (world.parse_prompt(prompt).colour, world.parse_prompt(prompt).shape)))
+        right = sum(got == want for got, want in seen)
+        assert right >= len(PROMPTS) - 1, seen  # 6 of 6 when this test was written
+    finally:
+        subprocess.run(["bash", script, "stop", port], timeout=120)

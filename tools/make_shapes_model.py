@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[shapes {time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
 
-    images, scenes, _ = recipe.training_set(r)
-    log(f"training set: {len(images)} images")
+    # one seeded stream: the VAE learns on its first train_images images, the UNet on its first unet_images
+    images, scenes, _ = recipe.training_set(r, max(r.train_images, r.unet_images))
+    log(f"training set: {len(images)} images (VAE: the first {r.train_images})")
     vae_file = work / f"vae-{recipe.stage_digest(r, 'vae')}.pt"
     vae = AutoencoderKL.from_config(cfg["vae"])
     if vae_file.is_file():
@@ -61,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             timings["vae_s"] = json.loads(vae_file.with_suffix(".json").read_text())["seconds"]
     else:
         t = time.perf_counter()
-        vae = recipe.train_vae(r, cfg, images, log=log)
+        vae = recipe.train_vae(r, cfg, images[: r.train_images], log=log)
         timings["vae_s"] = round(time.perf_counter() - t, 1)
         torch.save(vae.state_dict(), vae_file)
         vae_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["vae_s"]}))
-    images, scenes, _ = recipe.training_set(r, r.unet_images)
-    log(f"the UNet's training set: {len(images)} images")
+    images, scenes = images[: r.unet_images], scenes[: r.unet_images]
     means, stds = recipe.encode(vae, images)
     scale = float(f"{1.0 / means.std().item():.5f}")
     cfg["vae"]["scaling_factor"] = scale

@@ -97,7 +97,7 @@ def resolve_model_name(value: object) -> str:
     shipped folder is missing."""
     if not is_model_name(value):
         return str(value)
-    if not (SHAPES_MODEL_DIR / "model_index.json").is_file():
+    if not shapes_model_available():
         raise ModelLoadError(f"the shapes model is not in this copy of lora_ext ({SHAPES_MODEL_DIR} has no "
                              "model_index.json); rebuild it with `python tools/make_shapes_model.py`")
     return str(SHAPES_MODEL_DIR)

@@ -216,12 +216,13 @@ def canonical_text_encoder_state_dict(model) -> dict[str, torch.Tensor]:
     return {_hub_clip_name(k): v for k, v in model.state_dict().items()}
 
 
-def single_file_hints(arch: str) -> dict[str, int]:
-    """What `convert.single_file_to_diffusers` cannot read from the tiny model's shapes: head sizes, default size.
+def single_file_hints(arch: str, cfg: dict[str, dict] | None = None) -> dict[str, int]:
+    """What `convert.single_file_to_diffusers` cannot read from a small model's shapes: head sizes, default size.
 
-    Stored in the tiny single file's metadata (`lora_ext.single_file_hints`) so `load_pipeline` rebuilds it exactly.
+    Stored in the single file's metadata (`lora_ext.single_file_hints`) so `load_pipeline` rebuilds it exactly.
+    `cfg`: the component configs (unet, vae, text_encoder); default the tiny model's.
     """
-    cfg = tiny_configs(arch)
+    cfg = cfg if cfg is not None else tiny_configs(arch)
     unet, te = cfg["unet"], cfg["text_encoder"]
     hints = {"te_head_channels": te["hidden_size"] // te["num_attention_heads"],
              "image_size": unet["sample_size"] * 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)}

@@ -20,7 +20,6 @@ from lora_ext.models import assets
 logger = logging.getLogger(__name__)
 
 NAME = assets.SHAPES_MODEL_NAME
-SHIPPED_DIR = assets.SHAPES_MODEL_DIR
 CHECKPOINT_STEM = "lora_ext_shapes"
 
 
@@ -85,7 +84,12 @@ def write_checkpoint(dest_dir: str | os.PathLike, *, stem: str = CHECKPOINT_STEM
     import torch
 
     from lora_ext.models.loading import SINGLE_FILE_HINTS_KEY, load_pipeline
-    from lora_ext.models.tiny import pipeline_to_single_file, save_safetensors_deterministic, write_a1111_sidecars
+    from lora_ext.models.tiny import (
+        pipeline_to_single_file,
+        save_safetensors_deterministic,
+        single_file_hints,
+        write_a1111_sidecars,
+    )
 
     src = Path(src) if src is not None else shipped_dir()
     dest = Path(dest_dir) / f"{stem}.safetensors"
@@ -99,7 +103,7 @@ def write_checkpoint(dest_dir: str | os.PathLike, *, stem: str = CHECKPOINT_STEM
     metadata = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "lora_ext shapes",
                 "lora_ext.note": "the shapes-world base model made by lora_ext (tools/make_shapes_model.py)",
                 "lora_ext.source_digest": digest,
-                SINGLE_FILE_HINTS_KEY: json.dumps(_hints(cfg), sort_keys=True)}
+                SINGLE_FILE_HINTS_KEY: json.dumps(single_file_hints("sd15", cfg), sort_keys=True)}
     save_safetensors_deterministic(sd, dest, metadata)
     write_a1111_sidecars("sd15", dest, cfg=cfg)
     logger.info("wrote the shapes checkpoint %s", dest)
@@ -119,9 +123,3 @@ def configs_of(pipe) -> dict[str, dict]:
     return {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config),
             "text_encoder": pipe.text_encoder.config.to_dict()}
 
-
-def _hints(cfg: dict[str, dict]) -> dict[str, int]:
-    te, unet = cfg["text_encoder"], cfg["unet"]
-    return {"te_head_channels": te["hidden_size"] // te["num_attention_heads"],
-            "unet_heads": unet["attention_head_dim"],
-            "image_size": unet["sample_size"] * 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)}

@@ -1,7 +1,12 @@
 """Concept learning on the `shapes` model, as the judge sees it (issue 11): the hearts LoRA trained with plain
 captions and with DreamBooth prior preservation, same steps; prints one JSON object.
 
-    python bench/bench_concept.py [--steps 800] [--variants plain,dreambooth] [--prompts 24] [--threads 2]
+    python bench/bench_concept.py [--steps 800] [--rank 4] [--lr 1e-3] [--variants plain,dreambooth] [--prompts 24]
+
+Variants: plain (captioned folder, UNet + text encoder), unet_only (the same, text encoder frozen), dreambooth
+(instance prompt "a heart", class prompt "a circle"), world_prior / world_prior_unet (the captioned hearts with prior
+preservation against the base model's own images for varied captioned world prompts), pivotal / pivotal_unet (plain
+or UNet-only with pivotal tuning: the word "heart" gets a trained embedding bundled in the file).
 
 Per variant: training seconds, how often a heart is drawn with `<lora:NAME:1>`, at weight 0 and without the tag, and
 how often unrelated prompts are still drawn right with and without the LoRA (the leak). Images go to --out.
@@ -21,18 +26,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def settings(variant: str, data: Path, out: Path, steps: int) -> dict:
+VARIANTS = ("plain", "unet_only", "dreambooth", "world_prior", "world_prior_unet", "pivotal", "pivotal_unet")
+
+
+def settings(variant: str, data: Path, out: Path, args) -> dict:
+    steps = args.steps
     common = dict(pretrained_model="shapes", output_dir=str(out / "Lora"), output_name=f"hearts_{variant}",
-                  runs_dir=str(out / "runs"), resolution=64, min_bucket_reso=64, network_dim=4, network_alpha=4.0,
-                  network_targets="attn_mlp_conv", train_text_encoder=True, train_batch_size=4, learning_rate=1e-3,
-                  max_train_steps=steps, save_every_n_epochs=None, overwrite=True, preview=False, seed=42)
+                  runs_dir=str(out / "runs"), resolution=64, min_bucket_reso=64, network_dim=args.rank,
+                  network_alpha=float(args.rank), network_targets="attn_mlp_conv", train_text_encoder=True,
+                  train_batch_size=4, learning_rate=args.lr, max_train_steps=steps, save_every_n_epochs=None,
+                  overwrite=True, preview=False, seed=42)
     if variant == "plain":
         return {**common, "train_data_dir": str(data)}
+    if variant.startswith("pivotal"):
+        # the word "heart" gets a trained embedding, bundled in the file (bundle_emb.heart)
+        return {**common, "train_data_dir": str(data), "pivotal_token": "heart", "pivotal_lr": args.pivotal_lr,
+                "train_text_encoder": variant == "pivotal"}
+    if variant == "unet_only":
+        return {**common, "train_data_dir": str(data), "train_text_encoder": False}
+    if variant.startswith("world_prior"):
+        # prior preservation against the base model's own images for varied captioned prompts of the world
+        # (kohya's regularisation images with captions), not one class prompt
+        return {**common, "instance_dir": str(data), "instance_prompt": "a heart", "class_dir": str(out / "world_prior"),
+                "prior_loss_weight": 1.0, "train_text_encoder": variant == "world_prior"}
     if variant == "dreambooth":
         return {**common, "instance_dir": str(data), "instance_prompt": "a heart",
                 "class_dir": str(out / f"class_{steps}"), "class_prompt": "a circle", "num_class_images": 16,
                 "prior_loss_weight": 1.0}
-    raise SystemExit(f"unknown variant {variant!r}; valid: plain, dreambooth")
+    raise SystemExit(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 
 def main() -> int:
@@ -41,6 +62,10 @@ def main() -> int:
     ap.add_argument("--variants", default="plain,dreambooth")
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pivotal-lr", type=float, default=None, help="pivotal: embedding lr (none = --lr)")
+    ap.add_argument("--prior-images", type=int, default=16, help="world_prior: base-model images to generate (used up to the instance count)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "concept")
     args = ap.parse_args()
 
@@ -58,10 +83,15 @@ def main() -> int:
     shutil.rmtree(out / "Lora", ignore_errors=True)
     data = DATA_DIR / "samples" / "hearts"
     results = {"machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
-               "steps": args.steps, "variants": {}}
+               "steps": args.steps, "rank": args.rank, "lr": args.lr, "pivotal_lr": args.pivotal_lr, "variants": {}}
     session = Session(Path("shapes"), scheduler="euler")
-    for variant in args.variants.split(","):
-        cfg = TrainConfig(**settings(variant, data, out, args.steps))
+    variants = args.variants.split(",")
+    if any(v.startswith("world_prior") for v in variants):
+        t0 = time.perf_counter()
+        concept.write_prior_images(session, out / "world_prior", args.prior_images)
+        results["prior_images"] = {"count": args.prior_images, "seconds": round(time.perf_counter() - t0, 1)}
+    for variant in variants:
+        cfg = TrainConfig(**settings(variant, data, out, args))
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0

@@ -2,7 +2,8 @@
 
 A `Session` keeps the pipeline and a `LoraSession` (patcher, parsed-file cache) between images, so switching LoRA sets
 only recomputes the layers that change. Names resolve as in the WebUI (the catalogue of the LoRA folders, A1111's
-rules), `start=`/`stop=` switch the UNet part per step as in the WebUI, and the PNG gets the WebUI's infotext.
+rules), `start=`/`stop=` switch the UNet part per step as in the WebUI, textual inversions bundled in the files
+(`bundle_emb.*`) work in the prompt as in the WebUI, and the PNG gets the WebUI's infotext.
 Weights are restored after every image, also when generation fails.
 """
 
@@ -18,8 +19,9 @@ from lora_ext.formats.infotext import GenerationParameters
 from lora_ext.library.index import LoraIndex
 from lora_ext.library.lookup import IndexResolver
 from lora_ext.patch import LoraCache, Patcher, PatchReport, adapter_for_pipeline
+from lora_ext.patch.embeddings import EmbeddingError, TokenInjector, attach_bundled
 from lora_ext.prompt import LoraRef, parse_prompt
-from lora_ext.session import LoraSession, step_of_call
+from lora_ext.session import Activation, LoraSession, step_of_call
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,13 @@ class Session:
                 def on_step(call: int, calls: int) -> None:
                     self.loras.at_step(step_of_call(call, calls, steps), steps)
 
-            image = generate_image(self.pipe, text, negative, seed=seed, steps=steps, width=width, height=height,
-                                   cfg=cfg, on_step=on_step)
+            injectors = self._bundled_embeddings(act, strict=not skip_bad)
+            try:
+                image = generate_image(self.pipe, text, negative, seed=seed, steps=steps, width=width,
+                                       height=height, cfg=cfg, on_step=on_step)
+            finally:
+                for injector in injectors:
+                    injector.remove()
         finally:
             self.loras.restore()
         info = GenerationParameters(prompt=prompt, negative=negative, steps=steps, sampler=self.scheduler, cfg=cfg,
@@ -126,6 +133,28 @@ class Session:
             save_png(image, out, info)
         return GenerateResult(out=out, prompt=text, refs=refs, report=act.report or PatchReport(),
                               warnings=act.problems, infotext=info, image=image)
+
+
+    def _bundled_embeddings(self, act: Activation, *, strict: bool) -> list[TokenInjector]:
+        """The textual inversions bundled in the applied LoRAs, active in the prompt while the image is made (as the
+        WebUI's built-in does: the embedding's name in the prompt stands for its vectors). The first file that
+        bundles a name wins; an embedding this model cannot use raises EmbeddingError (strict) or is left out."""
+        embeddings: dict[str, dict] = {}
+        for name, net in zip(act.applied, act.networks, strict=True):
+            for emb_name, tensors in net.bundled_embeddings.items():
+                if emb_name in embeddings:
+                    act.problems.append(f"{name}: bundled embedding {emb_name!r} skipped: another LoRA of the prompt "
+                                        "bundles the same name")
+                    continue
+                try:
+                    attach_bundled(self.pipe, {emb_name: tensors})[0].remove()  # fits this model?
+                except EmbeddingError as err:
+                    if strict:
+                        raise
+                    act.problems.append(f"{name}: {err}")
+                    continue
+                embeddings[emb_name] = tensors
+        return attach_bundled(self.pipe, embeddings) if embeddings else []
 
 
 def save_png(image: Any, out: Path, parameters: str) -> None:

@@ -68,3 +68,25 @@ def concept_report(session, lora_name: str, lora_dirs: Sequence[Path], *, n: int
             "unrelated_right_with_lora": leak_with["shape+colour"],
             "unrelated_right_without_lora": leak_without["shape+colour"], "prompts": n, "steps": steps,
             "guidance": guidance, "images": {"with": images, "without": plain}}
+
+
+PRIOR_SEED = 4242  # not EVAL_SEED: the prior's prompts and noise are not the ones the report measures
+
+
+def write_prior_images(session, folder: str | Path, n: int = DATASET_IMAGES, seed: int = PRIOR_SEED) -> Path:
+    """Prior-preservation images with captions: the base model's own images for `n` varied captioned prompts of the
+    world (known shapes only), one caption file each, so a concept LoRA can be trained to leave them unchanged
+    (kohya's regularisation images with captions). Images already there are kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        scene = world.sample_scene(rng)
+        image_path, caption_path = folder / f"prior_{i:03d}.png", folder / f"prior_{i:03d}.txt"
+        if image_path.exists() and caption_path.exists():
+            continue
+        image = session.generate(scene.caption(), seed=seed + i, steps=STEPS, width=world.SIDE, height=world.SIDE,
+                                 cfg=GUIDANCE).image
+        image.save(image_path)
+        caption_path.write_text(scene.caption() + "\n", encoding="utf-8")
+    return folder

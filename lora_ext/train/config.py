@@ -119,6 +119,15 @@ class TrainConfig:
     dora: bool = _f(False, "DoRA (weight-decomposed LoRA)")
     network_dropout: float = _f(0.0, "dropout on the LoRA path during training")
     network_blocks: list = _f([], "train only these UNet blocks (IN00..IN11, M00, OUT00..OUT11); empty = all")
+    pivotal_token: str = _f("", "pivotal tuning: a word whose token embedding is trained with the LoRA and saved in "
+                                "the file (bundle_emb); write it in the captions or as trigger_word, and in prompts "
+                                "with the tag; empty = off")
+    pivotal_init: str = _f("", "pivotal tuning: words the embedding starts from (mean of their token embeddings); "
+                               "empty = the word itself")
+    pivotal_vectors: int = _f(1, "pivotal tuning: vectors per text encoder the word stands for")
+    pivotal_lr: float | None = _f(None, "pivotal tuning: learning rate of the embedding; none = learning_rate")
+    pivotal_fraction: float = _f(1.0, "pivotal tuning: share of the steps the embedding is trained in (then frozen, "
+                                      "the LoRA goes on)")
     learning_rate: float = _f(1e-4, "UNet LoRA learning rate", section="Optimisation")
     text_encoder_lr: float | None = _f(None, "text-encoder LoRA learning rate; none = 0.5 x learning_rate")
     optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt) | adafactor | sgd")
@@ -530,6 +539,14 @@ def _validate(c: TrainConfig) -> None:
     _need(0.0 <= c.network_dropout < 1.0, "network_dropout", "must be in [0, 1)")
     bad_blocks = [b for b in c.network_blocks if not _BLOCK_NAME.match(b.upper())]
     _need(not bad_blocks, "network_blocks", f"{bad_blocks} are not block names; use IN00..IN11, M00, OUT00..OUT11")
+    if c.pivotal_token:
+        _need(not any(ch.isspace() or ch in '.<>:,()[]{}|\\/*?"\'' for ch in c.pivotal_token), "pivotal_token",
+              f"{c.pivotal_token!r} must be one word without spaces, dots or brackets (e.g. 'hrtz')")
+        _need(not c.cache_text_encoder_outputs, "cache_text_encoder_outputs",
+              "cannot cache text-encoder outputs while pivotal tuning trains an embedding; turn one of them off")
+    _need(c.pivotal_vectors >= 1, "pivotal_vectors", "must be >= 1")
+    _need(c.pivotal_lr is None or c.pivotal_lr >= 0, "pivotal_lr", "must be >= 0 (or none = learning_rate)")
+    _need(0.0 < c.pivotal_fraction <= 1.0, "pivotal_fraction", "must be in (0, 1]")
     _need(c.learning_rate > 0, "learning_rate", "must be > 0")
     _need(c.text_encoder_lr is None or c.text_encoder_lr >= 0, "text_encoder_lr", "must be >= 0")
     _need(c.optimizer in OPTIMIZERS, "optimizer", f"{c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")

@@ -40,6 +40,7 @@ from torch import Tensor
 from lora_ext import __version__, families
 from lora_ext.errors import LoraExtError, TrainingError
 from lora_ext.formats.hashes import legacy_hash, sha256_file, sshs_hashes_for
+from lora_ext.formats.keys import BUNDLE_PREFIX
 from lora_ext.formats.metadata import a1111_sd_version, base_model_from_metadata
 from lora_ext.formats.network import LoraNetwork, load_lora, parse_lora
 from lora_ext.formats.safetensors_io import save_safetensors_atomic, write_bytes_atomic
@@ -513,6 +514,8 @@ def _read_back(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, str
     if net.metadata != dict(meta):
         raise TrainingError(f"{path}: the metadata read back differs from what was written")
     read = {f"{m.name}.{suffix}": t for m in net.modules.values() for suffix, t in m.algorithm.tensors().items()}
+    read.update({f"{BUNDLE_PREFIX}{name}.{rest}": t for name, parts in net.bundled_embeddings.items()
+                 for rest, t in parts.items()})
     for key, t in tensors.items():
         got = read.get(key)
         if got is None or got.dtype != t.dtype or not torch.equal(got, t):

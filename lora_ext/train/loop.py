@@ -399,31 +399,37 @@ class TrainingRun:
                                 config.gradient_accumulation_steps, self.n_proc, scan=scanned)
         for problem in scanned.problems:
             self.emit("warning", message=problem)
+        if config.pivotal_token:
+            check_pivotal_captions(config.pivotal_token, records)
         if self.plan.state is not None and self.plan.state.global_step > self.total_steps:
             raise beyond_total(config, self.plan.state.global_step, self.total_steps)
 
     def build_network(self) -> None:
         """4. The trainable LoRA network (fp32 parameters, engine math, hooks on the frozen layers)."""
-        from lora_ext.train.network import LoraTrainingNetwork
+        from lora_ext.train.network import LoraTrainingNetwork, PivotalSpec
 
         config = self.config
+        pivotal = (PivotalSpec(config.pivotal_token, config.pivotal_init, config.pivotal_vectors)
+                   if config.pivotal_token else None)
         self.network = LoraTrainingNetwork(
             self.pipe, rank=config.network_dim, alpha=config.network_alpha, targets=config.network_targets,
             conv_rank=config.conv_dim, conv_alpha=config.conv_alpha, train_text_encoder=config.train_text_encoder,
             dora=config.dora, dropout=config.network_dropout, dtype=torch.float32,
-            blocks=config.network_blocks or None, seed=config.seed)
+            blocks=config.network_blocks or None, seed=config.seed, pivotal=pivotal)
         if config.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
             if config.train_text_encoder:
                 for te in self.text_encoders:
                     enable_text_encoder_checkpointing(te)
         self.model = Denoiser(self.arch, self.pipe.unet, self.text_encoders, self.network,
-                              clip_skip=config.clip_skip, train_text_encoder=config.train_text_encoder)
+                              clip_skip=config.clip_skip,
+                              train_text_encoder=config.train_text_encoder or pivotal is not None)
 
     def build_optimizer(self) -> None:
         """5. Optimizer and learning-rate schedule (one scheduler step per process and optimizer step)."""
         config, n_proc = self.config, self.n_proc
-        groups = self.network.param_groups(config.learning_rate, config.effective_text_encoder_lr)
+        groups = self.network.param_groups(config.learning_rate, config.effective_text_encoder_lr,
+                                           config.pivotal_lr)
         self.optimizer = build_optimizer(config.optimizer, groups, learning_rate=config.learning_rate,
                                          optimizer_args=config.optimizer_args)
         self.lr_scheduler = build_lr_scheduler(
@@ -451,7 +457,7 @@ class TrainingRun:
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
         self.unwrapped = unwrapped = self.accelerator.unwrap_model(self.model)
         text_cache = None
-        if config.cache_text_encoder_outputs and not config.train_text_encoder:
+        if config.cache_text_encoder_outputs and not config.train_text_encoder and not config.pivotal_token:
             text_cache = TextCache(lambda captions: unwrapped.encode([tokenize(t, captions) for t in self.tokenizers]))
         self.loss_ctx = LossContext(
             arch=self.arch, prediction_type=self.prediction_type, noise_scheduler=self.noise_scheduler,
@@ -595,12 +601,20 @@ class TrainingRun:
                     f"not updated with it. Last good checkpoint: {self.state.last_checkpoint or 'none yet'}. Lower "
                     "learning_rate, keep max_grad_norm > 0, or use mixed_precision bf16/no instead of fp16")
             self.accelerator.backward(loss)
+            if self.embedding_frozen():  # after pivotal_fraction of the steps only the LoRA goes on
+                for param in self.network.pivotal.parameters():
+                    param.grad = None
             if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def embedding_frozen(self) -> bool:
+        """Pivotal tuning's embedding no longer learns (its step share is used up); False without pivotal tuning."""
+        return (self.network.pivotal is not None
+                and self.global_step >= math.ceil(self.config.pivotal_fraction * self.total_steps))
 
     def _after_step(self, epoch: int, in_epoch: int, losses: list[Tensor], throughput: Throughput) -> str | None:
         """One optimizer step is done: events, samples, checkpoints, stop and save-now requests. Returns "finished"
@@ -670,6 +684,17 @@ class TrainingRun:
             self.accelerator.end_training()
         return TrainResult(status=status, run_dir=self.run_dir, global_step=step, epoch=done_epoch, output=output,
                            checkpoint=self.state.last_checkpoint)
+
+
+def check_pivotal_captions(token: str, records: Sequence[Any]) -> None:
+    """Pivotal tuning learns the word only where captions contain it: refuse a dataset in which none does."""
+    import re
+
+    word = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])", re.IGNORECASE)
+    if not any(word.search(r.caption or "") for r in records if not r.is_class):
+        raise ConfigError(f"pivotal_token: {token!r} appears in no caption of the training images, so its embedding "
+                          "would learn nothing; set trigger_word to it or write it into the captions",
+                          field="pivotal_token")
 
 
 def _export(run: TrainingRun, epoch: int) -> Path:

@@ -46,6 +46,7 @@ from lora_ext.formats.algorithms.base import ALPHA_KEY, DORA_KEY, layer_forward
 from lora_ext.formats.algorithms.lora import DOWN, UP
 from lora_ext.patch import ModelAdapter, Target, adapter_for_pipeline
 from lora_ext.patch.targets import PRESETS, file_module_name, selector, trainable_kind
+from lora_ext.train.pivotal import PivotalEmbedding, is_bundle_key
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,15 @@ class NetworkConfig:
     dora: bool
     dropout: float
     blocks: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class PivotalSpec:
+    """Pivotal tuning's word (see `lora_ext.train.pivotal`): its name, the text it starts from, vectors per encoder."""
+
+    token: str
+    init_text: str = ""
+    vectors: int = 1
 
 
 # ---------------------------------------------------------------------------------------------------------- the module
@@ -200,7 +210,7 @@ class LoraTrainingNetwork(nn.Module):
                  targets: str | Callable[[Target], bool] = "attn", conv_rank: int | None = None,
                  conv_alpha: float | None = None, train_text_encoder: bool = False, dora: bool = False,
                  dropout: float = 0.0, dtype: torch.dtype = torch.float32, blocks: Collection[str] | None = None,
-                 seed: int | None = None, freeze_base: bool = True) -> None:
+                 seed: int | None = None, freeze_base: bool = True, pivotal: PivotalSpec | None = None) -> None:
         super().__init__()
         _check_settings(rank, alpha, conv_rank, conv_alpha, dropout, dtype, targets)
         self.pipe = pipe
@@ -240,6 +250,10 @@ class LoraTrainingNetwork(nn.Module):
         for lora in self.loras.values():
             module = lora.target.module
             self._handles.append(module.register_forward_hook(self._make_hook(lora), with_kwargs=True))
+        self.pivotal: PivotalEmbedding | None = None
+        if pivotal is not None:
+            self.pivotal = PivotalEmbedding(pipe, pivotal.token, init_text=pivotal.init_text,
+                                            vectors=pivotal.vectors)
         self.attached = True
         counts = self.module_counts()
         log.info("LoRA network: %d modules (%s), rank %d, alpha %g%s", len(self.loras),
@@ -317,9 +331,11 @@ class LoraTrainingNetwork(nn.Module):
             if lora.target.component != "unet":
                 yield from lora.parameters()
 
-    def param_groups(self, unet_lr: float, te_lr: float | None = None) -> list[dict[str, Any]]:
+    def param_groups(self, unet_lr: float, te_lr: float | None = None, embedding_lr: float | None = None
+                     ) -> list[dict[str, Any]]:
         """Optimizer parameter groups: {"params", "lr", "name"} for "unet" and "text_encoder" (te_lr None = 0.5 x
-        unet_lr); a component without LoRA modules has no group."""
+        unet_lr), then "embedding" (pivotal tuning's vectors, without weight decay); a component without LoRA modules
+        has no group."""
         groups = []
         unet = list(self.unet_parameters())
         if unet:
@@ -328,6 +344,9 @@ class LoraTrainingNetwork(nn.Module):
         if te:
             groups.append({"params": te, "lr": float(0.5 * unet_lr if te_lr is None else te_lr),
                            "name": "text_encoder"})
+        if self.pivotal is not None:
+            groups.append({"params": list(self.pivotal.parameters()), "weight_decay": 0.0,
+                           "lr": float(unet_lr if embedding_lr is None else embedding_lr), "name": "embedding"})
         return groups
 
     def metadata_fields(self) -> dict[str, str]:
@@ -345,6 +364,9 @@ class LoraTrainingNetwork(nn.Module):
             args["blocks"] = ",".join(cfg.blocks)
         if cfg.train_text_encoder:
             args["train_text_encoder"] = "True"
+        if self.pivotal is not None:
+            args["pivotal_token"] = self.pivotal.token
+            args["pivotal_vectors"] = str(self.pivotal.n_vectors)
         return {
             "ss_network_module": NETWORK_MODULE,
             "ss_network_dim": str(cfg.rank),
@@ -362,6 +384,8 @@ class LoraTrainingNetwork(nn.Module):
         for name, lora in self.loras.items():
             for suffix, t in lora.kohya_tensors(dtype).items():
                 out[f"{name}.{suffix}"] = t
+        if self.pivotal is not None:
+            out.update(self.pivotal.bundle_tensors(dtype))
         return out
 
     def load_state_dict_kohya(self, tensors: Mapping[str, Tensor]) -> None:
@@ -370,6 +394,13 @@ class LoraTrainingNetwork(nn.Module):
         Every module of the network must be present with the same shapes, and nothing else (TrainingError
         otherwise). Alpha is taken from the tensors when present (it defines the scale the factors were trained
         with)."""
+        bundle = {k: t for k, t in tensors.items() if is_bundle_key(k)}
+        if bundle or self.pivotal is not None:
+            if self.pivotal is None:
+                raise TrainingError(f"the LoRA state has a bundled embedding ({next(iter(bundle))}) but this run "
+                                    "trains none (pivotal_token is empty)")
+            self.pivotal.load_bundle(bundle)
+            tensors = {k: t for k, t in tensors.items() if k not in bundle}
         expected = {DOWN, UP} | ({DORA} if self.config.dora else set())
         unknown = []
         by_module: dict[str, dict[str, Tensor]] = {}
@@ -416,6 +447,8 @@ class LoraTrainingNetwork(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.pivotal is not None:
+            self.pivotal.remove()
         for param, flag in self._frozen:
             param.requires_grad_(flag)
         self._frozen.clear()

@@ -12,6 +12,7 @@ from lora_ext.errors import LoraExtError
 from lora_ext.models.tiny import build_tiny_pipeline
 from lora_ext.patch.embeddings import EmbeddingError, TokenInjector, attach_bundled, bundle_keys, pipeline_parts
 
+ENCODE = dict(device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
 PROMPTS = ["a red hrtz on the left", "hrtz", "a blue square, no token here"]
 
 
@@ -45,8 +46,8 @@ def test_prompt_embeddings_equal_diffusers_textual_inversion(arch, n):
     ref = _reference(arch, 1, vecs)
     injectors = [TokenInjector(tok, enc, {"hrtz": vec}) for (_, tok, enc), vec in zip(pipeline_parts(ours), vecs)]
     with torch.no_grad():
-        want = ref.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
-        got = ours.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        want = ref.encode_prompt(PROMPTS, **ENCODE)
+        got = ours.encode_prompt(PROMPTS, **ENCODE)
     for w, g in zip(want, got):
         if w is None:
             continue
@@ -54,8 +55,8 @@ def test_prompt_embeddings_equal_diffusers_textual_inversion(arch, n):
     for inj in injectors:
         inj.remove()
     with torch.no_grad():  # detached: the prompt means what it meant before
-        plain = build_tiny_pipeline(arch, seed=1).encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
-        after = ours.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        plain = build_tiny_pipeline(arch, seed=1).encode_prompt(PROMPTS, **ENCODE)
+        after = ours.encode_prompt(PROMPTS, **ENCODE)
     assert torch.equal(plain[0], after[0])
 
 

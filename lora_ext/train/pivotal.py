@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from lora_ext.errors import TrainingError
 from lora_ext.formats.keys import BUNDLE_PREFIX
-from lora_ext.patch.embeddings import (TokenInjector, bundle_keys, check_name, name_ids, pipeline_parts,
-                                       token_embedding)
+from lora_ext.patch.embeddings import TokenInjector, bundle_keys, check_name, name_ids, pipeline_parts, token_embedding
 
 
 class PivotalEmbedding(nn.Module):

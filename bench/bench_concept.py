@@ -48,7 +48,8 @@ def settings(variant: str, data: Path, out: Path, args) -> dict:
         # prior preservation against the base model's own images for varied captioned prompts of the world
         # (kohya's regularisation images with captions), not one class prompt
         return {**common, "instance_dir": str(data), "instance_prompt": "a heart",
-                "class_dir": str(out / "world_prior"), "prior_loss_weight": 1.0, "train_text_encoder": variant == "world_prior"}
+                "class_dir": str(out / "world_prior"), "prior_loss_weight": 1.0,
+                "train_text_encoder": variant == "world_prior"}
     if variant == "dreambooth":
         return {**common, "instance_dir": str(data), "instance_prompt": "a heart",
                 "class_dir": str(out / f"class_{steps}"), "class_prompt": "a circle", "num_class_images": 16,
@@ -65,7 +66,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pivotal-lr", type=float, default=None, help="pivotal: embedding lr (none = --lr)")
-    ap.add_argument("--prior-images", type=int, default=16, 
+    ap.add_argument("--prior-images", type=int, default=16,
                     help="world_prior: base-model images to generate (used up to the instance count)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "concept")
     args = ap.parse_args()

@@ -163,6 +163,12 @@ class TrainConfig:
     sample_seed: int = _f(1234, "seed of the sample images (prompt i uses seed + i)")
     sample_width: int | None = _f(None, "sample width; none = resolution")
     sample_height: int | None = _f(None, "sample height; none = resolution")
+    validation_split: float = _f(0.0, "share of the training images held out to measure a fixed-noise validation "
+                                      "loss (0 = none)")
+    validation_dir: str | None = _f(None, "folder of validation images + captions (instead of validation_split)")
+    validation_every_n_steps: int | None = _f(None, "validation loss every N steps; none = at the end of every "
+                                                    "epoch")
+    keep_best: bool = _f(False, "export the LoRA of the step with the lowest validation loss instead of the last")
     preview: bool = _f(True, "render <output_name>.preview.png for the LoRA's card at the end: the last sample image, "
                              "else one image of the first caption")
     dry_run: bool = _f(False, "print the dataset summary and exit (the model is not loaded)", section="Run control")
@@ -547,6 +553,14 @@ def _validate(c: TrainConfig) -> None:
     _need(c.pivotal_vectors >= 1, "pivotal_vectors", "must be >= 1")
     _need(c.pivotal_lr is None or c.pivotal_lr >= 0, "pivotal_lr", "must be >= 0 (or none = learning_rate)")
     _need(0.0 < c.pivotal_fraction <= 1.0, "pivotal_fraction", "must be in (0, 1]")
+    _need(0.0 <= c.validation_split < 1.0, "validation_split", "must be in [0, 1) (0.1 = hold out 10% of the "
+          "images)")
+    _need(not (c.validation_split and c.validation_dir), "validation_dir", "give validation_dir or "
+          "validation_split, not both")
+    _need(c.validation_every_n_steps is None or c.validation_every_n_steps >= 1, "validation_every_n_steps",
+          "must be >= 1 (or none = every epoch)")
+    _need(not c.keep_best or bool(c.validation_split or c.validation_dir), "keep_best", "needs validation images: "
+          "set validation_split (e.g. 0.1) or validation_dir")
     _need(c.learning_rate > 0, "learning_rate", "must be > 0")
     _need(c.text_encoder_lr is None or c.text_encoder_lr >= 0, "text_encoder_lr", "must be >= 0")
     _need(c.optimizer in OPTIMIZERS, "optimizer", f"{c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")

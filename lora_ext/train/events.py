@@ -43,7 +43,7 @@ from lora_ext.runfolder import EVENTS_FILE  # noqa: F401 - re-exported beside th
 
 logger = logging.getLogger(__name__)
 
-EVENT_TYPES = ("start", "step", "epoch", "checkpoint", "sample", "warning", "error", "done")
+EVENT_TYPES = ("start", "step", "epoch", "validation", "checkpoint", "sample", "warning", "error", "done")
 
 
 def _json_default(value: Any) -> Any:

@@ -30,6 +30,7 @@ stop a run (events go on in events.jsonl).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -327,6 +328,7 @@ class TrainingRun:
         self.loss_avg = LossAverage()
         self.saved_at, self.sampled_at = -1, -1  # the steps of the last checkpoint / samples
         self.preview: Any = None  # the last sample image (the card's preview)
+        self.best: tuple[float, int, int] | None = None  # (validation loss, step, epoch) of the best state so far
 
     # ------------------------------------------------------------------------------------------------ steps 2-8
     def prepare(self) -> None:
@@ -387,6 +389,10 @@ class TrainingRun:
         records, scanned = scan_dataset(spec, decode=True)
         if not records:
             raise no_images_error(scanned)
+        records, self.validation_records = validation_records(config, spec, records)
+        if config.validation_split:  # the counts are of the images that are trained on
+            scanned = dataclasses.replace(scanned, images=sum(1 for r in records if not r.is_class),
+                                          repeats_total=sum(r.repeats for r in records))
         self.records = records
         self.data_hash = dataset_hash(records)
         self.dataset = TrainDataset(records, spec)
@@ -400,7 +406,7 @@ class TrainingRun:
         for problem in scanned.problems:
             self.emit("warning", message=problem)
         if config.pivotal_token:
-            check_pivotal_captions(config.pivotal_token, records)
+            check_pivotal_captions(config.pivotal_token, records, spec.trigger_word)
         if self.plan.state is not None and self.plan.state.global_step > self.total_steps:
             raise beyond_total(config, self.plan.state.global_step, self.total_steps)
 
@@ -464,6 +470,14 @@ class TrainingRun:
             tokenizers=self.tokenizers, latents=latents, generator=self.noise_gen, device=self.device,
             noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
             prior_loss_weight=config.prior_loss_weight, text_cache=text_cache)
+        self.validator = None
+        if self.validation_records:
+            from lora_ext.train.validation import Validator
+
+            self.validator = Validator(
+                self.validation_records, self.spec, vae_latents=latents, noise_scheduler=self.noise_scheduler,
+                prediction_type=self.prediction_type, arch=self.arch, tokenizers=self.tokenizers,
+                seed=derive_seed(config.seed, "validation"), device=self.device)
 
     def restore(self, checkpoint: Path) -> None:
         """8. Resume: LoRA, optimizer, schedule, RNG, position, loss average."""
@@ -482,6 +496,8 @@ class TrainingRun:
         self.position = (st.epoch, st.step_in_epoch)
         self.saved_at = st.global_step
         self.loss_avg.load_state_dict(st.loss_avg or self.loss_avg.state_dict())
+        best = st.extra.get("validation_best")
+        self.best = (float(best[0]), int(best[1]), int(best[2])) if best else None
         saved_layout = st.extra.get("sampler", {}).get("fingerprint")
         if saved_layout not in (None, self.sampler.fingerprint):
             self.emit("warning", message="the bucket layout or batch size changed since the checkpoint: batches "
@@ -531,7 +547,7 @@ class TrainingRun:
             global_step=self.global_step, epoch=epoch, step_in_epoch=in_epoch, dataset_hash=self.data_hash,
             num_processes=self.n_proc, loss_avg=self.loss_avg.state_dict(),
             extra={"sampler": self.sampler.state_dict(batches_consumed=batches_done), "total_steps": self.total_steps,
-                   "run_id": self.plan.run_id})
+                   "run_id": self.plan.run_id, "validation_best": list(self.best) if self.best else None})
         meta = {**self.network.metadata_fields(), "lora_ext.checkpoint_step": str(self.global_step),
                 "ss_output_name": str(config.output_name), "ss_v2": str(self.arch == "sd2"),
                 "ss_base_model_version": base_model_version(self.arch, self.prediction_type)}
@@ -555,6 +571,32 @@ class TrainingRun:
                       prompts=prompts)
         self.sampled_at = self.global_step
         self.accelerator.wait_for_everyone()
+
+    def validate(self, epoch_number: int) -> None:
+        """The validation loss now (every process computes the same value); a new best is kept for keep_best."""
+        from lora_ext.formats.safetensors_io import save_safetensors_atomic
+        from lora_ext.train.validation import BEST_FILE, best_metadata
+
+        loss = self.validator.loss(self.unwrapped)
+        step = self.global_step
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, step, epoch_number)
+            if self.main and self.config.keep_best:
+                save_safetensors_atomic(self.network.state_dict_kohya(dtype=torch.float32), self.run_dir / BEST_FILE,
+                                        metadata=best_metadata(loss, step, epoch_number))
+        self.emit("validation", step=step, epoch=epoch_number, loss=loss, images=len(self.validator),
+                  best_loss=self.best[0], best_step=self.best[1], best_epoch=self.best[2])
+
+    def use_best(self) -> tuple[int, int] | None:
+        """keep_best: load the best state into the network; its (step, epoch), or None (the last state stays)."""
+        from lora_ext.formats.safetensors_io import load_tensors
+        from lora_ext.train.validation import BEST_FILE
+
+        path = self.run_dir / BEST_FILE
+        if not self.config.keep_best or self.best is None or not path.is_file():
+            return None
+        self.network.load_state_dict_kohya(load_tensors(path))
+        return self.best[1], self.best[2]
 
     def any_process(self, flag: bool) -> bool:
         """True when `flag` is true on any process (all processes must call it at the same point)."""
@@ -638,6 +680,9 @@ class TrainingRun:
         finished = step >= self.total_steps
         if _due(config.sample_every_n_steps, step) or (end_of_epoch and _due(config.sample_every_n_epochs, epoch + 1)):
             self.sample(epoch + 1)
+        if self.validator is not None and (_due(config.validation_every_n_steps, step)
+                                           if config.validation_every_n_steps else end_of_epoch):
+            self.validate(epoch + 1)
         scheduled = _due(config.save_every_n_steps, step) or (end_of_epoch and _due(config.save_every_n_epochs,
                                                                                         epoch + 1))
         if not finished and (scheduled or self.any_process(self.control.save_requested())):
@@ -668,6 +713,7 @@ class TrainingRun:
                 self.sample(done_epoch)
             if self.saved_at != step:
                 self.save()
+            self.exported_state = self.use_best()
             if config.preview and not config.sample_prompts:  # the same decision on every process
                 self.sample(done_epoch, prompts=[preview_prompt(self.records, config)], label="preview")
             if self.main:
@@ -686,11 +732,32 @@ class TrainingRun:
                            checkpoint=self.state.last_checkpoint)
 
 
-def check_pivotal_captions(token: str, records: Sequence[Any]) -> None:
-    """Pivotal tuning learns the word only where captions contain it: refuse a dataset in which none does."""
+def validation_records(config: TrainConfig, spec: Any, records: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(training records, validation records) from validation_split or validation_dir ([] without validation)."""
+    if config.validation_split:
+        from lora_ext.train.validation import split_records
+
+        return split_records(records, config.validation_split, config.seed)
+    if not config.validation_dir:
+        return records, []
+    from lora_ext.train.dataset import scan_dataset
+
+    held, _ = scan_dataset(dataclasses.replace(spec, train_data_dir=config.validation_dir, metadata_file=None,
+                                               instance_dir=None, class_dir=None, num_class_images=0), decode=True)
+    if not held:
+        raise DatasetError(f"validation_dir {config.validation_dir}: no usable image (with a caption file) there; "
+                           "add images or leave validation_dir empty")
+    return records, held
+
+
+def check_pivotal_captions(token: str, records: Sequence[Any], trigger_word: str = "") -> None:
+    """Pivotal tuning learns the word only where captions contain it: refuse a dataset in which none does (the
+    trigger word is put in front of every training caption)."""
     import re
 
     word = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])", re.IGNORECASE)
+    if word.search(trigger_word):
+        return
     if not any(word.search(r.caption or "") for r in records if not r.is_class):
         raise ConfigError(f"pivotal_token: {token!r} appears in no caption of the training images, so its embedding "
                           "would learn nothing; set trigger_word to it or write it into the captions",
@@ -707,7 +774,10 @@ def _export(run: TrainingRun, epoch: int) -> Path:
            "max_bucket_reso": spec.effective_max_bucket_reso}
     dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in report.sources if s.kind != "class"}
     reg_dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in report.sources if s.kind == "class"}
-    metadata = build_metadata(cfg, report, run.arch, prediction_type=run.prediction_type, steps=run.global_step,
+    steps = run.global_step
+    if getattr(run, "exported_state", None):  # keep_best: the best state by validation loss
+        steps, epoch = run.exported_state
+    metadata = build_metadata(cfg, report, run.arch, prediction_type=run.prediction_type, steps=steps,
                               epoch=epoch, num_epochs=run.num_epochs, started_at=run.t_start,
                               finished_at=time.time(), tag_frequency=report.tag_frequency, dataset_dirs=dirs,
                               reg_dataset_dirs=reg_dirs, bucket_info=report.bucket_info(),
@@ -715,6 +785,10 @@ def _export(run: TrainingRun, epoch: int) -> Path:
                               network_fields=run.network.metadata_fields(), num_processes=run.n_proc)
     if run.plan.run_id:
         metadata[RUN_ID_METADATA] = run.plan.run_id
+    if run.best is not None:
+        from lora_ext.train.validation import best_metadata
+
+        metadata.update(best_metadata(*run.best))
     sidecar: dict[str, Any] = {"preferred weight": config.preferred_weight}
     if config.trigger_word:
         sidecar["activation text"] = config.trigger_word

@@ -95,6 +95,8 @@ class Job:
     samples: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     losses: list[list[float]] = field(default_factory=list)  # [step, raw loss, smoothed loss]
+    validation: list[list[float]] = field(default_factory=list)  # [step, validation loss]
+    best_step: int | None = None  # the step of the lowest validation loss
     created: float = field(default_factory=time.time)
     started: float | None = None
     ended: float | None = None
@@ -122,6 +124,10 @@ class Job:
             if self.loss is not None:
                 self.losses.append([self.step, self.loss, self.loss_avg if self.loss_avg is not None else self.loss])
                 del self.losses[:-CURVE_POINTS]
+        elif kind == "validation":
+            self.validation.append([int(event["step"]), float(event["loss"])])
+            del self.validation[:-CURVE_POINTS]
+            self.best_step = event.get("best_step")
         elif kind == "checkpoint":
             self.checkpoint = event.get("path")
         elif kind == "sample":

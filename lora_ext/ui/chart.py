@@ -39,10 +39,13 @@ def _nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
     return ticks
 
 
-def loss_chart_svg(losses: Sequence[Sequence[float]], *, title: str = "loss") -> str:
-    """`losses`: [step, raw loss, smoothed loss] rows (lora_ext.train.jobs.Job.losses). An empty chart says that it
-    waits for the first step."""
+def loss_chart_svg(losses: Sequence[Sequence[float]], *, title: str = "loss",
+                   validation: Sequence[Sequence[float]] = ()) -> str:
+    """`losses`: [step, raw loss, smoothed loss] rows (lora_ext.train.jobs.Job.losses); `validation`: [step, loss]
+    rows of the validation loss (drawn as orange points joined by a line). An empty chart says that it waits for the
+    first step."""
     rows = [r for r in losses if len(r) >= 3 and all(math.isfinite(float(v)) for v in r[:3])]
+    vals = [r for r in validation if len(r) >= 2 and all(math.isfinite(float(v)) for v in r[:2])]
     head = (f'<svg class="lora-ext-chart" role="img" aria-label="{html.escape(title)} curve" '
             f'viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" style="max-width:{WIDTH}px;background:#fff;'
             'border:1px solid #ddd;border-radius:6px" xmlns="http://www.w3.org/2000/svg">')
@@ -50,8 +53,9 @@ def loss_chart_svg(losses: Sequence[Sequence[float]], *, title: str = "loss") ->
         return (head + f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" fill="#888" font-size="14">'
                 "the loss curve appears with the first steps</text></svg>")
     rows = _thin(rows)
-    steps = [float(r[0]) for r in rows]
-    values = [float(v) for r in rows for v in r[1:3]]
+    vals = _thin(vals)
+    steps = [float(r[0]) for r in rows] + [float(r[0]) for r in vals]
+    values = [float(v) for r in rows for v in r[1:3]] + [float(r[1]) for r in vals]
     x0, x1 = min(steps), max(steps)
     y0, y1 = min(values), max(values)
     if x1 == x0:
@@ -79,6 +83,14 @@ def loss_chart_svg(losses: Sequence[Sequence[float]], *, title: str = "loss") ->
     smooth = " ".join(f"{px(float(r[0])):.1f},{py(float(r[2])):.1f}" for r in rows)
     parts.append(f'<polyline class="raw" fill="none" stroke="#9ecae1" stroke-width="1" points="{raw}"/>')
     parts.append(f'<polyline class="smoothed" fill="none" stroke="#08519c" stroke-width="2" points="{smooth}"/>')
+    if vals:
+        pts = " ".join(f"{px(float(r[0])):.1f},{py(float(r[1])):.1f}" for r in vals)
+        parts.append(f'<polyline class="validation" fill="none" stroke="#e6550d" stroke-width="1.5" points="{pts}"/>')
+        parts += [f'<circle class="validation-point" cx="{px(float(r[0])):.1f}" cy="{py(float(r[1])):.1f}" r="3" '
+                  'fill="#e6550d"/>' for r in vals]
+        best = min(vals, key=lambda r: float(r[1]))
+        parts.append(f'<text x="{WIDTH - PAD_R}" y="{PAD_T + 28}" text-anchor="end" font-size="12" fill="#e6550d">'
+                     f"validation {float(vals[-1][1]):.4f} (best {float(best[1]):.4f} at step {int(best[0])})</text>")
     last = rows[-1]
     parts.append(f'<text x="{WIDTH - PAD_R}" y="{PAD_T + 12}" text-anchor="end" font-size="12" fill="#08519c">'
                  f"step {int(last[0])}: loss {float(last[1]):.4f} (smoothed {float(last[2]):.4f})</text>")

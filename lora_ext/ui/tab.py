@@ -272,8 +272,9 @@ class TrainTab:
         send = ""
         if v["state"] == "finished" and v.get("output"):
             send = self._send_text(v)
-        return (progress_html(v["fraction"], text, v["state"]), job_stats(v), loss_chart_svg(v.get("losses", [])),
-                _images(samples), log, result_markdown(v), send)
+        chart = loss_chart_svg(v.get("losses", []), validation=v.get("validation", []))
+        return (progress_html(v["fraction"], text, v["state"]), job_stats(v), chart, _images(samples), log,
+                result_markdown(v), send)
 
     def _send_text(self, v: dict[str, Any]) -> str:
         import json

@@ -73,3 +73,12 @@ def test_loss_chart_draws_raw_and_smoothed_curves():
     assert svg.count("<polyline") == 2 and 'class="smoothed"' in svg and "step 4: loss 0.7000" in svg
     points = svg.split('class="raw"')[1].split('points="')[1].split('"')[0].split()
     assert len(points) == 3  # the non-finite row is left out
+
+
+def test_loss_chart_draws_validation_points_and_names_the_best_step():
+    svg = loss_chart_svg([[1, 1.0, 1.0], [4, 0.5, 0.8]], validation=[[2, 0.9], [4, 0.6], [6, 0.7]])
+    assert svg.count('class="validation-point"') == 3
+    assert "validation 0.7000 (best 0.6000 at step 4)" in svg
+    # the x axis spans the validation steps too (step 6 is the right edge)
+    xs = [float(c.split('cx="')[1].split('"')[0]) for c in svg.split("<circle")[1:]]
+    assert xs == sorted(xs) and abs(xs[-1] - (640 - 12)) < 0.1

@@ -409,6 +409,38 @@ def scenario_window(args) -> dict:
             "windowed_vs_te_only": diff(windowed, te_only), "changed_after": same_weights(fresh, snapshot())[:3]}
 
 
+def scenario_shapes(args) -> dict:
+    """The `shapes` model with hearts LoRAs trained by lora_ext (one bundles a pivotal-tuned "heart" embedding):
+    the built-in's images and ours for the same prompts, what the judge sees in each, and the infotext hashes."""
+    from lora_ext.shapes import judge
+    from lora_ext.webui import glue
+
+    lora_dir = Path(sys.argv[sys.argv.index("--lora-dir") + 1])
+    names = []
+    for f in sorted(Path(os.environ["LORA_EXT_SHAPES_LORAS"]).glob("*.safetensors")):
+        shutil.copy(f, lora_dir / f.name)
+        names.append(f.stem)
+    glue.state().index.refresh()
+    fresh = snapshot()
+    prompts = [(f"a large red heart on a white background <lora:{n}:1>", 300 + i) for i, n in enumerate(names)]
+    prompts += [(f"a small blue heart on a black background <lora:{n}:0.8>", 310 + i) for i, n in enumerate(names)]
+    prompts += [(f"a large green square on a gray background <lora:{n}:1>", 320 + i) for i, n in enumerate(names)]
+    prompts += [("a large red heart on a white background", 330)]
+    rows = []
+    for prompt, seed in prompts:
+        set_owner(False)
+        ref, ref_info, _ = generate(prompt, seed=seed, steps=20)
+        set_owner(True)
+        ours, info, comments = generate(prompt, seed=seed, steps=20)
+        rows.append({"prompt": prompt, "max_diff": diff(ours, ref), "ref_shape": judge.judge(ref.astype("uint8")).shape,
+                     "ours_shape": judge.judge(ours.astype("uint8")).shape,
+                     "hashes_ref": _infotext_field(ref_info, "Lora hashes"),
+                     "hashes_ours": _infotext_field(info, "Lora hashes"),
+                     "ti_ref": _infotext_field(ref_info, "TI hashes"), "ti_ours": _infotext_field(info, "TI hashes"),
+                     "comments": comments, "changed_after": same_weights(fresh, snapshot())[:3]})
+    return {"loras": names, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")

@@ -1,6 +1,7 @@
 """The `shapes` model in the real AUTOMATIC1111 v1.10: written as a single file + yaml into the harness's
 models/Stable-diffusion (`lora_ext.shapes.model.write_checkpoint`), loaded by A1111 as its checkpoint, and A1111's
-own txt2img (no extension involved) draws what the prompts ask for, as the judge reads it."""
+own txt2img (no extension involved) draws what the prompts ask for, as the judge reads it; hearts LoRAs trained by
+lora_ext give the same images through our tag and through the built-in's (also with a pivotal-tuned embedding)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,35 @@ def test_a1111_txt2img_draws_the_prompted_shapes():
         assert right >= len(PROMPTS) - 1, seen  # 6 of 6 when this test was written
     finally:
         subprocess.run(["bash", script, "stop", port], timeout=120)
+
+
+@pytest.mark.skipif(not shapes_model_available(), reason="the shapes model is not built")
+def test_trained_hearts_loras_same_image_through_our_tag_and_the_builtin(driver, tmp_path, monkeypatch):
+    from lora_ext.models.assets import DATA_DIR
+    from lora_ext.shapes.model import write_checkpoint
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+
+    ckpt = write_checkpoint(Path(os.environ["SD_WEBUI_DIR"], "models", "Stable-diffusion"))
+    loras = tmp_path / "Lora"
+    common = dict(pretrained_model="shapes", output_dir=str(loras), runs_dir=str(tmp_path / "runs"), resolution=64,
+                  min_bucket_reso=64, network_dim=4, network_alpha=4.0, network_targets="attn_mlp_conv",
+                  train_batch_size=4, learning_rate=1e-3, max_train_steps=400, save_every_n_epochs=None,
+                  preview=False, train_data_dir=str(DATA_DIR / "samples" / "hearts"))
+    with open(os.devnull, "w") as quiet:
+        train(TrainConfig(output_name="hearts_te", train_text_encoder=True, **common), console=quiet)
+        train(TrainConfig(output_name="hearts_pivotal", pivotal_token="heart", **common), console=quiet)
+    monkeypatch.setenv("LORA_EXT_SHAPES_LORAS", str(loras))
+    res = driver("shapes", "sd1", "--ckpt", str(ckpt))
+    assert res["loras"] == ["hearts_pivotal", "hearts_te"]
+    for row in res["rows"]:
+        assert row["max_diff"] <= 1, row
+        assert row["hashes_ours"] == row["hashes_ref"], row
+        assert row["ti_ours"] == row["ti_ref"], row
+        assert row["changed_after"] == [] and not row["comments"].strip(), row
+    pivotal_rows = [r for r in res["rows"] if "hearts_pivotal" in r["prompt"] and "heart on" in r["prompt"]]
+    assert all(r["ti_ref"] for r in pivotal_rows)  # the bundled "heart" embedding was used by both
+    hearts = [r for r in res["rows"] if "<lora:" in r["prompt"] and "heart on" in r["prompt"]]
+    assert sum(r["ours_shape"] == "heart" for r in hearts) >= len(hearts) // 2, hearts
+    plain = res["rows"][-1]
+    assert plain["ours_shape"] != "heart"  # the base model alone does not know hearts

@@ -85,7 +85,9 @@ def test_trained_hearts_loras_same_image_through_our_tag_and_the_builtin(driver,
         assert row["changed_after"] == [] and not row["comments"].strip(), row
     pivotal_rows = [r for r in res["rows"] if "hearts_pivotal" in r["prompt"] and "heart on" in r["prompt"]]
     assert all(r["ti_ref"] for r in pivotal_rows)  # the bundled "heart" embedding was used by both
+    assert all(r["ours_shape"] == r["ref_shape"] for r in res["rows"])
+    # 400 steps (the bench trains 800 and measures the rate over 24 prompts): hearts appear, not every time
     hearts = [r for r in res["rows"] if "<lora:" in r["prompt"] and "heart on" in r["prompt"]]
-    assert sum(r["ours_shape"] == "heart" for r in hearts) >= len(hearts) // 2, hearts
+    assert any(r["ours_shape"] == "heart" for r in hearts), hearts
     plain = res["rows"][-1]
     assert plain["ours_shape"] != "heart"  # the base model alone does not know hearts

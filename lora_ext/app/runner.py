@@ -19,7 +19,7 @@ from lora_ext.formats.infotext import GenerationParameters
 from lora_ext.library.index import LoraIndex
 from lora_ext.library.lookup import IndexResolver
 from lora_ext.patch import LoraCache, Patcher, PatchReport, adapter_for_pipeline
-from lora_ext.patch.embeddings import EmbeddingError, TokenInjector, attach_bundled
+from lora_ext.patch.embeddings import EmbeddingError, TokenInjector, attach_bundled, fitted_vectors
 from lora_ext.prompt import LoraRef, parse_prompt
 from lora_ext.session import Activation, LoraSession, step_of_call
 
@@ -147,14 +147,14 @@ class Session:
                                         "bundles the same name")
                     continue
                 try:
-                    attach_bundled(self.pipe, {emb_name: tensors})[0].remove()  # fits this model?
+                    fitted_vectors(self.pipe, emb_name, tensors)  # fits this model?
                 except EmbeddingError as err:
                     if strict:
                         raise
                     act.problems.append(f"{name}: {err}")
                     continue
                 embeddings[emb_name] = tensors
-        return attach_bundled(self.pipe, embeddings) if embeddings else []
+        return attach_bundled(self.pipe, embeddings)
 
 
 def save_png(image: Any, out: Path, parameters: str) -> None:

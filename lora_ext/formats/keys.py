@@ -41,6 +41,8 @@ _OLD_TE_ATTN = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)$")
 _OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 BUNDLE_PREFIX = "bundle_emb."
+# a bundled embedding's name: one word, no dot (bundle keys split on it) and none of the prompt syntax's characters
+EMBEDDING_NAME_RE = re.compile(r"^[^\s.<>:,()\[\]{}|\\/*?\"']+$")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ The bundled-embedding layouts (what A1111 v1.10's `create_embedding_from_data` r
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_ext.errors import LoraExtError
+from lora_ext.formats.keys import BUNDLE_PREFIX, EMBEDDING_NAME_RE
 
 VectorSource = Tensor | Callable[[], Tensor]  # [n_vectors, width]; a callable is read at every forward
-NAME_RE = re.compile(r"^[^\s.<>:,()\[\]{}|\\/*?\"']+$")  # one word, no dot (bundle keys split on it)
 
 # which text encoder of a pipeline each bundled vector key belongs to
 SDXL_PARTS = ("clip_l", "clip_g")
@@ -38,7 +37,7 @@ class EmbeddingError(LoraExtError, ValueError):
 
 
 def check_name(name: str, field: str = "embedding name") -> str:
-    if not NAME_RE.match(name or ""):
+    if not EMBEDDING_NAME_RE.match(name or ""):
         raise EmbeddingError(f"{field} {name!r} is not usable as an embedding name: use one word without spaces, "
                              "dots or brackets (e.g. 'hrtz')")
     return name
@@ -56,6 +55,12 @@ def token_embedding(encoder: nn.Module) -> nn.Embedding:
     return encoder.get_input_embeddings()
 
 
+def _check_width(name: str, vectors: Tensor, width: int) -> None:
+    if vectors.ndim != 2 or vectors.shape[1] != width:
+        raise EmbeddingError(f"embedding {name!r} has shape {tuple(vectors.shape)}; this text encoder needs "
+                             f"[n, {width}]")
+
+
 class TokenInjector:
     """Put `vectors` ({name: [n, width] tensor or a callable returning one}) into `encoder`'s input wherever `name`
     stands in the ids it is given (every row of every forward while attached)."""
@@ -68,10 +73,7 @@ class TokenInjector:
         # longest names first, so a name that is the start of another does not take its place
         self.names = sorted(((tuple(name_ids(tokenizer, n)), n) for n in self.sources), key=lambda x: -len(x[0]))
         for name in self.sources:
-            got = self._vectors(name)
-            if got.ndim != 2 or got.shape[1] != width:
-                raise EmbeddingError(f"embedding {name!r} has shape {tuple(got.shape)}; this text encoder needs "
-                                     f"[n, {width}]")
+            _check_width(name, self._vectors(name), width)
         self.bos = getattr(tokenizer, "bos_token_id", None)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -174,32 +176,35 @@ def bundle_vectors(tensors: Mapping[str, Tensor], part: str) -> Tensor | None:
     return tensors.get(part)
 
 
+def fitted_vectors(pipe: Any, name: str, tensors: Mapping[str, Tensor]) -> list[Tensor]:
+    """A bundled embedding's vectors ({rest of the key: tensor}, as parsed from the file), one float tensor per text
+    encoder of `pipe` (`pipeline_parts` order). Raises EmbeddingError when the name is unusable or the embedding has
+    no vectors for one of this model's encoders or the wrong width (made for another model family)."""
+    check_name(name)
+    out = []
+    for part, _, encoder in pipeline_parts(pipe):
+        vec = bundle_vectors(tensors, part)
+        if vec is None:
+            raise EmbeddingError(f"bundled embedding {name!r} has no vectors for this model's text encoder ({part}; "
+                                 f"it has {', '.join(sorted(tensors))}): it was made for another model family")
+        _check_width(name, vec, token_embedding(encoder).weight.shape[1])
+        out.append(vec.detach().float())
+    return out
+
+
 def attach_bundled(pipe: Any, embeddings: Mapping[str, Mapping[str, Tensor]]) -> list[TokenInjector]:
     """Injectors for bundled embeddings ({name: tensors as parsed from the file}) on `pipe`'s text encoders.
 
-    Raises EmbeddingError when an embedding has no vectors for this model's encoders or the wrong width."""
-    injectors: list[TokenInjector] = []
-    try:
-        for part, tokenizer, encoder in pipeline_parts(pipe):
-            vectors: dict[str, Tensor] = {}
-            for name, tensors in embeddings.items():
-                vec = bundle_vectors(tensors, part)
-                if vec is None:
-                    raise EmbeddingError(f"bundled embedding {name!r} has no vectors for this model's text encoder "
-                                         f"({part}; it has {', '.join(sorted(tensors))}): it was made for another "
-                                         "model family")
-                vectors[check_name(name)] = vec.detach().float()
-            if vectors:
-                injectors.append(TokenInjector(tokenizer, encoder, vectors))
-    except Exception:
-        for inj in injectors:
-            inj.remove()
-        raise
-    return injectors
+    Raises EmbeddingError (see `fitted_vectors`) before any hook is attached."""
+    if not embeddings:
+        return []
+    fitted = {name: fitted_vectors(pipe, name, tensors) for name, tensors in embeddings.items()}
+    return [TokenInjector(tokenizer, encoder, {name: vecs[i] for name, vecs in fitted.items()})
+            for i, (_, tokenizer, encoder) in enumerate(pipeline_parts(pipe))]
 
 
 def bundle_keys(name: str, vectors: Sequence[Tensor]) -> dict[str, Tensor]:
     """The LoRA-file tensors of an embedding with one [n, width] tensor per encoder (1: SD1/SD2, 2: SDXL)."""
     if len(vectors) == 1:
-        return {f"bundle_emb.{name}.{SD_PART}.*": vectors[0]}
-    return {f"bundle_emb.{name}.{part}": v for part, v in zip(SDXL_PARTS, vectors, strict=True)}
+        return {f"{BUNDLE_PREFIX}{name}.{SD_PART}.*": vectors[0]}
+    return {f"{BUNDLE_PREFIX}{name}.{part}": v for part, v in zip(SDXL_PARTS, vectors, strict=True)}

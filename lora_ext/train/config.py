@@ -26,6 +26,7 @@ from typing import Any
 
 from lora_ext import families
 from lora_ext.errors import ConfigError
+from lora_ext.formats.keys import EMBEDDING_NAME_RE
 from lora_ext.patch.targets import PRESETS
 from lora_ext.runfolder import RUN_CONFIG_FILE, default_runs_dir
 
@@ -546,7 +547,7 @@ def _validate(c: TrainConfig) -> None:
     bad_blocks = [b for b in c.network_blocks if not _BLOCK_NAME.match(b.upper())]
     _need(not bad_blocks, "network_blocks", f"{bad_blocks} are not block names; use IN00..IN11, M00, OUT00..OUT11")
     if c.pivotal_token:
-        _need(not any(ch.isspace() or ch in '.<>:,()[]{}|\\/*?"\'' for ch in c.pivotal_token), "pivotal_token",
+        _need(bool(EMBEDDING_NAME_RE.match(c.pivotal_token)), "pivotal_token",
               f"{c.pivotal_token!r} must be one word without spaces, dots or brackets (e.g. 'hrtz')")
         _need(not c.cache_text_encoder_outputs, "cache_text_encoder_outputs",
               "cannot cache text-encoder outputs while pivotal tuning trains an embedding; turn one of them off")

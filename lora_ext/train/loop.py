@@ -329,6 +329,7 @@ class TrainingRun:
         self.saved_at, self.sampled_at = -1, -1  # the steps of the last checkpoint / samples
         self.preview: Any = None  # the last sample image (the card's preview)
         self.best: tuple[float, int, int] | None = None  # (validation loss, step, epoch) of the best state so far
+        self.exported_state: tuple[int, int] | None = None  # keep_best: (step, epoch) of the state that is exported
 
     # ------------------------------------------------------------------------------------------------ steps 2-8
     def prepare(self) -> None:
@@ -775,7 +776,7 @@ def _export(run: TrainingRun, epoch: int) -> Path:
     dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in report.sources if s.kind != "class"}
     reg_dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in report.sources if s.kind == "class"}
     steps = run.global_step
-    if getattr(run, "exported_state", None):  # keep_best: the best state by validation loss
+    if run.exported_state is not None:  # keep_best: the best state by validation loss
         steps, epoch = run.exported_state
     metadata = build_metadata(cfg, report, run.arch, prediction_type=run.prediction_type, steps=steps,
                               epoch=epoch, num_epochs=run.num_epochs, started_at=run.t_start,

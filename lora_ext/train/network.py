@@ -44,9 +44,10 @@ from lora_ext.errors import TrainingError
 from lora_ext.formats.algorithms import Lora, apply_dora, weight_norm
 from lora_ext.formats.algorithms.base import ALPHA_KEY, DORA_KEY, layer_forward
 from lora_ext.formats.algorithms.lora import DOWN, UP
+from lora_ext.formats.keys import split_bundle_key
 from lora_ext.patch import ModelAdapter, Target, adapter_for_pipeline
 from lora_ext.patch.targets import PRESETS, file_module_name, selector, trainable_kind
-from lora_ext.train.pivotal import PivotalEmbedding, is_bundle_key
+from lora_ext.train.pivotal import PivotalEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ class LoraTrainingNetwork(nn.Module):
         Every module of the network must be present with the same shapes, and nothing else (TrainingError
         otherwise). Alpha is taken from the tensors when present (it defines the scale the factors were trained
         with)."""
-        bundle = {k: t for k, t in tensors.items() if is_bundle_key(k)}
+        bundle = {k: t for k, t in tensors.items() if split_bundle_key(k) is not None}
         if bundle or self.pivotal is not None:
             if self.pivotal is None:
                 raise TrainingError(f"the LoRA state has a bundled embedding ({next(iter(bundle))}) but this run "

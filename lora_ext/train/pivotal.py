@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from lora_ext.errors import TrainingError
-from lora_ext.formats.keys import BUNDLE_PREFIX
 from lora_ext.patch.embeddings import TokenInjector, bundle_keys, check_name, name_ids, pipeline_parts, token_embedding
 
 
@@ -62,7 +61,3 @@ class PivotalEmbedding(nn.Module):
         for injector in self._injectors:
             injector.remove()
         self._injectors.clear()
-
-
-def is_bundle_key(key: str) -> bool:
-    return key.startswith(BUNDLE_PREFIX)

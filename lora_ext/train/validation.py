@@ -19,7 +19,6 @@ import dataclasses
 import math
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,20 +96,6 @@ class Validator:
         finally:
             denoiser.train(was_training)
         return total / max(1, len(self.items))
-
-
-def read_best(run_dir: Path) -> tuple[float, int, int] | None:
-    """(loss, step, epoch) of the best state saved in `run_dir`, or None."""
-    from lora_ext.formats.safetensors_io import read_header
-
-    path = run_dir / BEST_FILE
-    if not path.is_file():
-        return None
-    meta = read_header(path).metadata
-    try:
-        return float(meta[BEST_LOSS]), int(meta[BEST_STEP]), int(meta[BEST_EPOCH])
-    except (KeyError, ValueError):
-        return None
 
 
 def best_metadata(loss: float, step: int, epoch: int) -> dict[str, str]:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lora_ext.errors import ArchitectureMismatchError, NonFiniteWeightError, ShapeMismatchError
 from lora_ext.formats.network import parse_lora
 from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
+from lora_ext.patch import patcher as patcher_module
 from lora_ext.prompt import parse_tag
 from tests.lora_factory import (
     assert_bit_identical,
@@ -187,15 +188,15 @@ def test_error_mid_apply_restores_everything(sd15, monkeypatch):
     p = Patcher(adapter_for_pipeline(sd15))
     p.apply([ActiveLora(net, 0.3, 0.3)])
     calls = {"n": 0}
-    real = Patcher._write_region
+    real = patcher_module._merge_region
 
-    def flaky(self, *a, **k):
+    def flaky(*a, **k):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
-        return real(self, *a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(Patcher, "_write_region", flaky)
+    monkeypatch.setattr(patcher_module, "_merge_region", flaky)
     with pytest.raises(KeyboardInterrupt):
         p.apply([ActiveLora(net, 0.9, 0.9)])
     assert_bit_identical(original, snapshot(sd15))
@@ -245,21 +246,21 @@ def test_random_sequences_end_bit_exact(sd15, dtype):
                     assert_bit_identical(original, snapshot(sd15))
                 else:
                     counter = {"n": 0}
-                    real = Patcher._write_region
+                    real = patcher_module._merge_region
 
-                    def flaky(self, *a, _real=real, _stop=arg, _c=counter, **k):
+                    def flaky(*a, _real=real, _stop=arg, _c=counter, **k):
                         _c["n"] += 1
                         if _c["n"] == _stop:
                             raise RuntimeError("injected failure")
-                        return _real(self, *a, **k)
+                        return _real(*a, **k)
 
-                    Patcher._write_region = flaky
+                    patcher_module._merge_region = flaky
                     try:
                         patcher.apply([ActiveLora(nets[0], 0.9, 0.9), ActiveLora(nets[1], 0.2, 0.2)])
                     except RuntimeError:
                         assert_bit_identical(original, snapshot(sd15))
                     finally:
-                        Patcher._write_region = real
+                        patcher_module._merge_region = real
             patcher.restore()
             assert_bit_identical(original, snapshot(sd15))
 

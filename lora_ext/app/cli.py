@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
+    from lora_ext.tools.cli import add_tool_parsers
+
+    add_tool_parsers(sub)
     p.description = (f"LoRA for Stable Diffusion. Commands: {', '.join(sub.choices)}. "
                      "`python -m lora_ext COMMAND --help` shows each one's options.")
     return p

@@ -227,6 +227,28 @@ class Patcher:
         skip_bad=True: refused LoRAs are left out and described in the report (`NetworkReport.error`).
         """
         t0 = time.perf_counter()
+        report, kept, weight_work, bias_work = self.plan(loras, skip_bad=skip_bad)
+        work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}
+        signatures = {k: tuple(c.signature() for c in v) for k, (_, v) in work.items()}
+        report.stale_backups = self._drop_stale()
+        try:
+            with _exact_math():
+                self._write_all(work, signatures, report)
+        except BaseException:
+            self.restore()
+            raise
+        self.active = tuple(kept)
+        self._trim_retained()
+        report.backup_bytes = self.backup_bytes
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def plan(self, loras: Sequence[ActiveLora], *, skip_bad: bool = False
+             ) -> tuple[PatchReport, list[ActiveLora], dict[_SlotKey, list[_Contribution]],
+                        dict[_SlotKey, list[_Contribution]]]:
+        """Every check `apply` makes, and what it would write: (report, accepted LoRAs, weight work, bias work), the
+        work keyed by (id(module), attribute) in application order. Touches no weight (the model-tools use it on a
+        model skeleton whose weights stream from a file)."""
         report = PatchReport()
         weight_work: dict[_SlotKey, list[_Contribution]] = defaultdict(list)
         bias_work: dict[_SlotKey, list[_Contribution]] = defaultdict(list)
@@ -246,21 +268,7 @@ class Patcher:
                 weight_work[_slot_key(t.module, t.weight_attr)].append(c)
                 if t.bias_attr is not None and c.module.algorithm.has_bias_delta:
                     bias_work[_slot_key(t.module, t.bias_attr)].append(c)
-
-        work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}
-        signatures = {k: tuple(c.signature() for c in v) for k, (_, v) in work.items()}
-        report.stale_backups = self._drop_stale()
-        try:
-            with _exact_math():
-                self._write_all(work, signatures, report)
-        except BaseException:
-            self.restore()
-            raise
-        self.active = tuple(kept)
-        self._trim_retained()
-        report.backup_bytes = self.backup_bytes
-        report.seconds = time.perf_counter() - t0
-        return report
+        return report, kept, weight_work, bias_work
 
     def _write_all(self, work: dict, signatures: dict, report: PatchReport) -> None:
         for key, slot in self._slots.items():
@@ -364,11 +372,7 @@ class Patcher:
             backup = param.detach().to(device=device, copy=True)
             if device.type == "cpu" and param.device.type == "cuda":
                 backup = backup.pin_memory()
-            if param.numel() and param.is_floating_point():
-                lo, hi = torch.aminmax(param.detach())  # one pass, no |param| temporary
-                max_abs = max(abs(float(lo)), abs(float(hi)))
-            else:
-                max_abs = 0.0
+            max_abs = max_abs_of(param)
         slot = _Slot(owner, attr, backup, max_abs, param_obj=param, version=param._version)
         self._slots[_slot_key(owner, attr)] = slot
         return slot
@@ -383,90 +387,113 @@ class Patcher:
 
     def _write_weight(self, slot: _Slot, contribs: list[_Contribution]) -> None:
         param = slot.param.data
-        backup = slot.backup.to(param.device, non_blocking=True)
-        by_rows: dict[int | None, list[_Contribution]] = defaultdict(list)
-        for c in contribs:
-            by_rows[c.target.chunk].append(c)
-        with torch.no_grad():
-            if len(by_rows) < 3 and any(k is not None for k in by_rows):
-                param.copy_(backup)  # rows of a fused q/k/v weight that no LoRA touches return to the original
-            for cs in by_rows.values():
-                rows = cs[0].target.rows()
-                w0 = backup if rows is None else backup[rows]
-                out = param if rows is None else param[rows]
-                self._write_region(slot, w0, out, cs)
-
-    def _write_region(self, slot: _Slot, w0: Tensor, out: Tensor, cs: list[_Contribution]) -> None:
-        spec = cs[0].target.spec
-        sequential = any(c.module.algorithm.needs_current_weight for c in cs)
-        if sequential:
-            acc = w0.to(torch.float32, copy=True)
-            for c in cs:  # DoRA (inside weight_delta) and IA3 read the weight as the LoRAs before them left it
-                delta = c.module.algorithm.weight_delta(acc, spec, dyn=c.dyn).materialize(acc.shape)
-                acc.add_(delta, alpha=c.multiplier)
-            self._commit(acc, out, cs)
-            return
-        ups, downs, dense, bound = [], [], None, 0.0
-        w0_f = w0  # only read by algorithms that need it (none in this branch); passed for the shape
-        for c in cs:
-            d = c.module.algorithm.weight_delta(w0_f, spec, dyn=c.dyn)
-            if isinstance(d, LowRank):
-                s = float(d.scale) * c.multiplier
-                up = d.up.to(out.device, torch.float32)
-                down = d.down.to(out.device, torch.float32)
-                ups.append(up * s)
-                downs.append(down)
-                bound += abs(s) * self._factor_bound(c, d)
-            else:
-                delta = d.delta.to(out.device, torch.float32).reshape(out.shape) * c.multiplier
-                dense = delta if dense is None else dense.add_(delta)
-                bound += float(delta.abs().max())
-        rows = out.shape[0]
-        safe = slot.max_abs + bound < 0.5 * torch.finfo(out.dtype).max and bound == bound  # not NaN
-        if safe and dense is None and out.dtype == torch.float32 and out.is_contiguous():
-            # one pass: out = w0 + U @ D, read the backup once, write the weight once
-            torch.addmm(w0.reshape(rows, -1), _cat(ups, 1), _cat(downs, 0), out=out.view(rows, -1))
-            return
-        acc = w0.to(torch.float32, copy=True).reshape(rows, -1)
-        if ups:
-            acc.addmm_(_cat(ups, 1), _cat(downs, 0))
-        if dense is not None:
-            acc.add_(dense.reshape(rows, -1))
-        self._commit(acc.reshape(out.shape), out, cs, checked=safe)
-
-    def _factor_bound(self, c: _Contribution, d: LowRank) -> float:
-        """max_ij |(up @ down)_ij| <= max_i |up_i| * max_j |down_:j| (Cauchy-Schwarz); cached per parsed module."""
-        key = ("factor_bound", c.module.name, c.dyn)
-        bound = c.network.derived.get(key)
-        if bound is None:
-            bound = float(d.up.float().norm(dim=1).max()) * float(d.down.float().norm(dim=0).max())
-            c.network.derived[key] = bound
-        return bound
+        merge_weight(param, slot.backup.to(param.device, non_blocking=True), contribs, slot.max_abs)
 
     def _write_bias(self, slot: _Slot, contribs: list[_Contribution]) -> None:
         param = slot.param.data
-        backup = slot.backup.to(param.device, non_blocking=True)
-        with torch.no_grad():
-            acc = backup.to(torch.float32, copy=True)
-            for c in contribs:
-                rows = c.target.rows()
-                region = acc if rows is None else acc[rows]
-                delta = c.module.algorithm.bias_delta(region, c.target.spec)
-                if delta is not None:
-                    region.add_(delta.to(acc.device, torch.float32).reshape(region.shape), alpha=c.multiplier)
-            self._commit(acc, param, contribs)
+        merge_bias(param, slot.backup.to(param.device, non_blocking=True), contribs)
 
-    @staticmethod
-    def _commit(acc: Tensor, out: Tensor, cs: list[_Contribution], checked: bool = False) -> None:
-        if not checked:
-            limit = torch.finfo(out.dtype).max
-            if not bool(torch.isfinite(acc).all()) or float(acc.abs().max()) > limit:
-                names = ", ".join(sorted({c.network.name for c in cs}))
-                c = cs[0]
-                raise NonFiniteWeightError(
-                    c.network.path, f"merging ({names}) makes layer {c.target.key} non-finite in {out.dtype}",
-                    key=c.module.name, hint="lower the LoRA weight or use a LoRA that did not diverge")
-        out.copy_(acc.reshape(out.shape))
+
+# ---------------------------------------------------------------------------------------------------- the arithmetic
+# Module-level so that the model tools (lora_ext.tools.merge_model) write a streamed checkpoint with the very same
+# operations, in the same order, as the patcher writes a loaded model: a merged file equals the patched model bitwise.
+
+
+def max_abs_of(t: Tensor) -> float:
+    """max |t| in one pass, without an |t| temporary (0 for empty or non-floating tensors)."""
+    if not t.numel() or not t.is_floating_point():
+        return 0.0
+    lo, hi = torch.aminmax(t.detach())
+    return max(abs(float(lo)), abs(float(hi)))
+
+
+def merge_weight(out: Tensor, original: Tensor, contribs: list[_Contribution], max_abs: float) -> None:
+    """out := original + the contributions' deltas (each times its multiplier), per q/k/v chunk where the weight is
+    fused; `max_abs` = max |original| (for the overflow bound). `out` and `original` have the same shape and dtype."""
+    by_rows: dict[int | None, list[_Contribution]] = defaultdict(list)
+    for c in contribs:
+        by_rows[c.target.chunk].append(c)
+    with _exact_math():
+        if len(by_rows) < 3 and any(k is not None for k in by_rows):
+            out.copy_(original)  # rows of a fused q/k/v weight that no LoRA touches return to the original
+        for cs in by_rows.values():
+            rows = cs[0].target.rows()
+            w0 = original if rows is None else original[rows]
+            region = out if rows is None else out[rows]
+            _merge_region(w0, region, cs, max_abs)
+
+
+def _merge_region(w0: Tensor, out: Tensor, cs: list[_Contribution], max_abs: float) -> None:
+    spec = cs[0].target.spec
+    sequential = any(c.module.algorithm.needs_current_weight for c in cs)
+    if sequential:
+        acc = w0.to(torch.float32, copy=True)
+        for c in cs:  # DoRA (inside weight_delta) and IA3 read the weight as the LoRAs before them left it
+            delta = c.module.algorithm.weight_delta(acc, spec, dyn=c.dyn).materialize(acc.shape)
+            acc.add_(delta, alpha=c.multiplier)
+        _commit(acc, out, cs)
+        return
+    ups, downs, dense, bound = [], [], None, 0.0
+    for c in cs:
+        d = c.module.algorithm.weight_delta(w0, spec, dyn=c.dyn)  # w0 only gives the shape in this branch
+        if isinstance(d, LowRank):
+            s = float(d.scale) * c.multiplier
+            up = d.up.to(out.device, torch.float32)
+            down = d.down.to(out.device, torch.float32)
+            ups.append(up * s)
+            downs.append(down)
+            bound += abs(s) * _factor_bound(c, d)
+        else:
+            delta = d.delta.to(out.device, torch.float32).reshape(out.shape) * c.multiplier
+            dense = delta if dense is None else dense.add_(delta)
+            bound += float(delta.abs().max())
+    rows = out.shape[0]
+    safe = max_abs + bound < 0.5 * torch.finfo(out.dtype).max and bound == bound  # not NaN
+    if safe and dense is None and out.dtype == torch.float32 and out.is_contiguous():
+        # one pass: out = w0 + U @ D, read the backup once, write the weight once
+        torch.addmm(w0.reshape(rows, -1), _cat(ups, 1), _cat(downs, 0), out=out.view(rows, -1))
+        return
+    acc = w0.to(torch.float32, copy=True).reshape(rows, -1)
+    if ups:
+        acc.addmm_(_cat(ups, 1), _cat(downs, 0))
+    if dense is not None:
+        acc.add_(dense.reshape(rows, -1))
+    _commit(acc.reshape(out.shape), out, cs, checked=safe)
+
+
+def _factor_bound(c: _Contribution, d: LowRank) -> float:
+    """max_ij |(up @ down)_ij| <= max_i |up_i| * max_j |down_:j| (Cauchy-Schwarz); cached per parsed module."""
+    key = ("factor_bound", c.module.name, c.dyn)
+    bound = c.network.derived.get(key)
+    if bound is None:
+        bound = float(d.up.float().norm(dim=1).max()) * float(d.down.float().norm(dim=0).max())
+        c.network.derived[key] = bound
+    return bound
+
+
+def merge_bias(out: Tensor, original: Tensor, contribs: list[_Contribution]) -> None:
+    """out := original + the contributions' bias deltas (algorithms that train biases)."""
+    with _exact_math():
+        acc = original.to(torch.float32, copy=True)
+        for c in contribs:
+            rows = c.target.rows()
+            region = acc if rows is None else acc[rows]
+            delta = c.module.algorithm.bias_delta(region, c.target.spec)
+            if delta is not None:
+                region.add_(delta.to(acc.device, torch.float32).reshape(region.shape), alpha=c.multiplier)
+        _commit(acc, out, contribs)
+
+
+def _commit(acc: Tensor, out: Tensor, cs: list[_Contribution], checked: bool = False) -> None:
+    if not checked:
+        limit = torch.finfo(out.dtype).max
+        if not bool(torch.isfinite(acc).all()) or float(acc.abs().max()) > limit:
+            names = ", ".join(sorted({c.network.name for c in cs}))
+            c = cs[0]
+            raise NonFiniteWeightError(
+                c.network.path, f"merging ({names}) makes layer {c.target.key} non-finite in {out.dtype}",
+                key=c.module.name, hint="lower the LoRA weight or use a LoRA that did not diverge")
+    out.copy_(acc.reshape(out.shape))
 
 
 def _refused(lora: ActiveLora, err: Exception) -> NetworkReport:

@@ -61,12 +61,16 @@ def concept_report(session, lora_name: str, lora_dirs: Sequence[Path], *, n: int
     at_zero, _ = heart_rate(f" <lora:{lora_name}:0>")
     without, plain = heart_rate("")
     others = eval_scenes(n)
-    leak_with = judge.score(_generate(session, [s.caption() + f" <lora:{lora_name}:1>" for s in others], **kw),
-                            others)
-    leak_without = judge.score(_generate(session, [s.caption() for s in others], **kw), others)
+    right_with = [judge.judge(img).matches(s) for img, s in
+                  zip(_generate(session, [s.caption() + f" <lora:{lora_name}:1>" for s in others], **kw), others)]
+    right_without = [judge.judge(img).matches(s) for img, s in
+                     zip(_generate(session, [s.caption() for s in others], **kw), others)]
+    base_right = sum(right_without)
+    # the leak relative to the base: of the unrelated prompts the base model draws right, the share still right
+    kept = sum(a and b for a, b in zip(right_with, right_without)) / base_right if base_right else 0.0
     return {"concept_with_lora": with_lora, "concept_at_weight_0": at_zero, "concept_without_lora": without,
-            "unrelated_right_with_lora": leak_with["shape+colour"],
-            "unrelated_right_without_lora": leak_without["shape+colour"], "prompts": n, "steps": steps,
+            "unrelated_right_with_lora": sum(right_with) / n,
+            "unrelated_right_without_lora": base_right / n, "unrelated_kept": kept, "prompts": n, "steps": steps,
             "guidance": guidance, "images": {"with": images, "without": plain}}
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lora_ext.formats.safetensors_io import load_tensors, read_header, save_safetensors_atomic
 from lora_ext.models.loading import load_pipeline
-from lora_ext.models.tiny import pipeline_to_single_file, save_tiny_model
+from lora_ext.models.tiny import save_tiny_model
 from lora_ext.tools.common import ToolError
 from lora_ext.tools.lora_tools import convert_lora, dynamic_rank, extract_lora, merge_loras, resize_lora
 from tests.lora_factory import kohya_name, make_entries, te_path, to_state_dict
@@ -164,7 +164,7 @@ def test_extract_recovers_a_known_low_rank_delta(sd15, tmp_path):
     got = _file_deltas(out)
     assert any(k.startswith("lora_te_") for k in got)  # the text encoder changed, so it is in
     worst = 0.0
-    for key, delta in changed.items():
+    for delta in changed.values():
         hits = [v for k, v in got.items() if v.shape == delta.shape and
                 float((v - delta).norm() / delta.norm()) < 1e-4]
         worst = max(worst, 0.0 if hits else 1.0)

@@ -104,6 +104,10 @@ class Job:
     pid: int | None = None
     resume_of: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    kind: str = "train"  # "train" | "tool" (a model tool: lora_ext.tools.job)
+    tool: str | None = None  # the tool's name for kind "tool"
+    report: dict[str, Any] | None = None  # a tool's report (its `to_dict()`)
+    report_lines: list[str] = field(default_factory=list)  # and as text lines
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +144,8 @@ class Job:
         elif kind == "done":
             self.state = "finished" if event.get("status") == "finished" else "cancelled"
             self.output = event.get("output")
+            self.report = event.get("report", self.report)
+            self.report_lines = list(event.get("lines") or self.report_lines)
             self.checkpoint = event.get("checkpoint") or self.checkpoint
 
 
@@ -186,6 +192,15 @@ class JobRunner:
         if config.dry_run:
             raise ConfigError("dry_run: a job trains; use the dataset preview for a dry run")
         return self._start(config, resume_of=None)
+
+    def submit_tool(self, tool: str, args: dict[str, Any], *, name: str | None = None) -> Job:
+        """Start a model tool (lora_ext.tools.job) as a job: same one-at-a-time rule, state from its events. The
+        arguments must already be checked (the service does). Tools run on the CPU: no GPU hand-off."""
+        from lora_ext.tools.job import TOOLS
+
+        if tool not in TOOLS:
+            raise ConfigError(f"unknown tool {tool!r}; valid: {', '.join(TOOLS)}")
+        return self._start(None, resume_of=None, tool=(tool, args, name or tool))
 
     def resume(self, run_dir: str | Path, **changes: Any) -> Job:
         """A new job continuing the run in `run_dir` with its saved settings (plus `changes` a resumed run may make,
@@ -235,18 +250,29 @@ class JobRunner:
         return self.get(job_id)
 
     # ------------------------------------------------------------------------------------------------- internals
-    def _start(self, config: TrainConfig, resume_of: str | None) -> Job:
+    def _start(self, config: TrainConfig | None, resume_of: str | None,
+               tool: tuple[str, dict[str, Any], str] | None = None) -> Job:
         with self._lock:
             running = self.active()
             if running is not None:
-                raise JobConflict(f"training job {running.id} ({running.name}) is {running.state}; wait for it or "
+                what = "tool job" if running.kind == "tool" else "training job"
+                raise JobConflict(f"{what} {running.id} ({running.name}) is {running.state}; wait for it or "
                                   "cancel it first (one job at a time)")
-            job = Job(id=uuid.uuid4().hex[:12], state="queued", name=str(config.output_name),
-                      run_dir=str(config.run_path), resume_of=resume_of)
-            self._jobs[job.id] = job
+            job_id = uuid.uuid4().hex[:12]
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            config_file = self.jobs_dir / f"{job.id}.toml"
-            write_bytes_atomic(config_file, config.to_toml().encode("utf-8"))
+            if tool is not None:
+                name, args, label = tool
+                run_dir = self.jobs_dir / f"tool-{job_id}"
+                job = Job(id=job_id, state="queued", name=label, run_dir=str(run_dir), kind="tool", tool=name)
+                config_file = self.jobs_dir / f"{job.id}.tool.json"
+                spec = {"tool": name, "args": args, "run_dir": str(run_dir)}
+                write_bytes_atomic(config_file, json.dumps(spec, ensure_ascii=False).encode("utf-8"))
+            else:
+                job = Job(id=job_id, state="queued", name=str(config.output_name),
+                          run_dir=str(config.run_path), resume_of=resume_of)
+                config_file = self.jobs_dir / f"{job.id}.toml"
+                write_bytes_atomic(config_file, config.to_toml().encode("utf-8"))
+            self._jobs[job.id] = job
             self._persist(job)
             thread = threading.Thread(target=self._run, args=(job, config_file), name=f"lora_ext-job-{job.id}",
                                       daemon=True)
@@ -255,8 +281,9 @@ class JobRunner:
         return job
 
     def _run(self, job: Job, config_file: Path) -> None:
+        hooks = self.hooks if job.kind == "train" else GpuHandoff()
         try:
-            self.hooks.before()
+            hooks.before()
         except Exception as exc:  # noqa: BLE001 - a failed hand-off fails the job, with its cause
             self._end(job, "failed", f"could not free the GPU for training: {type(exc).__name__}: {exc}")
             return
@@ -270,7 +297,7 @@ class JobRunner:
             outcome = ("failed", f"{type(exc).__name__}: {exc}", None)
         finally:
             try:
-                self.hooks.after()
+                hooks.after()
             except Exception as exc:  # noqa: BLE001 - reported on the job, the server keeps running
                 logger.exception("lora_ext: giving the GPU back after job %s", job.id)
                 job.warnings.append(f"the WebUI's model could not be brought back: {exc}")
@@ -288,7 +315,10 @@ class JobRunner:
         with self._lock:
             if job.state == "cancelled":  # cancelled while queued
                 return "cancelled", None, None
-            proc = start_training(["--config", str(config_file)], stderr=subprocess.PIPE)
+            if job.kind == "tool":
+                proc = _start_tool(config_file)
+            else:
+                proc = start_training(["--config", str(config_file)], stderr=subprocess.PIPE)
             self._procs[job.id] = proc
             job.started, job.pid = time.time(), proc.pid
         err_thread = threading.Thread(target=_drain, args=(proc.stderr, stderr), daemon=True)
@@ -313,7 +343,8 @@ class JobRunner:
         error = job.error if state == "failed" else None
         if state == "failed" and not error:
             tail = "\n".join(list(stderr)[-15:])
-            error = f"the training process exited with status {code}: {tail or 'no message'}"
+            what = "tool" if job.kind == "tool" else "training"
+            error = f"the {what} process exited with status {code}: {tail or 'no message'}"
         return state, error, code
 
     def _end(self, job: Job, state: str, error: str | None, code: int | None = None) -> None:
@@ -348,6 +379,15 @@ class JobRunner:
             self._jobs[job.id] = job
 
 
+def _start_tool(spec_file: Path) -> subprocess.Popen:
+    import sys
+
+    from lora_ext.train.process import child_environment
+
+    return subprocess.Popen([sys.executable, "-m", "lora_ext.tools.job", str(spec_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1, env=child_environment())
+
+
 def _settle_from_events(job: Job) -> None:
     """A job whose server died while it ran: replay its run's events; without a "done" it is "cancelled" (the child
     stopped with a checkpoint when it lost its runner) or "failed" (it never got to write one)."""
@@ -356,7 +396,10 @@ def _settle_from_events(job: Job) -> None:
     started = next((i for i, e in reversed(list(enumerate(events))) if e.get("type") == "start"), None)
     for event in events[started or 0:] if started is not None else []:
         job.apply(event)
-    if job.state in ACTIVE:
+    if job.state in ACTIVE and job.kind == "tool":
+        job.state = "failed"
+        job.error = job.error or "the server stopped while this tool ran (nothing was written); run it again"
+    elif job.state in ACTIVE:
         job.state = "cancelled" if job.checkpoint else "failed"
         job.error = job.error or "the server stopped while this job ran; resume its run folder to continue"
     job.ended = job.ended or time.time()

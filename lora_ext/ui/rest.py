@@ -13,6 +13,10 @@
     GET  /lora_ext/jobs/{id}/events     server-sent events: the run's events as they are written (`?after=N`: from
                                         line N+1; each message's id is its line number, so a client can reconnect)
     GET  /lora_ext/runs                 stopped runs that can be resumed
+    GET  /lora_ext/tools                the model tools, and the checkpoints and LoRAs their forms offer
+    POST /lora_ext/tools/{tool}         run a model tool as a job (merge-model, merge-loras, resize, extract,
+                                        convert; JSON as `TrainService.tool_args` reads it) -> {"id": ..., ...};
+                                        follow it with /jobs/{id} (its `report` when it has finished)
 
 Bad input is answered with 4xx and {"detail": "what is wrong and what to do"} (FastAPI's convention), plus "field"
 when one option is at fault; nothing starts. 400: invalid option, 403: a path outside the server's roots, 404: unknown
@@ -154,7 +158,23 @@ def add_train_routes(app: Any, service: TrainService, *, credentials: Mapping[st
         return StreamingResponse(sse_stream(service, job_id, after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def get_tools() -> Any:
+        from lora_ext.tools.job import TOOLS
+
+        return answer(lambda: {"tools": list(TOOLS), "models": service.model_choices(),
+                               "loras": service.lora_choices(), "checkpoint_dir": str(service.checkpoint_dir),
+                               "lora_dir": str(service.roots.lora_dir)})
+
+    async def post_tool(tool: str, request: Request) -> Any:
+        try:
+            values = await body(request)
+        except ConfigError as err:
+            return JSONResponse(error_body(err), status_code=400)
+        return answer(lambda: _job_summary(service.run_tool(tool, values)), 201)
+
     kw: dict[str, Any] = {"dependencies": deps, "response_model": None}
+    app.add_api_route(f"{PREFIX}/tools", get_tools, methods=["GET"], **kw)
+    app.add_api_route(PREFIX + "/tools/{tool}", post_tool, methods=["POST"], **kw)
     app.add_api_route(f"{PREFIX}/train", post_train, methods=["POST"], **kw)
     app.add_api_route(f"{PREFIX}/dataset/preview", post_preview, methods=["POST"], **kw)
     app.add_api_route(f"{PREFIX}/jobs", get_jobs, methods=["GET"], **kw)

@@ -78,6 +78,8 @@ class Roots:
             return [*self.datasets, self.uploads_dir.resolve()]
         if kind == "runs":
             return [self.runs_dir.resolve()]
+        if kind == "loras":
+            return [self.lora_dir]
         return list(self.models)
 
     def check(self, name: str, value: str, kind: str) -> Path:
@@ -101,10 +103,12 @@ class TrainService:
     """See the module docstring."""
 
     def __init__(self, roots: Roots, *, current_model: Callable[[], str | None] | None = None,
-                 hooks: GpuHandoff | None = None, on_new_lora: Callable[[Path], None] | None = None) -> None:
+                 hooks: GpuHandoff | None = None, on_new_lora: Callable[[Path], None] | None = None,
+                 on_new_checkpoint: Callable[[Path], None] | None = None) -> None:
         self.roots = roots
         self.current_model = current_model
         self.on_new_lora = on_new_lora
+        self.on_new_checkpoint = on_new_checkpoint
         self.runner = JobRunner(roots.work_dir / "jobs", hooks=hooks, on_end=self._ended)
 
     # ----------------------------------------------------------------------------------------------- choices
@@ -332,8 +336,149 @@ class TrainService:
                     continue
 
     def _ended(self, job: Job) -> None:
-        if job.state == "finished" and job.output and self.on_new_lora is not None:
+        if job.state != "finished" or not job.output:
+            return
+        if job.kind == "tool" and job.tool == "merge-model":
+            if self.on_new_checkpoint is not None:
+                self.on_new_checkpoint(Path(job.output))
+        elif self.on_new_lora is not None:
             self.on_new_lora(Path(job.output))
+
+    # ------------------------------------------------------------------------------------------------ model tools
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where merged checkpoints go: the first model root (the WebUI's models/Stable-diffusion)."""
+        return self.roots.models[0]
+
+    def lora_choices(self) -> list[str]:
+        """LoRA files under the LoRA folder, relative to it (what the tools' forms offer)."""
+        root = self.roots.lora_dir
+        if not root.is_dir():
+            return []
+        runs = self.roots.runs_dir.resolve()
+        out = []
+        for path in sorted(root.rglob("*")):
+            if path.suffix.lower() in (".safetensors", ".pt", ".ckpt") and path.is_file() and \
+                    runs not in path.resolve().parents and not any(p.startswith(".") for p in path.parts):
+                out.append(path.relative_to(root).as_posix())
+        return out
+
+    def _lora_path(self, field_name: str, value: str) -> Path:
+        value = str(value or "").strip()
+        if not value:
+            raise ConfigError(f"{field_name}: choose a LoRA", field=field_name)
+        candidate = self.roots.lora_dir / value
+        if candidate.is_file():
+            path = self.roots.check(field_name, str(candidate), "loras")
+        else:
+            from lora_ext.errors import LoraNotFoundError
+            from lora_ext.library.index import LoraIndex
+            from lora_ext.library.lookup import IndexResolver
+
+            try:
+                path = IndexResolver(LoraIndex([self.roots.lora_dir])).resolve(value)
+            except LoraNotFoundError as exc:
+                raise ConfigError(f"{field_name}: {exc}", field=field_name) from None
+        return path
+
+    def _out_path(self, folder: Path, value: Any, overwrite: bool, *, folder_output: bool = False) -> Path:
+        name = str(value or "").strip()
+        if not name or name in (".", "..") or any(ch in name for ch in '/\\:*?"<>|') or name.startswith("."):
+            raise ConfigError("out_name: give a plain file name (letters, digits, '-', '_')", field="out_name")
+        path = folder / name if folder_output or name.endswith(".safetensors") else folder / f"{name}.safetensors"
+        if path.exists() and not overwrite:
+            raise ConfigError(f"out_name: {path.name} already exists in {folder}; choose another name or tick "
+                              "overwrite", field="out_name")
+        return path
+
+    def tool_args(self, tool: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Form/JSON values -> the checked arguments of a tool job (lora_ext.tools.job). Inputs must be inside the
+        server's folders; outputs go to the LoRA folder (or, for merge-model, the checkpoint folder)."""
+        from lora_ext.prompt import parse_tag
+        from lora_ext.tools.common import DTYPES, ToolError
+
+        v = dict(values)
+        overwrite = bool(v.get("overwrite"))
+        dtype = v.get("dtype") or None
+        if dtype is not None and str(dtype).lower() not in DTYPES:
+            raise ConfigError(f"dtype: {dtype!r} is not one of fp32, fp16, bf16", field="dtype")
+
+        def number(name: str, kind: type = int, required: bool = False) -> Any:
+            raw = v.get(name)
+            if raw in (None, ""):
+                if required:
+                    raise ConfigError(f"{name}: required", field=name)
+                return None
+            try:
+                value = kind(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: {raw!r} is not a number", field=name) from None
+            if value <= 0:
+                raise ConfigError(f"{name}: must be > 0", field=name)
+            return value
+
+        model = self.resolve_model(v["model"]) if v.get("model") else None
+        if tool == "merge-model":
+            src = self.resolve_model(v.get("model"))
+            loras = []
+            for i, item in enumerate(v.get("loras") or []):
+                if isinstance(item, str):
+                    tag = item if item.startswith("<") else f"<lora:{item}>"
+                else:
+                    args = [str(item.get("name", "")), repr(float(item.get("weight", 1.0)))]
+                    if item.get("unet") not in (None, ""):
+                        args.append(repr(float(item["unet"])))
+                    if item.get("lbw"):
+                        args.append(f"lbw={item['lbw']}")
+                    tag = "<lora:" + ":".join(args) + ">"
+                try:
+                    ref = parse_tag(tag)
+                except LoraExtError as exc:
+                    raise ConfigError(f"loras[{i}]: {exc}", field="loras") from None
+                loras.append({"path": str(self._lora_path("loras", ref.name)), "tag": ref.to_tag()})
+            if not loras:
+                raise ConfigError("loras: choose at least one LoRA to merge", field="loras")
+            folder_output = Path(src).is_dir()
+            out = self._out_path(self.checkpoint_dir, v.get("out_name"), overwrite, folder_output=folder_output)
+            return {"model": src, "loras": loras, "out": str(out), "dtype": dtype, "overwrite": overwrite}
+        if tool == "merge-loras":
+            inputs = []
+            for i, item in enumerate(v.get("inputs") or []):
+                name, weight = (item, 1.0) if isinstance(item, str) else (item.get("name"), item.get("weight", 1.0))
+                try:
+                    weight = float(weight)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"inputs[{i}]: weight {weight!r} is not a number", field="inputs") from None
+                inputs.append([str(self._lora_path("inputs", name)), weight])
+            if not inputs:
+                raise ConfigError("inputs: choose the LoRAs to merge", field="inputs")
+            return {"inputs": inputs, "out": str(self._out_path(self.roots.lora_dir, v.get("out_name"), overwrite)),
+                    "rank": number("rank"), "model": model, "dtype": dtype, "overwrite": overwrite}
+        if tool == "resize":
+            dynamic = v.get("dynamic") or None
+            if dynamic is None and number("rank") is None:
+                raise ConfigError("rank: give a rank, or a dynamic method with its parameter", field="rank")
+            return {"input": str(self._lora_path("input", v.get("input"))), "rank": number("rank"),
+                    "dynamic": dynamic, "param": number("param", float, required=dynamic is not None),
+                    "out": str(self._out_path(self.roots.lora_dir, v.get("out_name"), overwrite)), "model": model,
+                    "dtype": dtype, "overwrite": overwrite}
+        if tool == "extract":
+            return {"base": self.resolve_model(v.get("base")), "tuned": self.resolve_model(v.get("tuned")),
+                    "rank": number("rank", required=True), "conv_rank": number("conv_rank"),
+                    "out": str(self._out_path(self.roots.lora_dir, v.get("out_name"), overwrite)),
+                    "dtype": dtype, "overwrite": overwrite}
+        if tool == "convert":
+            if v.get("to") not in ("kohya", "diffusers"):
+                raise ConfigError("to: kohya or diffusers", field="to")
+            return {"input": str(self._lora_path("input", v.get("input"))), "to": v["to"],
+                    "out": str(self._out_path(self.roots.lora_dir, v.get("out_name"), overwrite)), "model": model,
+                    "dtype": dtype, "overwrite": overwrite}
+        raise ToolError(f"unknown tool {tool!r}; valid: merge-model, merge-loras, resize, extract, convert")
+
+    def run_tool(self, tool: str, values: Mapping[str, Any]) -> Job:
+        """Check a tool's values (ConfigError / PathNotAllowed: nothing starts) and start it as a job."""
+        args = self.tool_args(tool, values)
+        return self.runner.submit_tool(tool, args, name=f"{tool}: {Path(args['out']).name}")
 
 
 def _upload_name(path: Path) -> str:

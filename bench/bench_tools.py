@@ -1,0 +1,178 @@
+"""Model tools on a full-size SD1.5-shaped (or SDXL-shaped) random checkpoint: time and peak memory, side by side.
+
+    python bench/bench_tools.py [--arch sd15|sdxl] [--rank 16] [--kohya PATH_TO_SD_SCRIPTS] [--work DIR]
+
+Builds (streamed, never whole in memory) a random fp16 single-file checkpoint with the real layer shapes and a
+random rank-`rank` LoRA on every attention and MLP layer of its UNet and text encoder(s), then runs, each in its own
+child process (peak RSS from the kernel's rusage of that child):
+  merge-model          python -m lora_ext merge-model (streamed)
+  load+patch+save      the non-streaming way: load the pipeline, patch it, write every tensor (the reference cost
+                       of holding the model)
+  import floor         python importing torch and lora_ext's tools (the RSS every run pays)
+  resize               python -m lora_ext resize to rank/4
+  kohya merge / resize sd-scripts' networks/merge_lora.py and resize_lora.py on the same files (with --kohya; run
+                       from its own checkout, outside this project)
+Prints one JSON object (seconds, MiB, ratios ours/reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_checkpoint(arch: str, path: Path) -> None:
+    """Random fp16 values in the real single-file layout, written tensor by tensor."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_ext import families
+    from lora_ext.models import convert
+    from lora_ext.models.assets import load_config
+    from lora_ext.tools.streaming import Entry, StreamWriter, tensor_bytes
+
+    name = families.shipped_config(arch)
+    with init_empty_weights(include_buffers=True):
+        unet = UNet2DConditionModel(**load_config(name, "unet"))
+        vae = AutoencoderKL(**load_config(name, "vae"))
+        tes = [CLIPTextModel(CLIPTextConfig(**load_config(name, "text_encoder")))]
+        if arch == "sdxl":
+            tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**load_config(name, "text_encoder_2"))))
+    from lora_ext.models.tiny import canonical_text_encoder_state_dict
+
+    sd = convert.diffusers_to_single_file(
+        arch, dict(unet.state_dict()), dict(unet.config), dict(vae.state_dict()), dict(vae.config),
+        [canonical_text_encoder_state_dict(t) for t in tes], [t.config.to_dict() for t in tes])
+    entries = [Entry(k, "F16", tuple(v.shape)) for k, v in sd.items()]
+    g = torch.Generator().manual_seed(0)
+
+    def produce(fh, entry):
+        t = torch.randn(entry.shape, generator=g, dtype=torch.float32).mul_(0.02).to(torch.float16)
+        fh.write(tensor_bytes(t))
+
+    StreamWriter(path, entries, {"lora_ext.note": f"random full-size {arch} (bench)"}, overwrite=True).write(produce)
+
+
+def build_lora(arch: str, rank: int, path: Path) -> int:
+    import torch
+
+    from lora_ext.formats.safetensors_io import save_safetensors_atomic
+    from lora_ext.tools.lora_tools import family_adapter, kohya_name
+
+    adapter = family_adapter(arch)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for t in adapter.targets.values():
+        if t.spec.kind != "linear" or not any(p in t.key for p in ("attn", "ff.net", "mlp", "self_attn")):
+            continue
+        out_f, in_f = t.spec.weight_shape
+        name = kohya_name(adapter, t)
+        tensors[f"{name}.lora_down.weight"] = (torch.randn(rank, in_f, generator=g) * 0.05).half()
+        tensors[f"{name}.lora_up.weight"] = (torch.randn(out_f, rank, generator=g) * 0.05).half()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank)).half()
+    save_safetensors_atomic(tensors, path, {"ss_network_dim": str(rank), "ss_network_alpha": str(float(rank))})
+    return len(tensors) // 3
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    code = os.waitstatus_to_exitcode(status)
+    result = {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rc": code}
+    if code != 0:
+        result["error"] = (err or out)[-600:]
+    return result
+
+
+_LOAD_PATCH_SAVE = """
+import sys, torch
+from lora_ext.models.loading import load_pipeline
+from lora_ext.formats.network import load_lora
+from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
+from lora_ext.models.tiny import pipeline_to_single_file
+from lora_ext.formats.safetensors_io import save_safetensors_atomic
+loaded = load_pipeline(sys.argv[1], dtype=torch.float16)
+Patcher(adapter_for_pipeline(loaded.pipe)).apply([ActiveLora(load_lora(sys.argv[2]), 0.8, 0.8)])
+save_safetensors_atomic(pipeline_to_single_file(loaded.pipe, loaded.arch), sys.argv[3])
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--kohya", type=Path, help="a checkout of kohya-ss/sd-scripts (with its requirements installed)")
+    ap.add_argument("--work", type=Path, help="folder for the files (default: a temporary one)")
+    args = ap.parse_args()
+    arch = {"sd15": "sd1", "sdxl": "sdxl"}[args.arch]
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_tools_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, lora = work / f"base_{args.arch}.safetensors", work / f"lora_r{args.rank}.safetensors"
+    if not ckpt.exists():
+        build_checkpoint(arch, ckpt)
+    modules = build_lora(arch, args.rank, lora)
+    py = sys.executable
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "arch": args.arch,
+                     "checkpoint_mib": round(ckpt.stat().st_size / 2**20, 1), "lora_modules": modules,
+                     "rank": args.rank}
+    results["import_floor"] = run_child([py, "-c", "import torch, lora_ext.tools.merge_model"], env)
+    out = work / "merged.safetensors"
+    results["merge_model"] = run_child([py, "-m", "lora_ext", "merge-model", "--model", str(ckpt), "--lora",
+                                        f"{lora}:0.8", "--out", str(out), "--force", "--json"], env)
+    results["load_patch_save"] = run_child([py, "-c", _LOAD_PATCH_SAVE, str(ckpt), str(lora),
+                                            str(work / "merged_ref.safetensors")], env)
+    if out.exists() and (work / "merged_ref.safetensors").exists():
+        from lora_ext.formats.safetensors_io import read_header
+        from lora_ext.tools.streaming import TensorFile
+
+        with TensorFile(out) as a, TensorFile(work / "merged_ref.safetensors") as b:
+            keys = [k for k in a.keys if not k.startswith("first_stage_model.")]
+            results["merge_equal_to_load_patch_save"] = all(
+                bool((a.tensor(k) == b.tensor(k)).all()) for k in keys if k in read_header(b.path).tensors)
+    small = max(1, args.rank // 4)
+    results["resize"] = run_child([py, "-m", "lora_ext", "resize", str(lora), "--rank", str(small), "--out",
+                                   str(work / "resized.safetensors"), "--force", "--json"], env)
+    if args.kohya:
+        kenv = {"PYTHONPATH": str(args.kohya)}
+        results["kohya_merge"] = run_child(
+            [py, str(args.kohya / "networks" / "merge_lora.py"), "--sd_model", str(ckpt), "--models", str(lora),
+             "--ratios", "0.8", "--save_to", str(work / "kohya_merged.safetensors"), "--save_precision", "fp16"]
+            + (["--sdxl"] if args.arch == "sdxl" else []), kenv)
+        results["kohya_resize"] = run_child(
+            [py, str(args.kohya / "networks" / "resize_lora.py"), "--model", str(lora), "--new_rank", str(small),
+             "--save_to", str(work / "kohya_resized.safetensors"), "--save_precision", "fp16"], kenv)
+        for ours, theirs in (("merge_model", "kohya_merge"), ("resize", "kohya_resize")):
+            if results[theirs]["rc"] == 0 and results[ours]["rc"] == 0:
+                results[f"{ours}_vs_kohya"] = {
+                    "time_ratio": round(results[ours]["seconds"] / results[theirs]["seconds"], 3),
+                    "rss_ratio": round(results[ours]["peak_rss_mib"] / results[theirs]["peak_rss_mib"], 3)}
+    ref = results["load_patch_save"]
+    if ref["rc"] == 0 and results["merge_model"]["rc"] == 0:
+        floor = results["import_floor"]["peak_rss_mib"]
+        results["merge_vs_load_patch_save"] = {
+            "time_ratio": round(results["merge_model"]["seconds"] / ref["seconds"], 3),
+            "extra_rss_ratio": round((results["merge_model"]["peak_rss_mib"] - floor)
+                                     / max(1.0, ref["peak_rss_mib"] - floor), 3)}
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

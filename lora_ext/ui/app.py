@@ -22,6 +22,7 @@ from lora_ext.ui import compat
 from lora_ext.ui.rest import add_train_routes, parse_credentials
 from lora_ext.ui.service import Roots, TrainService
 from lora_ext.ui.tab import build_train_tab, error_markdown, extension_css
+from lora_ext.ui.tools_tab import build_tools_tab
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def build_app_blocks(service: TrainService, generator: Generator) -> Any:
                 g_button = gr.Button("Generate", variant="primary", elem_id="lora_ext_gen_button")
                 g_image = gr.Image(label="image", type="pil", elem_id="lora_ext_gen_image")
                 g_info = gr.HTML("", elem_id="lora_ext_gen_info")
+            with gr.Tab("Tools", id="tools", elem_id="lora_ext_tab_tools"):
+                build_tools_tab(service, blocks)
             with gr.Tab("Library", id="library", elem_id="lora_ext_tab_library"):
                 l_refresh = gr.Button("Refresh", elem_id="lora_ext_library_refresh")
                 l_table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=[], elem_id="lora_ext_library",

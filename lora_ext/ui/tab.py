@@ -226,7 +226,7 @@ class TrainTab:
     def control(self, action: str) -> Callable[[], str]:
         def run() -> str:
             job = self.service.runner.active()
-            if job is None:
+            if job is None or job.kind != "train":
                 return error_markdown(RuntimeError("no training job is running"))
             try:
                 getattr(self.service.runner, action)(job.id)
@@ -253,9 +253,10 @@ class TrainTab:
         return gr.update(choices=runs, value=runs[0] if runs else None)
 
     def current_view(self) -> dict[str, Any]:
+        """The running training job, else the latest one (tool jobs show in the Tools tab)."""
         job = self.service.runner.active()
-        if job is None:
-            jobs = self.service.runner.jobs()
+        if job is None or job.kind != "train":
+            jobs = [j for j in self.service.runner.jobs() if j.kind == "train"]
             job = jobs[0] if jobs else None
         return self.service.view(job.id) if job is not None else {}
 

@@ -130,6 +130,14 @@ def model_dirs() -> list[Path]:
     return [Path(ckpt), Path(vae)]
 
 
+def refresh_checkpoints() -> None:
+    """Rescan the checkpoint folder (a merged checkpoint shows in the checkpoint list; the dropdown picks it up on its
+    refresh button, as for any file added by hand)."""
+    from modules import sd_models
+
+    sd_models.list_models()
+
+
 def data_dir() -> Path:
     """The WebUI's data folder (--data-dir; its own folder by default)."""
     from modules import paths

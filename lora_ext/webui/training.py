@@ -58,8 +58,14 @@ def make_service(st: GlueState) -> TrainService:
         st.index.refresh()
         builtin.refresh_builtin()  # its cards page and /sdapi/v1/loras list the new file too
 
+    def new_checkpoint(_path: Any) -> None:
+        try:
+            host.refresh_checkpoints()
+        except Exception as exc:  # noqa: BLE001 - the file is written; the list refreshes by hand then
+            log.warning("lora_ext: could not refresh the checkpoint list: %s", exc)
+
     return TrainService(roots, current_model=current, hooks=GpuHandoff(before=handoff.before, after=handoff.after),
-                        on_new_lora=refreshed)
+                        on_new_lora=refreshed, on_new_checkpoint=new_checkpoint)
 
 
 def build_tab(service: TrainService) -> list[tuple[Any, str, str]]:
@@ -67,9 +73,13 @@ def build_tab(service: TrainService) -> list[tuple[Any, str, str]]:
     import gradio as gr
 
     from lora_ext.ui.tab import build_train_tab
+    from lora_ext.ui.tools_tab import build_tools_tab
 
-    with gr.Blocks(analytics_enabled=False) as blocks:
-        parts = build_train_tab(service, blocks, current_label=CURRENT_LABEL)
+    with gr.Blocks(analytics_enabled=False) as blocks, gr.Tabs(elem_id="lora_ext_webui_tabs"):
+        with gr.Tab("Train", elem_id="lora_ext_tab_train"):
+            parts = build_train_tab(service, blocks, current_label=CURRENT_LABEL)
+        with gr.Tab("Tools", elem_id="lora_ext_tab_tools"):
+            build_tools_tab(service, blocks, current_label=CURRENT_LABEL)
     try:
         host.send_to_txt2img(parts.send_button, parts.send_prompt)
     except (ImportError, AttributeError) as exc:  # an older WebUI without paste buttons: the prompt stays visible

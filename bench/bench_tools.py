@@ -8,7 +8,7 @@ child process (peak RSS from the kernel's rusage of that child):
   merge-model          python -m lora_ext merge-model (streamed)
   load+patch+save      the non-streaming way: load the pipeline, patch it, write every tensor (the reference cost
                        of holding the model)
-  import floor         python importing torch and lora_ext's tools (the RSS every run pays)
+  import floor         python importing torch, diffusers, transformers and lora_ext's tools (what every run pays)
   resize               python -m lora_ext resize to rank/4
   kohya merge / resize sd-scripts' networks/merge_lora.py and resize_lora.py on the same files (with --kohya; run
                        from its own checkout, outside this project)
@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,17 +85,25 @@ def build_lora(arch: str, rank: int, path: Path) -> int:
     return len(tensors) // 3
 
 
+_MEASURE = """
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": time.perf_counter() - t0, "rss_kib": rss, "rc": p.returncode,
+                  "err": (p.stderr or p.stdout)[-600:]}))
+"""
+
+
 def run_child(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    code = os.waitstatus_to_exitcode(status)
-    result = {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rc": code}
-    if code != 0:
-        result["error"] = (err or out)[-600:]
+    """Wall seconds and peak RSS (MiB) of one command, measured by a small parent of its own (a child's maximum RSS
+    starts from its parent's at fork: measured from this process it would never read below this process's size)."""
+    out = subprocess.run([sys.executable, "-S", "-c", _MEASURE, *cmd], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    result = {"seconds": round(m["seconds"], 2), "peak_rss_mib": round(m["rss_kib"] / 1024, 1), "rc": m["rc"]}
+    if m["rc"] != 0:
+        result["error"] = m["err"]
     return result
 
 
@@ -132,7 +139,8 @@ def main() -> int:
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "arch": args.arch,
                      "checkpoint_mib": round(ckpt.stat().st_size / 2**20, 1), "lora_modules": modules,
                      "rank": args.rank}
-    results["import_floor"] = run_child([py, "-c", "import torch, lora_ext.tools.merge_model"], env)
+    results["import_floor"] = run_child([py, "-c", "import torch, diffusers, transformers, lora_ext.tools.merge_model"],
+                                        env)
     out = work / "merged.safetensors"
     results["merge_model"] = run_child([py, "-m", "lora_ext", "merge-model", "--model", str(ckpt), "--lora",
                                         f"{lora}:0.8", "--out", str(out), "--force", "--json"], env)

@@ -152,6 +152,8 @@ def load_pipeline(
         else:
             for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
                 module = getattr(pipe, name, None)
+                if module is not None and not loaded.is_single_file:
+                    _reread_mapped_(module, src / name)
                 if module is not None:
                     realign_cpu_tensors_(module)
     except LoraExtError as exc:
@@ -221,7 +223,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     Pickles are read with `torch.load(weights_only=True)` (nested `state_dict` unwrapped). Raises ModelLoadError.
     """
     from lora_ext.formats.legacy import load_legacy
-    from lora_ext.formats.safetensors_io import load_tensors, read_header
 
     p = Path(path)
     suffix = p.suffix.lower()
@@ -230,11 +231,66 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                              f"{', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder")
     try:
         if suffix == ".safetensors":
-            header = read_header(p)
-            return load_tensors(p, header=header), dict(header.metadata)
+            return _read_safetensors(p)
         return load_legacy(p)
     except LoraFileError as exc:
         raise ModelLoadError(f"{p}: cannot read the checkpoint: {_reason(exc)}") from exc
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor read into its own fresh (aligned) memory, one after the other: no memory map stays behind, so the
+    model costs its size once (a map's resident pages plus copies of them would cost it twice)."""
+    from lora_ext.formats.safetensors_io import read_header
+    from lora_ext.tools.streaming import TensorFile
+
+    header = read_header(p)
+    try:
+        with TensorFile(p, header) as tf:
+            return {k: tf.tensor(k) for k in tf.keys}, dict(header.metadata)
+    except (OSError, ValueError) as exc:
+        raise LoraFileError(p, f"the tensor data cannot be read: {exc}",
+                            hint="the file is damaged or incomplete; download or export it again") from exc
+
+
+def _reread_mapped_(module: torch.nn.Module, folder: Path) -> int:
+    """Parameters/buffers of a model that `from_pretrained` left in its memory map at unaligned offsets: read again
+    from the file into fresh aligned memory (the map's pages are never touched, so nothing is held twice); the rest
+    stays mapped, as diffusers leaves it. Returns how many were read again; what the files do not hold is cloned."""
+    from lora_ext.formats.layouts import hf_clip_module_path
+    from lora_ext.formats.safetensors_io import read_header
+    from lora_ext.tools.streaming import TORCH_DTYPES, TensorFile
+
+    where: dict[str, tuple[Path, str]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            header = read_header(f)
+        except LoraFileError:
+            continue
+        for key in header.tensors:
+            where.setdefault(hf_clip_module_path(key), (f, key))
+    handles: dict[Path, TensorFile] = {}
+    moved = 0
+    try:
+        with torch.no_grad():
+            for tensors in (module.named_parameters(recurse=True), module.named_buffers(recurse=True)):
+                for name, t in tensors:
+                    if t.device.type != "cpu" or not t.numel() or t.data_ptr() % 64 == 0:
+                        continue
+                    hit = where.get(hf_clip_module_path(name))
+                    fresh = None
+                    if hit is not None:
+                        tf = handles.get(hit[0])
+                        if tf is None:
+                            tf = handles[hit[0]] = TensorFile(hit[0]).__enter__()
+                        info = tf.header.tensors[hit[1]]
+                        if TORCH_DTYPES.get(info.dtype) == t.dtype and tuple(info.shape) == tuple(t.shape):
+                            fresh = tf.tensor(hit[1])
+                    t.data = fresh if fresh is not None else t.data.clone()
+                    moved += 1
+    finally:
+        for tf in handles.values():
+            tf.__exit__()
+    return moved
 
 
 def _load_single_file(src: Path, family: str | None, dtype: torch.dtype, pred: str | None) -> LoadedPipeline:

@@ -58,6 +58,7 @@ class MergeReport:
     unmatched: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
     bytes_written: int = 0
+    sidecars: list[str] = field(default_factory=list)  # files copied next to the output (the input's .yaml)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "out": str(self.out)}
@@ -153,6 +154,7 @@ def merge_model(model: str | Path, loras: Sequence[LoraInput], out: str | Path, 
         _stream_file(files, files.path, out, work, want_dtype, meta, overwrite, tick, checks,
                      verify=lambda tmp: _verify_single(files, tmp, checks))
         report.bytes_written = out.stat().st_size
+        report.sidecars = _copy_sidecars(files.path, out, overwrite)
     else:
         report.bytes_written = _merge_folder(files, out, work, want_dtype, meta_value, overwrite, tick, checks)
     report.seconds = time.perf_counter() - t0
@@ -215,6 +217,26 @@ def _stream_file(files: ModelFiles, src: Path, dst: Path, work: _Work, want_dtyp
                 os.fsync(fh.fileno())
 
 
+SIDECAR_SUFFIXES = (".yaml", ".open_clip.json")  # what A1111 (and our loader) read next to an unusual checkpoint
+
+
+def _copy_sidecars(src: Path, out: Path, overwrite: bool) -> list[str]:
+    """The input's sidecar config files, next to the output under its name: the merged checkpoint loads as the base
+    did (A1111 reads <name>.yaml for models it cannot tell from their keys)."""
+    from lora_ext.formats.safetensors_io import write_bytes_atomic
+
+    copied = []
+    for suffix in SIDECAR_SUFFIXES:
+        side = src.with_name(src.stem + suffix)
+        if side.is_file():
+            dst = out.with_name(out.stem + suffix)
+            if dst.exists() and not overwrite:
+                continue
+            write_bytes_atomic(dst, side.read_bytes(), overwrite=overwrite)
+            copied.append(str(dst))
+    return copied
+
+
 def _verify_crcs(path: Path, crcs: dict[str, int]) -> None:
     """Read the merged tensors of a written file back: their bytes must be what was computed."""
     with TensorFile(path) as tf:
@@ -228,7 +250,7 @@ def _verify_single(files: ModelFiles, tmp: Path, checks: dict) -> None:
     from lora_ext.tools.model_files import _open_single_file
 
     _verify_crcs(tmp, {k: v for (_, k), v in checks.items()})
-    back = _open_single_file(tmp)
+    back = _open_single_file(tmp, like=files.path)
     if back.arch != files.arch:
         raise ModelLoadError(f"internal error: the merged file reads back as {back.arch}, not {files.arch}")
 

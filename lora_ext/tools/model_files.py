@@ -121,13 +121,15 @@ def _meta_state(header: SafetensorsHeader) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------ single file
 
 
-def _open_single_file(src: Path) -> ModelFiles:
+def _open_single_file(src: Path, *, like: Path | None = None) -> ModelFiles:
+    """`like`: read the conversion hints (sidecar yaml) of that file instead (a temporary output being checked)."""
     from lora_ext.models import convert
     from lora_ext.models.loading import _read_sidecar_yaml, conversion_hints
 
     header = _header(src)
     meta = _meta_state(header)
-    hints = conversion_hints(src, header.metadata, _read_sidecar_yaml(src))
+    hints_src = like or src
+    hints = conversion_hints(hints_src, header.metadata, _read_sidecar_yaml(hints_src))
     parts = convert.single_file_to_diffusers(meta, **hints)
     arch = parts.arch
     unet = _meta_unet(parts.unet_config)

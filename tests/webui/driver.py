@@ -441,6 +441,62 @@ def scenario_shapes(args) -> dict:
     return {"loras": names, "rows": rows}
 
 
+def scenario_tools(args) -> dict:
+    """The model tools against the real WebUI: (1) a LoRA converted to diffusers/PEFT names and back to kohya names is
+    read by the built-in with every module matched, and its image equals ours with the PEFT file; (2) a checkpoint
+    with LoRAs merged by `merge-model`, loaded by A1111 as its checkpoint, draws the image the tags draw on the base."""
+    import networks  # the built-in's module
+    from modules import sd_models, shared
+
+    from lora_ext.formats.network import load_lora
+    from lora_ext.prompt import parse_tag
+    from lora_ext.tools.lora_tools import convert_lora
+    from lora_ext.tools.merge_model import LoraInput, merge_model
+    from lora_ext.webui import glue
+
+    made = make_loras(args.arch)
+    lora_dir = Path(sys.argv[sys.argv.index("--lora-dir") + 1])
+    base_ckpt = shared.sd_model.sd_checkpoint_info.filename
+    rows = []
+    for name in ("t_lora", "t_locon"):
+        src = lora_dir / f"{name}.safetensors"
+        peft, back = lora_dir / f"{name}_peft.safetensors", lora_dir / f"{name}_kohya.safetensors"
+        convert_lora(src, peft, to="diffusers", model=base_ckpt)
+        convert_lora(peft, back, to="kohya", model=base_ckpt)
+        glue.state().index.refresh()
+        networks.list_available_networks()
+        net = networks.load_network(back.stem, networks.available_networks[back.stem])
+        prompt = "a photo of a cat <lora:{}:0.9>"
+        set_owner(False)
+        ref, _, _ = generate(prompt.format(back.stem), seed=50)
+        set_owner(True)
+        ours_peft, _, _ = generate(prompt.format(peft.stem), seed=50)
+        ours_back, _, _ = generate(prompt.format(back.stem), seed=50)
+        rows.append({"lora": name, "builtin_modules": len(net.modules), "file_modules": len(load_lora(back).modules),
+                     "diff_builtin_vs_ours_peft": diff(ref, ours_peft), "diff_ours_back_vs_peft":
+                     diff(ours_back, ours_peft)})
+    # merge-model: the tags on the base checkpoint vs the merged checkpoint alone
+    tags = ["<lora:t_lora:0.8>", "<lora:t_loha:0.6:1.2>", "<lora:t_dora:1>"]
+    set_owner(True)
+    with_tags, _, _ = generate("a photo of a dog " + " ".join(tags), seed=77)
+    before = snapshot()
+    merged = Path(args.out) / "merged.safetensors"
+    report = merge_model(base_ckpt, [LoraInput(lora_dir / f"{parse_tag(t).name}.safetensors", parse_tag(t))
+                                     for t in tags], merged)
+    info = sd_models.CheckpointInfo(str(merged))
+    sd_models.reload_model_weights(info=info)
+    loaded = shared.sd_model.sd_checkpoint_info.filename
+    merged_image, _, comments = generate("a photo of a dog", seed=77)
+    after = snapshot()
+    changed = same_weights(before, after)
+    sd_models.reload_model_weights(info=sd_models.CheckpointInfo(base_ckpt))
+    return {"made": made, "convert": rows, "merge": {"tensors_merged": report.tensors_merged, "loaded": loaded,
+                                                     "merged_file": str(merged),
+                                                     "diff_merged_vs_tags": diff(merged_image, with_tags),
+                                                     "weights_changed_by_loading_merged": len(changed),
+                                                     "comments": comments}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")

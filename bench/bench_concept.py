@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--pivotal-lr", type=float, default=None, help="pivotal: embedding lr (none = --lr)")
     ap.add_argument("--prior-images", type=int, default=16,
                     help="world_prior: base-model images to generate (used up to the instance count)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other training option for every variant (JSON value), e.g. --set min_snr_gamma=5")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "concept")
     args = ap.parse_args()
 
@@ -85,7 +87,8 @@ def main() -> int:
     shutil.rmtree(out / "Lora", ignore_errors=True)
     data = DATA_DIR / "samples" / "hearts"
     results = {"machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
-               "steps": args.steps, "rank": args.rank, "lr": args.lr, "pivotal_lr": args.pivotal_lr, "variants": {}}
+               "steps": args.steps, "rank": args.rank, "lr": args.lr, "pivotal_lr": args.pivotal_lr, "set": args.set,
+               "variants": {}}
     session = Session(Path("shapes"), scheduler="euler")
     variants = args.variants.split(",")
     if any(v.startswith("world_prior") for v in variants):
@@ -93,7 +96,8 @@ def main() -> int:
         concept.write_prior_images(session, out / "world_prior", args.prior_images)
         results["prior_images"] = {"count": args.prior_images, "seconds": round(time.perf_counter() - t0, 1)}
     for variant in variants:
-        cfg = TrainConfig(**settings(variant, data, out, args))
+        extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        cfg = TrainConfig(**{**settings(variant, data, out, args), **extra})
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0

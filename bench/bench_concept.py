@@ -6,7 +6,8 @@ captions and with DreamBooth prior preservation, same steps; prints one JSON obj
 Variants: plain (captioned folder, UNet + text encoder), unet_only (the same, text encoder frozen), dreambooth
 (instance prompt "a heart", class prompt "a circle"), world_prior / world_prior_unet (the captioned hearts with prior
 preservation against the base model's own images for varied captioned world prompts), pivotal / pivotal_unet (plain
-or UNet-only with pivotal tuning: the word "heart" gets a trained embedding bundled in the file).
+or UNet-only with pivotal tuning: the word "heart" gets a trained embedding bundled in the file), world_prior_pivotal
+(pivotal + UNet LoRA with the world prior).
 
 Per variant: training seconds, how often a heart is drawn with `<lora:NAME:1>`, at weight 0 and without the tag, and
 how often unrelated prompts are still drawn right with and without the LoRA (the leak). Images go to --out.
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-VARIANTS = ("plain", "unet_only", "dreambooth", "world_prior", "world_prior_unet", "pivotal", "pivotal_unet")
+VARIANTS = ("plain", "unet_only", "dreambooth", "world_prior", "world_prior_unet", "pivotal", "pivotal_unet",
+            "world_prior_pivotal")
 
 
 def settings(variant: str, data: Path, out: Path, args) -> dict:
@@ -44,6 +46,12 @@ def settings(variant: str, data: Path, out: Path, args) -> dict:
                 "train_text_encoder": variant == "pivotal"}
     if variant == "unet_only":
         return {**common, "train_data_dir": str(data), "train_text_encoder": False}
+    if variant == "world_prior_pivotal":
+        # pivotal tuning + UNet LoRA, with prior preservation against the base model's own images
+        return {**common, "instance_dir": str(data), "instance_prompt": "a heart",
+                "class_dir": str(out / "world_prior"), "prior_loss_weight": 1.0, "pivotal_token": "heart",
+                "pivotal_lr": args.pivotal_lr,
+                "train_text_encoder": False}
     if variant.startswith("world_prior"):
         # prior preservation against the base model's own images for varied captioned prompts of the world
         # (kohya's regularisation images with captions), not one class prompt

@@ -125,6 +125,9 @@ def main() -> int:
     ap.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--kohya", type=Path, help="a checkout of kohya-ss/sd-scripts (with its requirements installed)")
+    ap.add_argument("--kohya-python", default=None, help="the Python to run sd-scripts with (default: this one)")
+    ap.add_argument("--kohya-pythonpath", default="", help="extra PYTHONPATH entries for sd-scripts (os.pathsep)")
+    ap.add_argument("--only-kohya", action="store_true", help="skip our runs (the files must exist from a run)")
     ap.add_argument("--work", type=Path, help="folder for the files (default: a temporary one)")
     args = ap.parse_args()
     arch = {"sd15": "sd1", "sdxl": "sdxl"}[args.arch]
@@ -139,6 +142,64 @@ def main() -> int:
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "arch": args.arch,
                      "checkpoint_mib": round(ckpt.stat().st_size / 2**20, 1), "lora_modules": modules,
                      "rank": args.rank}
+    if args.only_kohya:
+        prev = json.loads((work / f"results_{args.arch}.json").read_text())
+        results.update({k: v for k, v in prev.items() if k not in results})
+    else:
+        results.update(_ours(args, ckpt, lora, work, env, py))
+        (work / f"results_{args.arch}.json").write_text(json.dumps(results))
+    small = max(1, args.rank // 4)
+    if args.kohya:
+        kpy = args.kohya_python or py
+        kenv = {"PYTHONPATH": os.pathsep.join(p for p in (args.kohya_pythonpath, str(args.kohya),
+                                                          str(args.kohya / "networks")) if p)}
+        merge_script = "sdxl_merge_lora.py" if args.arch == "sdxl" else "merge_lora.py"
+        results["kohya_merge"] = run_child(
+            [kpy, str(args.kohya / "networks" / merge_script), "--sd_model", str(ckpt), "--models", str(lora),
+             "--ratios", "0.8", "--save_to", str(work / "kohya_merged.safetensors"), "--save_precision", "fp16",
+             "--precision", "float"], kenv)
+        results["kohya_resize"] = run_child(
+            [kpy, str(args.kohya / "networks" / "resize_lora.py"), "--model", str(lora), "--new_rank", str(small),
+             "--save_to", str(work / "kohya_resized.safetensors"), "--save_precision", "fp16", "--device", "cpu"],
+            kenv)
+        for ours, theirs in (("merge_model", "kohya_merge"), ("resize", "kohya_resize")):
+            if results[theirs]["rc"] == 0 and results.get(ours, {}).get("rc") == 0:
+                results[f"{ours}_vs_kohya"] = {
+                    "time_ratio": round(results[ours]["seconds"] / results[theirs]["seconds"], 3),
+                    "rss_ratio": round(results[ours]["peak_rss_mib"] / results[theirs]["peak_rss_mib"], 3)}
+        if results["kohya_resize"]["rc"] == 0:
+            results["resize_error"] = {"ours": lora_error(lora, work / "resized.safetensors"),
+                                       "kohya": lora_error(lora, work / "kohya_resized.safetensors")}
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def lora_error(original: Path, resized: Path) -> float:
+    """Overall relative Frobenius error of a resized kohya LoRA's deltas against the original's."""
+    import torch
+
+    from lora_ext.formats.safetensors_io import load_tensors
+
+    def deltas(path: Path) -> dict[str, torch.Tensor]:
+        sd = load_tensors(path)
+        out = {}
+        for key in sd:
+            if key.endswith(".lora_down.weight"):
+                base = key[: -len(".lora_down.weight")]
+                down, up = sd[key].float(), sd[f"{base}.lora_up.weight"].float()
+                r = down.shape[0]
+                alpha = float(sd[f"{base}.alpha"]) if f"{base}.alpha" in sd else r
+                out[base] = (up.reshape(up.shape[0], -1) @ down.reshape(r, -1)) * (alpha / r)
+        return out
+
+    a, b = deltas(original), deltas(resized)
+    num = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a)
+    den = sum(float(a[k].double().pow(2).sum()) for k in a)
+    return round((num / den) ** 0.5, 6)
+
+
+def _ours(args, ckpt: Path, lora: Path, work: Path, env: dict, py: str) -> dict:
+    results: dict = {}
     results["import_floor"] = run_child([py, "-c", "import torch, diffusers, transformers, lora_ext.tools.merge_model"],
                                         env)
     out = work / "merged.safetensors"
@@ -157,20 +218,6 @@ def main() -> int:
     small = max(1, args.rank // 4)
     results["resize"] = run_child([py, "-m", "lora_ext", "resize", str(lora), "--rank", str(small), "--out",
                                    str(work / "resized.safetensors"), "--force", "--json"], env)
-    if args.kohya:
-        kenv = {"PYTHONPATH": str(args.kohya)}
-        results["kohya_merge"] = run_child(
-            [py, str(args.kohya / "networks" / "merge_lora.py"), "--sd_model", str(ckpt), "--models", str(lora),
-             "--ratios", "0.8", "--save_to", str(work / "kohya_merged.safetensors"), "--save_precision", "fp16"]
-            + (["--sdxl"] if args.arch == "sdxl" else []), kenv)
-        results["kohya_resize"] = run_child(
-            [py, str(args.kohya / "networks" / "resize_lora.py"), "--model", str(lora), "--new_rank", str(small),
-             "--save_to", str(work / "kohya_resized.safetensors"), "--save_precision", "fp16"], kenv)
-        for ours, theirs in (("merge_model", "kohya_merge"), ("resize", "kohya_resize")):
-            if results[theirs]["rc"] == 0 and results[ours]["rc"] == 0:
-                results[f"{ours}_vs_kohya"] = {
-                    "time_ratio": round(results[ours]["seconds"] / results[theirs]["seconds"], 3),
-                    "rss_ratio": round(results[ours]["peak_rss_mib"] / results[theirs]["peak_rss_mib"], 3)}
     ref = results["load_patch_save"]
     if ref["rc"] == 0 and results["merge_model"]["rc"] == 0:
         floor = results["import_floor"]["peak_rss_mib"]
@@ -178,8 +225,7 @@ def main() -> int:
             "time_ratio": round(results["merge_model"]["seconds"] / ref["seconds"], 3),
             "extra_rss_ratio": round((results["merge_model"]["peak_rss_mib"] - floor)
                                      / max(1.0, ref["peak_rss_mib"] - floor), 3)}
-    print(json.dumps(results, indent=2))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

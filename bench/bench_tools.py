@@ -55,9 +55,16 @@ def build_checkpoint(arch: str, path: Path) -> None:
         arch, dict(unet.state_dict()), dict(unet.config), dict(vae.state_dict()), dict(vae.config),
         [canonical_text_encoder_state_dict(t) for t in tes], [t.config.to_dict() for t in tes])
     entries = [Entry(k, "F16", tuple(v.shape)) for k, v in sd.items()]
+    # what real checkpoints also hold (CLIP's position_ids buffer: sd-scripts' loader requires it)
+    for prefix in families.FAMILIES[arch].single_file_te_prefixes:
+        if prefix.endswith("transformer."):
+            entries.append(Entry(f"{prefix}text_model.embeddings.position_ids", "I64", (1, 77)))
     g = torch.Generator().manual_seed(0)
 
     def produce(fh, entry):
+        if entry.dtype == "I64":
+            fh.write(tensor_bytes(torch.arange(77, dtype=torch.int64)[None]))
+            return
         t = torch.randn(entry.shape, generator=g, dtype=torch.float32).mul_(0.02).to(torch.float16)
         fh.write(tensor_bytes(t))
 

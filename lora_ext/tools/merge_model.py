@@ -149,8 +149,11 @@ def merge_model(model: str | Path, loras: Sequence[LoraInput], out: str | Path, 
     if files.layout == "single-file":
         meta = dict(files.metadata)
         meta[MERGE_METADATA_KEY] = meta_value
-        if "modelspec.title" in meta:
+        if "modelspec.title" in meta:  # modelspec (sai): the merged model is a model of its own
             meta["modelspec.title"] = out.stem
+            merged = ", ".join(f"{d['name']} ({d['tag']})" for d in described)
+            old = meta.get("modelspec.description", "")
+            meta["modelspec.description"] = (old + "\n\n" if old else "") + f"LoRAs merged by lora_ext: {merged}"
         _stream_file(files, files.path, out, work, want_dtype, meta, overwrite, tick, checks,
                      verify=lambda tmp: _verify_single(files, tmp, checks))
         report.bytes_written = out.stat().st_size

@@ -254,3 +254,29 @@ def test_randomized_svd_of_dense_deltas_meets_the_optimal_error():
         assert abs(result.relative_error - actual) < 1e-5  # the reported error is the real one
         assert actual - optimal < 1e-3, (rank, actual, optimal)
         assert abs(total - float((a.double() ** 2).sum())) < 1e-6 * total
+
+
+def test_conv_layers_round_trip_through_merge_and_resize(sd15, tmp_path):
+    """LoCon files (3x3 conv layers, kohya's [r, in, 3, 3] down / [out, r, 1, 1] up): merged exactly and resized to
+    their own rank, every layer's delta comes back (published formula: up @ down * alpha / rank)."""
+    from lora_ext.patch import adapter_for_pipeline
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+    from lora_ext.patch.targets import selector
+
+    model, pipe = sd15
+    tensors = make_lora_tensors(adapter_for_pipeline(pipe), SynthSpec("lora", rank=3), selector("attn_mlp_conv"),
+                                seed=4)
+    src = tmp_path / "locon.safetensors"
+    save_safetensors_atomic(tensors, src)
+    want = _file_deltas(src)
+    convs = [k for k in want if tensors[f"{k}.lora_down.weight"].dim() == 4 and
+             tensors[f"{k}.lora_down.weight"].shape[-1] == 3]
+    assert len(convs) > 5
+    merge_loras([(src, 1.0)], tmp_path / "m.safetensors", model=model)
+    resize_lora(src, tmp_path / "r.safetensors", rank=3, model=model)
+    for out in ("m.safetensors", "r.safetensors"):
+        got = _file_deltas(tmp_path / out)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+        assert load_tensors(tmp_path / out)[f"{convs[0]}.lora_down.weight"].shape[-2:] == (3, 3)

@@ -26,6 +26,7 @@ from lora_ext.errors import LoraFileError, ShapeMismatchError
 from lora_ext.formats.algorithms import (
     ALGORITHMS,
     IA3,
+    OFT,
     Dense,
     FullDiff,
     GLoRA,
@@ -203,6 +204,61 @@ def f_glora(t, W):
     return out * alpha_over_rank(t, r)
 
 
+def _cayley_by_hand(blocks: Tensor, constraint: float) -> Tensor:
+    """R = (I + Q)(I - Q)^-1, Q = B - B^T (scaled down to |Q|_F = constraint when larger and constraint > 0)."""
+    q = blocks - blocks.transpose(-1, -2)
+    norm = math.sqrt(float((q ** 2).sum()))
+    if constraint > 0 and norm + 1e-8 > constraint:
+        q = q * (constraint / (norm + 1e-8))
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return torch.stack([torch.linalg.solve((eye - qi).T, (eye + qi).T).T for qi in q.reshape(-1, *q.shape[-2:])]
+                       ).reshape(q.shape)
+
+
+def f_oft(t, W):
+    """OFT: W'[block k, row m] = sum_n R_k[n, m] W[block k, row n] (R^T per block), R by Cayley (or given as
+    "oft_diag"), then the optional row rescale; dW = W' - W."""
+    out = W.shape[0]
+    if "oft_diag" in t:
+        r = t["oft_diag"].double()
+    else:
+        r = _cayley_by_hand(t["oft_blocks"].double(), float(t["alpha"]) * out if "alpha" in t else 0.0)
+    k, n, _ = r.shape
+    new = torch.zeros(W.shape, dtype=torch.float64)
+    for b in range(k):
+        for m in range(n):
+            new[b * n + m] = sum(r[b, i, m] * W[b * n + i] for i in range(n))
+    if "rescale" in t:
+        new = new * t["rescale"].double().reshape(-1, *[1] * (W.dim() - 1))
+    return new - W
+
+
+def f_boft(t, W):
+    """BOFT: stage i (stride s = 2^i * b/2) pairs row j with row j + s inside each group of 2s rows, gathers the
+    rows of each block in that order, multiplies by R_i's block (R itself, not its transpose), scatters them back."""
+    blocks = t["oft_blocks"].double()
+    m, nb, b, _ = blocks.shape
+    out = W.shape[0]
+    r = _cayley_by_hand(blocks, float(t["alpha"]) * out if "alpha" in t else 0.0)
+    x = W.clone()
+    for i in range(m):
+        s = (2 ** i) * (b // 2)
+        order = []  # row order after "(c g k) -> (c k g)": for each group c, k = 0..s-1, g = 0..1
+        for c in range(out // (2 * s)):
+            for kk in range(s):
+                for g in range(2):
+                    order.append(c * 2 * s + g * s + kk)
+        y = x.clone()
+        for blk in range(out // b):
+            rows = order[blk * b:(blk + 1) * b]
+            for a, row in enumerate(rows):
+                y[row] = sum(r[i, blk, a, j] * x[rows[j]] for j in range(b))
+        x = y
+    if "rescale" in t:
+        x = x * t["rescale"].double().reshape(-1, *[1] * (W.dim() - 1))
+    return x - W
+
+
 def f_full(t, W):
     return t["diff"].reshape(W.shape) * (float(t["scale"]) if "scale" in t else 1.0)
 
@@ -352,6 +408,16 @@ CASES = [
     Case("full", "layernorm", FullDiff, lambda g: {"diff": R(g, 8, std=0.2), "diff_b": R(g, 8, std=0.1)},
          f_full, lambda t: t["diff_b"]),
     Case("full", "embedding", FullDiff, lambda g: {"diff": R(g, 12, 8, std=0.2), "scale": A(0.5)}, f_full),
+    # OFT (LyCORIS diag-oft / kohya), old oft_diag, BOFT
+    Case("oft", "linear", OFT, lambda g: {"oft_blocks": R(g, 3, 4, 4, std=0.3)}, f_oft),
+    Case("oft-constraint-rescale", "conv3x3", OFT, lambda g: {"oft_blocks": R(g, 4, 3, 3, std=0.5),
+                                                               "alpha": A(0.02), "rescale": 1 + R(g, 12, 1, 1, 1,
+                                                                                                  std=0.1)}, f_oft),
+    Case("oft-diag-old", "linear", OFT, lambda g: {"oft_diag": torch.eye(4).repeat(3, 1, 1) + R(g, 3, 4, 4, std=0.1)},
+         f_oft),
+    Case("boft", "linear", OFT, lambda g: {"oft_blocks": R(g, 2, 6, 2, 2, std=0.3)}, f_boft),
+    Case("boft-constraint", "conv1x1", OFT, lambda g: {"oft_blocks": R(g, 2, 6, 2, 2, std=0.5), "alpha": A(0.02)},
+         f_boft),
     # norm
     Case("norm", "layernorm", NormDiff, lambda g: {"w_norm": R(g, 8, std=0.2), "b_norm": R(g, 8, std=0.1)},
          f_norm, lambda t: t["b_norm"]),
@@ -615,6 +681,8 @@ def test_dora_is_applied_after_alpha_and_before_the_multiplier() -> None:
 # Second oracle: the LyCORIS trainer modules (real key names/layouts) and lycoris.functional bypass paths
 # ---------------------------------------------------------------------------------------------------------------------
 def lycoris_module(kind: str, org: nn.Module, **kwargs):
+    from lycoris.modules.boft import ButterflyOFTModule
+    from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.full import FullModule
     from lycoris.modules.glora import GLoRAModule
     from lycoris.modules.ia3 import IA3Module
@@ -624,7 +692,7 @@ def lycoris_module(kind: str, org: nn.Module, **kwargs):
     from lycoris.modules.norms import NormModule
 
     cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "ia3": IA3Module, "full": FullModule,
-           "norm": NormModule, "glora": GLoRAModule}[kind]
+           "norm": NormModule, "glora": GLoRAModule, "diag-oft": DiagOFTModule, "boft": ButterflyOFTModule}[kind]
     module = cls("lycoris_test", org, 1.0, **kwargs)
     module.apply_to()  # as in training: the module takes over the layer's forward, then its parameters train
     g = torch.Generator().manual_seed(5)
@@ -662,6 +730,11 @@ LYCORIS_CASES = [
     ("glora", lambda: nn.Linear(10, 12), dict(lora_dim=4, alpha=2)),
     ("glora", lambda: nn.Conv2d(6, 8, 3, 2, 1), dict(lora_dim=3, alpha=1.5)),
     ("glora", lambda: nn.Conv2d(6, 8, 1), dict(lora_dim=2, alpha=2)),
+    ("diag-oft", lambda: nn.Linear(10, 12), dict(lora_dim=4)),
+    ("diag-oft", lambda: nn.Linear(10, 12), dict(lora_dim=4, constraint=0.01)),
+    ("diag-oft", lambda: nn.Conv2d(6, 8, 3, 2, 1), dict(lora_dim=2, rescaled=True)),
+    ("boft", lambda: nn.Linear(10, 16), dict(lora_dim=2)),
+    ("boft", lambda: nn.Conv2d(6, 16, 3, 2, 1), dict(lora_dim=4, constraint=0.01)),
 ]
 
 
@@ -704,7 +777,8 @@ def test_matches_lycoris_modules(kind: str, make_org, kwargs: dict) -> None:
     module = lycoris_module(kind, org, **kwargs)
     state = {k: v.detach() for k, v in module.state_dict().items() if not k.startswith("org_")}
     algorithm = detect_algorithm(state)
-    assert algorithm is not None and algorithm.name == {"locon": "lora"}.get(kind, kind)
+    assert algorithm is not None and algorithm.name == {"locon": "lora", "diag-oft": "oft", "boft": "oft"}.get(kind,
+                                                                                                                kind)
     assert algorithm.used_keys == frozenset(state), "every key a LyCORIS module saves is consumed"
 
     delta = algorithm.weight_delta(W, spec).materialize(spec.weight_shape)
@@ -761,6 +835,9 @@ DETECTION = [
     ({"lora_up.weight": ones(4, 2), "lora_down.weight": ones(2, 3), "alpha": torch.tensor(1.0),
       "dora_scale": ones(1, 3)}, Lora),
     ({"a1.weight": ones(2, 3), "a2.weight": ones(3, 2), "b1.weight": ones(2, 3), "b2.weight": ones(4, 2)}, GLoRA),
+    ({"oft_blocks": ones(2, 3, 3), "rescale": ones(6, 1)}, OFT),
+    ({"oft_diag": ones(2, 3, 3)}, OFT),
+    ({"oft_blocks": ones(2, 3, 2, 2)}, OFT),
 ]
 
 FOREIGN = [
@@ -772,7 +849,7 @@ FOREIGN = [
     {"lokr_w1": ones(2, 2)},
     {"lokr_w1_a": ones(2, 1), "lokr_w2": ones(2, 2)},
     {"b_norm": ones(4)},
-    {"oft_blocks": ones(2, 3, 3), "rescale": ones(6, 1)},  # OFT
+    {"rescale": ones(6, 1)},  # OFT's rescale without its blocks
     {"a1.weight": ones(2, 3), "a2.weight": ones(3, 2)},  # half a GLoRA
 ]
 

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from lora_ext.app.paths import default_lora_dirs
 from lora_ext.errors import LoraExtError
 
 log = logging.getLogger("lora_ext")
@@ -159,14 +160,6 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
-
-
-def default_lora_dirs(model: Path | None) -> list[Path]:
-    """./models/Lora (the WebUI layout) and a Lora folder next to the model, where they exist."""
-    cands = [Path("models/Lora")]
-    if model is not None:
-        cands.append(model.parent / "Lora")
-    return [c for c in cands if c.is_dir()]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

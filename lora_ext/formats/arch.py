@@ -76,7 +76,8 @@ def detect_arch(modules: Mapping[str, Shapes], base_from_metadata: str | None) -
                 arch = _CONTEXT_WIDTH[width]
                 return _from_shapes(arch, f"cross-attention reads {width}-wide text features ({name})",
                                     base_from_metadata)
-    if any(_DEEP_TRANSFORMER.search(n) and n.startswith(("lora_unet_", "unet.", "lycoris_")) for n in names):
+    unet_prefixes = ("lora_unet_", "unet.", "lycoris_", "oft_unet_")
+    if any(_DEEP_TRANSFORMER.search(n) and n.startswith(unet_prefixes) for n in names):
         return _from_shapes("sdxl", "UNet blocks with more than one transformer layer", base_from_metadata)
     for name, shapes in modules.items():
         if _TE_QPROJ.match(name):

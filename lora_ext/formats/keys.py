@@ -27,7 +27,7 @@ _SUFFIX_ORDER = sorted(SUFFIXES, key=len, reverse=True)
 # Suffixes too generic to accept after any module name (IA3 stores its vector as "<module>.weight"): only after a
 # kohya/LyCORIS prefix, so that a stray full state dict is not mistaken for a LoRA.
 GUARDED_SUFFIXES: dict[str, str] = {k: v for _cls in ALGORITHMS for k, v in _cls.guarded_suffixes.items()}
-_GUARDED_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+_GUARDED_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "oft_unet_")
 
 PLAIN_SUFFIXES = frozenset(s for fs, s in SUFFIXES.items() if fs == f".{s}")
 """Normalised suffixes that `split_key` returns unchanged after a module name without dots (kohya/LyCORIS

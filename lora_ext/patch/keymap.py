@@ -113,9 +113,11 @@ def _has_bias(module: nn.Module, attr: str) -> str | None:
 
 
 def _unet_aliases(dpath: str, lpath: str | None) -> list[str]:
-    names = [f"lora_unet_{_us(dpath)}", f"lycoris_{_us(dpath)}", f"unet.{dpath}", dpath]
+    # kohya sd-scripts' OFT (networks/oft.py) names its modules "oft_unet_<path>"
+    names = [f"lora_unet_{_us(dpath)}", f"lycoris_{_us(dpath)}", f"oft_unet_{_us(dpath)}", f"unet.{dpath}", dpath]
     if lpath is not None:
-        names += [f"lora_unet_{_us(lpath)}", f"lycoris_{_us(lpath)}", f"diffusion_model.{lpath}"]
+        names += [f"lora_unet_{_us(lpath)}", f"lycoris_{_us(lpath)}", f"oft_unet_{_us(lpath)}",
+                  f"diffusion_model.{lpath}"]
     return names
 
 

@@ -17,7 +17,7 @@ GROUPS = ("te1", "te2", *(f"unet:IN{i:02d}" for i in range(12)), "unet:M00", *(f
 _TE2 = ("lora_te2_", "text_encoder_2.")
 # kohya, diffusers/PEFT, and a PEFT adapter of a lone text encoder (transformers 4 and >= 5.6 spellings)
 _TE1 = ("lora_te_", "lora_te1_", "text_encoder.", "text_model.", "encoder.layers.", "embeddings.", "final_layer_norm")
-_UNET = ("lora_unet_", "lycoris_", "unet.", "model.diffusion_model.", "diffusion_model.")
+_UNET = ("lora_unet_", "lycoris_", "oft_unet_", "unet.", "model.diffusion_model.", "diffusion_model.")
 # UNet modules outside the blocks, for names without a prefix (a bare diffusers/ldm path)
 _UNET_BASE = re.compile(r"^(conv_out|conv_norm_out|time_embedding|add_embedding|class_embedding|time_embed|label_emb)"
                         r"([._]|$)")

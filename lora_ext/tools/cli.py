@@ -31,7 +31,7 @@ class _Bar:
 
 
 def _lora_dirs(args: argparse.Namespace, model: str | None = None) -> list[Path]:
-    from lora_ext.app.cli import default_lora_dirs
+    from lora_ext.app.paths import default_lora_dirs
 
     if args.lora_dir:
         return [Path(d) for d in args.lora_dir]

@@ -20,8 +20,9 @@ from lora_ext.formats.algorithms.loha import LoHa
 from lora_ext.formats.algorithms.lokr import LoKr
 from lora_ext.formats.algorithms.lora import Lora
 from lora_ext.formats.algorithms.norm import NormDiff
+from lora_ext.formats.algorithms.oft import OFT
 
-ALGORITHMS: tuple[type[Algorithm], ...] = (Lora, LoHa, LoKr, GLoRA, FullDiff, NormDiff, IA3)
+ALGORITHMS: tuple[type[Algorithm], ...] = (Lora, LoHa, LoKr, GLoRA, OFT, FullDiff, NormDiff, IA3)
 """The registry. Adding an algorithm: one file declaring its class, one entry here (docs/adding-an-algorithm.md)."""
 
 
@@ -59,6 +60,7 @@ __all__ = [
     "LowRank",
     "ModuleExtras",
     "NormDiff",
+    "OFT",
     "algorithm_named",
     "apply_dora",
     "detect_algorithm",

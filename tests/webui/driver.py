@@ -110,6 +110,8 @@ def make_loras(arch: str) -> dict[str, str]:
         "t_lokr": (SynthSpec("lokr", rank=4, std=0.1), selector("attn_mlp"), 4),
         "t_dora": (SynthSpec("lora", rank=4, dora=True), selector("attn_mlp"), 5),
         "t_compvis": (SynthSpec("lora", rank=4, naming="kohya-compvis"), selector("attn_mlp"), 6),
+        # OFT on the UNet (the built-in's OFT cannot apply to OpenCLIP's nn.MultiheadAttention, SDXL's 2nd encoder)
+        "t_oft": (SynthSpec("oft", rank=4, std=2.0, alpha=0), selector("attn", text_encoder=False), 7),
     }
     made = {}
     for name, (spec, select, seed) in specs.items():

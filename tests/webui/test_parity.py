@@ -12,7 +12,7 @@ def test_images_equal_the_builtin(driver, arch):
     res = driver("parity", arch)
     assert len(res["rows"]) >= 10
     algorithms = set(res["files"].values())
-    assert {"lora", "lora+dora", "loha", "lokr", "harness"} <= algorithms
+    assert {"lora", "lora+dora", "loha", "lokr", "oft", "harness"} <= algorithms
     for row in res["rows"]:
         assert row["owners"][0] != row["owners"][1] and row["owners"][1].startswith("lora_ext"), row
         assert row["max_diff"] <= 1, row

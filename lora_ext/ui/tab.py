@@ -361,7 +361,8 @@ def _live_view(gr: Any, send_label: str) -> tuple[Any, ...]:
     stats = gr.Markdown("", elem_id="lora_ext_stats", elem_classes=LIVE)
     chart = gr.HTML(loss_chart_svg([]), elem_id="lora_ext_chart", elem_classes=LIVE)
     samples = gr.Gallery(label="latest samples", elem_id="lora_ext_samples", elem_classes=LIVE,
-                         **compat.kw(gr.Gallery, columns=4, height=300, object_fit="contain"))
+                         **compat.kw(gr.Gallery, columns=4, height=300, object_fit="contain", preview=False,
+                                     fit_columns=False))
     result = gr.HTML("", elem_id="lora_ext_result", elem_classes=LIVE)
     with gr.Row():
         send_prompt = gr.Textbox(label="prompt with the new LoRA", elem_id="lora_ext_send_prompt", interactive=False,
@@ -450,7 +451,7 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
     with gr.Row():
         preview_md = gr.Markdown("", elem_id="lora_ext_dataset_preview")
     thumbs = gr.Gallery(label="dataset images with their captions", elem_id="lora_ext_thumbnails",
-                        **compat.kw(gr.Gallery, columns=8, height=260, object_fit="contain"))
+                        **compat.kw(gr.Gallery, columns=8, height=260, object_fit="contain", fit_columns=False))
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary", elem_id="lora_ext_train_button")
         cancel_btn = gr.Button("Cancel now", variant="stop", elem_id="lora_ext_cancel_button")

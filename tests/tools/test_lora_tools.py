@@ -280,3 +280,36 @@ def test_conv_layers_round_trip_through_merge_and_resize(sd15, tmp_path):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
         assert load_tensors(tmp_path / out)[f"{convs[0]}.lora_down.weight"].shape[-2:] == (3, 3)
+
+
+def test_converted_locon_loads_in_diffusers_like_ours(sd15, tmp_path):
+    """A LoCon file (attention, MLP and 3x3 convs) converted to diffusers/PEFT names: diffusers' own loader changes
+    exactly the layers our patcher changes, to the same values."""
+    import copy
+
+    from lora_ext.formats.network import load_lora
+    from lora_ext.patch import ActiveLora, Patcher, adapter_for_pipeline
+    from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+    from lora_ext.patch.targets import selector
+
+    require_diffusers_lora_loader()
+    model, pipe = sd15
+    tensors = make_lora_tensors(adapter_for_pipeline(pipe), SynthSpec("lora", rank=3, std=0.3),
+                                selector("attn_mlp_conv"), seed=2)
+    save_safetensors_atomic(tensors, tmp_path / "locon.safetensors")
+    convert_lora(tmp_path / "locon.safetensors", tmp_path / "locon_d.safetensors", to="diffusers", model=model)
+    theirs = copy.deepcopy(pipe)
+    before = {k: v.clone() for k, v in theirs.unet.state_dict().items()}
+    theirs.load_lora_weights(str(tmp_path), weight_name="locon_d.safetensors", adapter_name="x")
+    theirs.fuse_lora(lora_scale=1.0, adapter_names=["x"])
+    theirs.unload_lora_weights()
+    after = theirs.unet.state_dict()
+    ours = copy.deepcopy(pipe)
+    Patcher(adapter_for_pipeline(ours)).apply([ActiveLora(load_lora(tmp_path / "locon.safetensors"))])
+    mine = ours.unet.state_dict()
+    changed_theirs = {k for k in before if not torch.equal(before[k], after[k])}
+    changed_ours = {k for k in before if not torch.equal(before[k], mine[k])}
+    assert changed_theirs == changed_ours and sum(mine[k].dim() == 4 and mine[k].shape[-1] == 3
+                                                  for k in changed_ours) > 10
+    for k in changed_ours:
+        assert float((after[k] - mine[k]).abs().max()) <= 1e-6 * float(mine[k].abs().max()), k

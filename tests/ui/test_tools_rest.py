@@ -103,3 +103,30 @@ def test_tool_errors_are_4xx_and_start_nothing(world, tmp_path):
                                      "out_name": "none"})
     assert job["state"] == "failed" and "nothing to extract" in job["error"]
     assert not (world["lora"] / "none.safetensors").exists()
+
+
+def test_tool_child_stops_on_sigterm_and_leaves_nothing(world, tmp_path):
+    """The job runner cancels a tool with SIGTERM: the child reports "cancelled" (exit 3) and no output or
+    temporary file is left in the output folder."""
+    import signal
+    import subprocess
+    import sys
+
+    from lora_ext.train.process import child_environment
+
+    out_dir = world["models"]
+    spec = tmp_path / "spec.json"
+    out = out_dir / "never.safetensors"
+    spec.write_text(json.dumps({"tool": "merge-model", "run_dir": str(tmp_path / "run"), "args": {
+        "model": str(world["model"]), "loras": [{"path": str(world["lora"] / "style.safetensors"),
+                                                 "tag": "<lora:style:1.0>"}], "out": str(out)}}))
+    before = set(out_dir.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ext.tools.job", str(spec)], stdout=subprocess.PIPE,
+                            text=True, env=child_environment())
+    first = json.loads(proc.stdout.readline())
+    assert first["type"] == "start"
+    proc.send_signal(signal.SIGTERM)
+    rest = [json.loads(line) for line in proc.stdout]
+    assert proc.wait(60) == 3
+    assert rest[-1]["type"] == "done" and rest[-1]["status"] == "cancelled"
+    assert set(out_dir.iterdir()) == before and not out.exists()

@@ -333,3 +333,31 @@ def test_backups_are_retained_released_and_never_stale(sd15):
     q.release()
     assert q.backup_bytes == 0
     assert_bit_identical(original, snapshot(sd15))
+
+
+def test_fp8_weights_take_the_merge_and_restore_bit_exactly():
+    """A1111's "FP8 weight" stores layers as float8_e4m3fn: the merge is computed in fp32 and rounded once into the
+    layer's own dtype (what the built-in gives too), and restore gives the original fp8 bits back."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    from lora_ext.patch.keymap import ModelAdapter, Target, layer_spec
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(16, 12, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(12, 16, generator=g) * 0.5)
+    layer.to(torch.float8_e4m3fn)
+    original = layer.weight.detach().clone()
+    adapter = ModelAdapter(arch="sd1")
+    adapter._add(Target("unet:x", "unet", layer, "weight", None, None, layer_spec(layer), "BASE"), ["lora_unet_x"])
+    up, down = torch.randn(12, 2, generator=g) * 0.5, torch.randn(2, 16, generator=g) * 0.5
+    net = parse_lora({"lora_unet_x.lora_up.weight": up, "lora_unet_x.lora_down.weight": down,
+                      "lora_unet_x.alpha": torch.tensor(2.0)}, name="fp8")
+    patcher = Patcher(adapter)
+    rep = patcher.apply([ActiveLora(net, 0.8, 0.8)]).networks[0]
+    assert rep.modules_applied == 1
+    want = (original.to(torch.float32) + 0.8 * (up @ down)).to(torch.float8_e4m3fn)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.weight.view(torch.uint8), want.view(torch.uint8))
+    patcher.restore()
+    assert torch.equal(layer.weight.view(torch.uint8), original.view(torch.uint8))

@@ -403,6 +403,8 @@ def max_abs_of(t: Tensor) -> float:
     """max |t| in one pass, without an |t| temporary (0 for empty or non-floating tensors)."""
     if not t.numel() or not t.is_floating_point():
         return 0.0
+    if t.element_size() == 1:  # float8 storage (A1111's "FP8 weight"): no aminmax kernel on CPU; a small upcast
+        t = t.detach().to(torch.float16)
     lo, hi = torch.aminmax(t.detach())
     return max(abs(float(lo)), abs(float(hi)))
 

@@ -499,6 +499,41 @@ def scenario_tools(args) -> dict:
                                                      "comments": comments}}
 
 
+def scenario_fp8(args) -> dict:
+    """A1111's "FP8 weight" (UNet and text encoders stored as float8_e4m3fn): the built-in's image and ours for the same
+    LoRA, the base image, and the fp8 weights after our restore against the fresh fp8 load."""
+    import torch
+    from modules import sd_models, shared
+
+    made = make_loras(args.arch)
+    names = ("t_lora", "t_loha")
+    set_owner(True)  # the fp32 reference: the same LoRAs on the model as loaded (no fp8)
+    full = {name: generate(f"a photo of a cat <lora:{name}:1>")[0] for name in names}
+    shared.opts.fp8_storage = "Enable"
+    shared.opts.cache_fp16_weight = False
+    sd_models.reload_model_weights(forced_reload=True)
+    dtypes = sorted({str(p.dtype) for p in shared.sd_model.parameters()})
+    fresh = snapshot()
+    rows = []
+    set_owner(False)
+    base, _, _ = generate("a photo of a cat")
+    for name in names:
+        prompt = f"a photo of a cat <lora:{name}:1>"
+        set_owner(False)
+        ref, _, _ = generate(prompt)
+        set_owner(True)
+        ours, _, comments = generate(prompt)
+        changed = [k for k in fresh if not torch.equal(fresh[k].view(torch.uint8) if fresh[k].element_size() == 1
+                                                       else fresh[k], snapshot()[k].view(torch.uint8)
+                                                       if fresh[k].element_size() == 1 else snapshot()[k])]
+        rows.append({"lora": name, "max_diff": diff(ours, ref), "mean_diff": mean_diff(ours, ref),
+                     "effect_ref": mean_diff(ref, base), "effect_ours": mean_diff(ours, base), "comments": comments,
+                     "off_fp32_ref": mean_diff(ref, full[name]), "off_fp32_ours": mean_diff(ours, full[name]),
+                     "changed_after": changed[:3]})
+    shared.opts.fp8_storage = "Disable"
+    return {"made": made, "dtypes": dtypes, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")

@@ -33,22 +33,19 @@ sys.path.insert(0, str(ROOT))
 def build_checkpoint(arch: str, path: Path) -> None:
     """Random fp16 values in the real single-file layout, written tensor by tensor."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lora_ext import families
+    from lora_ext.formats.safetensors_stream import Entry, StreamWriter, tensor_bytes
     from lora_ext.models import convert
     from lora_ext.models.assets import load_config
-    from lora_ext.tools.streaming import Entry, StreamWriter, tensor_bytes
+    from lora_ext.models.loading import empty_diffusers_model, empty_text_encoder
 
     name = families.shipped_config(arch)
-    with init_empty_weights(include_buffers=True):
-        unet = UNet2DConditionModel(**load_config(name, "unet"))
-        vae = AutoencoderKL(**load_config(name, "vae"))
-        tes = [CLIPTextModel(CLIPTextConfig(**load_config(name, "text_encoder")))]
-        if arch == "sdxl":
-            tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**load_config(name, "text_encoder_2"))))
+    unet = empty_diffusers_model("UNet2DConditionModel", load_config(name, "unet"))
+    vae = empty_diffusers_model("AutoencoderKL", load_config(name, "vae"))
+    tes = [empty_text_encoder(load_config(name, "text_encoder"))]
+    if arch == "sdxl":
+        tes.append(empty_text_encoder(load_config(name, "text_encoder_2")))
     from lora_ext.models.tiny import canonical_text_encoder_state_dict
 
     sd = convert.diffusers_to_single_file(
@@ -216,7 +213,7 @@ def _ours(args, ckpt: Path, lora: Path, work: Path, env: dict, py: str) -> dict:
                                             str(work / "merged_ref.safetensors")], env)
     if out.exists() and (work / "merged_ref.safetensors").exists():
         from lora_ext.formats.safetensors_io import read_header
-        from lora_ext.tools.streaming import TensorFile
+        from lora_ext.formats.safetensors_stream import TensorFile
 
         with TensorFile(out) as a, TensorFile(work / "merged_ref.safetensors") as b:
             keys = [k for k in a.keys if not k.startswith("first_stage_model.")]

@@ -241,7 +241,7 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """Every tensor read into its own fresh (aligned) memory, one after the other: no memory map stays behind, so the
     model costs its size once (a map's resident pages plus copies of them would cost it twice)."""
     from lora_ext.formats.safetensors_io import read_header
-    from lora_ext.tools.streaming import TensorFile
+    from lora_ext.formats.safetensors_stream import TensorFile
 
     header = read_header(p)
     try:
@@ -255,10 +255,11 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 def _reread_mapped_(module: torch.nn.Module, folder: Path) -> int:
     """Parameters/buffers of a model that `from_pretrained` left in its memory map at unaligned offsets: read again
     from the file into fresh aligned memory (the map's pages are never touched, so nothing is held twice); the rest
-    stays mapped, as diffusers leaves it. Returns how many were read again; what the files do not hold is cloned."""
+    stays mapped, as diffusers leaves it (and `realign_cpu_tensors_` clones what the files do not hold). Returns how
+    many were read again."""
     from lora_ext.formats.layouts import hf_clip_module_path
     from lora_ext.formats.safetensors_io import read_header
-    from lora_ext.tools.streaming import TORCH_DTYPES, TensorFile
+    from lora_ext.formats.safetensors_stream import TORCH_DTYPES, TensorFiles
 
     where: dict[str, tuple[Path, str]] = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -268,28 +269,20 @@ def _reread_mapped_(module: torch.nn.Module, folder: Path) -> int:
             continue
         for key in header.tensors:
             where.setdefault(hf_clip_module_path(key), (f, key))
-    handles: dict[Path, TensorFile] = {}
     moved = 0
-    try:
-        with torch.no_grad():
-            for tensors in (module.named_parameters(recurse=True), module.named_buffers(recurse=True)):
-                for name, t in tensors:
-                    if t.device.type != "cpu" or not t.numel() or t.data_ptr() % 64 == 0:
-                        continue
-                    hit = where.get(hf_clip_module_path(name))
-                    fresh = None
-                    if hit is not None:
-                        tf = handles.get(hit[0])
-                        if tf is None:
-                            tf = handles[hit[0]] = TensorFile(hit[0]).__enter__()
-                        info = tf.header.tensors[hit[1]]
-                        if TORCH_DTYPES.get(info.dtype) == t.dtype and tuple(info.shape) == tuple(t.shape):
-                            fresh = tf.tensor(hit[1])
-                    t.data = fresh if fresh is not None else t.data.clone()
+    with TensorFiles() as files, torch.no_grad():
+        for tensors in (module.named_parameters(recurse=True), module.named_buffers(recurse=True)):
+            for name, t in tensors:
+                if t.device.type != "cpu" or not t.numel() or t.data_ptr() % 64 == 0:
+                    continue
+                hit = where.get(hf_clip_module_path(name))
+                if hit is None:
+                    continue
+                tf = files.get(hit[0])
+                info = tf.header.tensors[hit[1]]
+                if TORCH_DTYPES.get(info.dtype) == t.dtype and tuple(info.shape) == tuple(t.shape):
+                    t.data = tf.tensor(hit[1])
                     moved += 1
-    finally:
-        for tf in handles.values():
-            tf.__exit__()
     return moved
 
 
@@ -476,31 +469,40 @@ def cast_floating_(module: torch.nn.Module, dtype: torch.dtype) -> None:
     torch.nn.Module.to(module, dtype=dtype)
 
 
-def _build_diffusers_model(cls_name: str, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
-                           src: Path, what: str):
+def empty_diffusers_model(cls_name: str, config: Mapping[str, Any]):
+    """A diffusers model (`UNet2DConditionModel`, `AutoencoderKL`) of `config` with its parameters on `meta`."""
     import diffusers
     from accelerate import init_empty_weights
 
-    cls = getattr(diffusers, cls_name)
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(dict(config))
-    _assign_state_dict(model, dict(state_dict), src, what)
-    return model
+        return getattr(diffusers, cls_name).from_config(dict(config))
 
 
-def _build_text_encoder(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], src: Path, *, index: int):
-    """CLIPTextModel or CLIPTextModelWithProjection (by `config['architectures'][0]`) holding `state_dict`."""
+def empty_text_encoder(config: Mapping[str, Any]):
+    """CLIPTextModel or CLIPTextModelWithProjection (by `config['architectures'][0]`) with its parameters on `meta`."""
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lora_ext.models.convert import hf_clip_keys_for
 
     cfg = dict(config)
     arch_names = cfg.pop("architectures", None) or ["CLIPTextModel"]
     cls = CLIPTextModelWithProjection if arch_names[0] == "CLIPTextModelWithProjection" else CLIPTextModel
     cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
     with init_empty_weights(include_buffers=False):
-        model = cls(CLIPTextConfig(**cfg))
+        return cls(CLIPTextConfig(**cfg))
+
+
+def _build_diffusers_model(cls_name: str, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                           src: Path, what: str):
+    model = empty_diffusers_model(cls_name, config)
+    _assign_state_dict(model, dict(state_dict), src, what)
+    return model
+
+
+def _build_text_encoder(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], src: Path, *, index: int):
+    """`empty_text_encoder(config)` holding `state_dict`."""
+    from lora_ext.models.convert import hf_clip_keys_for
+
+    model = empty_text_encoder(config)
     renamed = hf_clip_keys_for(state_dict, list(model.state_dict()))
     _assign_state_dict(model, renamed, src, f"text encoder {index + 1}")
     return model

@@ -244,14 +244,13 @@ def save_safetensors_deterministic(tensors: dict[str, torch.Tensor], path: Path,
     import safetensors.torch
 
     from lora_ext.formats.safetensors_io import write_bytes_atomic
+    from lora_ext.formats.safetensors_stream import encode_header
 
     blob = safetensors.torch.save(tensors, metadata=metadata)
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + n])
     ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    write_bytes_atomic(path, len(text).to_bytes(8, "little") + text + blob[8 + n :])
+    write_bytes_atomic(path, encode_header(ordered) + blob[8 + n :])
 
 
 # --- AUTOMATIC1111 sidecars ---------------------------------------------------------------------------------------

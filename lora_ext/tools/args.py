@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_ext.errors import LoraNotFoundError
 from lora_ext.prompt import LoraRef, parse_tag
 from lora_ext.tools.common import ToolError
 from lora_ext.tools.merge_model import LoraInput
@@ -31,31 +30,29 @@ def parse_lora_arg(text: str, lora_dirs: Sequence[Path] = ()) -> LoraInput:
     text = text.strip()
     if text.startswith("<"):
         ref = parse_tag(text)
-        return LoraInput(_resolve(ref.name, lora_dirs), ref)
+        return LoraInput(resolve_lora(ref.name, lora_dirs), ref)
     split = _split_path(text)
     if split is not None:
         path, rest = split
         ref = parse_tag(f"<lora:{_safe_name(path.stem)}{':' + rest if rest else ''}>")
         return LoraInput(path, ref)
     ref = parse_tag(f"<lora:{text}>")
-    return LoraInput(_resolve(ref.name, lora_dirs), ref)
+    return LoraInput(resolve_lora(ref.name, lora_dirs), ref)
 
 
 def _safe_name(stem: str) -> str:
     return "".join("_" if c in ":<>=" else c for c in stem) or "lora"
 
 
-def _resolve(name: str, lora_dirs: Sequence[Path]) -> Path:
+def resolve_lora(name: str, lora_dirs: Sequence[Path]) -> Path:
+    """The file a tag's name means in `lora_dirs` (the prompt's rules); LoraNotFoundError naming where it looked."""
     from lora_ext.library.index import LoraIndex
     from lora_ext.library.lookup import IndexResolver
 
     if not lora_dirs:
         raise ToolError(f"LoRA {name!r} is not a file, and no LoRA folder was given to look it up "
                         "(pass --lora-dir, or give the file's path)")
-    try:
-        return IndexResolver(LoraIndex(list(lora_dirs))).resolve(name)
-    except LoraNotFoundError:
-        raise
+    return IndexResolver(LoraIndex(list(lora_dirs))).resolve(name)
 
 
 def ref_weights(ref: LoraRef) -> float:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lora_ext.runfolder import EVENTS_FILE
+from lora_ext.train.events import EventLog
 
 PERMILLE = 1000
 
@@ -69,29 +69,18 @@ TOOLS: Mapping[str, Callable[[Mapping[str, Any], Callable], Any]] = {
     "convert": _convert}
 
 
-class _Emitter:
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / EVENTS_FILE
-        run_dir.mkdir(parents=True, exist_ok=True)
+class _Progress:
+    """Tool progress (done, total) as `step` events in permille, one per change."""
+
+    def __init__(self, events) -> None:
+        self.events = events
         self.last = -1
-        self.stdout_ok = True
 
-    def __call__(self, kind: str, **fields: Any) -> None:
-        event = {"type": kind, "time": time.time(), **fields}
-        line = json.dumps(event, ensure_ascii=False, default=str)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-        if self.stdout_ok:
-            try:
-                print(line, flush=True)
-            except (BrokenPipeError, OSError):
-                self.stdout_ok = False
-
-    def progress(self, done: int, total: int, what: str = "") -> None:
+    def __call__(self, done: int, total: int, what: str = "") -> None:
         step = int(PERMILLE * done / total) if total else 0
         if step != self.last:
             self.last = step
-            self("step", step=step, total_steps=PERMILLE, what=what)
+            self.events.emit("step", step=step, total_steps=PERMILLE, what=what)
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -99,33 +88,36 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_ext.errors import LoraExtError
-
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    emit = _Emitter(Path(spec["run_dir"]))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _stop)
+    with EventLog(Path(spec["run_dir"]) / EVENTS_FILE, echo=sys.stdout) as events:
+        return _run(spec, events)
+
+
+def _run(spec: Mapping[str, Any], events: EventLog) -> int:
+    from lora_ext.errors import LoraExtError
+
     tool = TOOLS.get(spec.get("tool"))
-    emit("start", run_dir=spec["run_dir"], total_steps=PERMILLE, global_step=0, tool=spec.get("tool"))
+    events.emit("start", run_dir=spec["run_dir"], total_steps=PERMILLE, global_step=0, tool=spec.get("tool"))
     if tool is None:
-        emit("error", message=f"unknown tool {spec.get('tool')!r}; valid: {', '.join(TOOLS)}")
+        events.emit("error", message=f"unknown tool {spec.get('tool')!r}; valid: {', '.join(TOOLS)}")
         return 2
     try:
-        report = tool(spec["args"], emit.progress)
+        report = tool(spec["args"], _Progress(events))
     except KeyboardInterrupt:
-        emit("done", status="cancelled", output=None)
+        events.emit("done", status="cancelled", output=None)
         return 3
     except LoraExtError as err:
-        emit("error", message=str(err))
+        events.emit("error", message=str(err))
         return 2
     except Exception as err:  # noqa: BLE001 - reported, then the crash status
-        emit("error", message=f"{type(err).__name__}: {err}")
+        events.emit("error", message=f"{type(err).__name__}: {err}")
         return 1
-    emit("step", step=PERMILLE, total_steps=PERMILLE)
-    emit("done", status="finished", output=str(report.out), report=report.to_dict(), lines=report.lines())
+    events.emit("step", step=PERMILLE, total_steps=PERMILLE)
+    events.emit("done", status="finished", output=str(report.out), report=report.to_dict(), lines=report.lines())
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

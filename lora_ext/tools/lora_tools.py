@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lora_ext.errors import LoraFileError
 from lora_ext.formats.algorithms.base import LowRank
+from lora_ext.formats.algorithms.lora import DOWN, MID, UP
 from lora_ext.formats.network import LoraNetwork, load_lora, parse_lora
 from lora_ext.formats.safetensors_io import save_safetensors_atomic
+from lora_ext.formats.safetensors_stream import TensorFiles
 from lora_ext.patch.keymap import ModelAdapter, Target, TextEncoderPart, build_adapter
-from lora_ext.patch.patcher import ActiveLora, Patcher
+from lora_ext.patch.patcher import ActiveLora, Patcher, max_abs_of, merge_weight
 from lora_ext.tools.common import ToolError, check_output, dtype_arg
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -51,14 +52,14 @@ def family_adapter(arch: str) -> ModelAdapter:
     """The key map of a family's real model (shipped configs), on the meta device: names and shapes only."""
     from lora_ext import families
     from lora_ext.models import assets
-    from lora_ext.tools.model_files import _meta_text_encoder, _meta_unet
+    from lora_ext.models.loading import empty_diffusers_model, empty_text_encoder
 
     name = families.shipped_config(arch)
     unet_cfg = assets.load_config(name, "unet")
-    parts = [TextEncoderPart("te1", _meta_text_encoder(assets.load_config(name, "text_encoder")), "hf")]
+    parts = [TextEncoderPart("te1", empty_text_encoder(assets.load_config(name, "text_encoder")), "hf")]
     if arch == "sdxl":
-        parts.append(TextEncoderPart("te2", _meta_text_encoder(assets.load_config(name, "text_encoder_2")), "hf"))
-    return build_adapter(arch, _meta_unet(unet_cfg), unet_cfg, "diffusers", parts)
+        parts.append(TextEncoderPart("te2", empty_text_encoder(assets.load_config(name, "text_encoder_2")), "hf"))
+    return build_adapter(arch, empty_diffusers_model("UNet2DConditionModel", unet_cfg), unet_cfg, "diffusers", parts)
 
 
 def adapter_for(nets: Sequence[LoraNetwork], model: str | Path | None):
@@ -128,19 +129,6 @@ class LayerDelta:
         return u.cpu(), s.cpu(), vh.cpu(), total, complete
 
 
-def _weight_for(files, target: Target) -> Tensor:
-    """The base model's weight of a layer (needed by DoRA/IA3 deltas), read from the checkpoint."""
-    from lora_ext.tools.streaming import TensorFile
-
-    place = files.place_of(target.module, target.weight_attr)
-    with TensorFile(place.file, files.headers[place.file]) as tf:
-        w = tf.tensor(place.key).float()
-    if place.chunk is not None:
-        n = w.shape[0] // 3
-        w = w[place.chunk * n:(place.chunk + 1) * n]
-    return w
-
-
 def layer_deltas(adapter: ModelAdapter, actives: Sequence[ActiveLora], files=None) -> tuple[dict[str, LayerDelta],
                                                                                           dict[str, list[str]]]:
     """Per target key, the sum of the LoRAs' deltas (with their multipliers), and the unmatched modules by file."""
@@ -151,24 +139,21 @@ def layer_deltas(adapter: ModelAdapter, actives: Sequence[ActiveLora], files=Non
         raise ToolError(f"{c.network.name}: module {c.module.name} changes a bias; LoRA files (lora_up/lora_down) "
                         "cannot hold bias deltas, so this tool cannot write it")
     out: dict[str, LayerDelta] = {}
-    with torch.no_grad():
+    with TensorFiles() as handles, torch.no_grad():
         for contribs in weight_work.values():
             target = contribs[0].target
             spec = target.spec
             layer = LayerDelta(target)
             rows, cols = layer.shape2d
-            weight = None
             if any(c.module.algorithm.needs_current_weight for c in contribs):
                 if files is None:
                     c = next(c for c in contribs if c.module.algorithm.needs_current_weight)
                     raise ToolError(f"{c.network.name}: {c.module.algorithm.name} modules (e.g. {c.module.name}) "
                                     "depend on the base weights; pass --model with the base model")
-                weight = _weight_for(files, target)
-                acc = weight.clone()
-                for c in contribs:  # in order, as the patcher applies them
-                    d = c.module.algorithm.weight_delta(acc.reshape(spec.weight_shape), spec, dyn=c.dyn)
-                    acc.add_(d.materialize(spec.weight_shape).reshape(acc.shape), alpha=c.multiplier)
-                layer.dense = (acc - weight).reshape(rows, cols)
+                weight = files.stored(target.module, target.weight_attr, handles).float()
+                merged = weight.clone()  # in order, with the patcher's own arithmetic (DoRA/IA3 read the weight)
+                merge_weight(merged, weight, contribs, max_abs_of(weight))
+                layer.dense = (merged - weight).reshape(rows, cols)
                 out[target.key] = layer
                 continue
             shape_only = torch.zeros(()).expand(spec.weight_shape)
@@ -460,7 +445,6 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
     rank-`rank` factors; kxk convs with `conv_rank` (LoCon), else skipped; layers whose largest change is at most
     `min_diff` are skipped (text encoders that were not trained, for example)."""
     from lora_ext.tools.model_files import open_model
-    from lora_ext.tools.streaming import TensorFile
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -474,22 +458,10 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
     odt = dtype_arg(dtype) or torch.float32
     tensors: dict[str, Tensor] = {}
     targets = [t for t in a.adapter.targets.values() if t.spec.kind in ("linear", "conv")]
-    num = den = 0.0
-    handles: dict[Path, TensorFile] = {}
-
-    def read(files, target: Target) -> Tensor:
-        place = files.place_of(target.module, target.weight_attr)
-        tf = handles.get(place.file)
-        if tf is None:
-            tf = handles[place.file] = TensorFile(place.file, files.headers[place.file]).__enter__()
-        w = tf.tensor(place.key)
-        if place.chunk is not None:
-            n = w.shape[0] // 3
-            w = w[place.chunk * n:(place.chunk + 1) * n]
-        return w.float()
+    norms2: dict[str, float] = {}
 
     b_targets = b.adapter.targets
-    try:
+    with TensorFiles() as handles:
         for i, target in enumerate(targets):
             if progress is not None:
                 progress(i + 1, len(targets), target.key)
@@ -500,23 +472,19 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
             kxk = spec.kind == "conv" and math.prod(spec.weight_shape[2:]) > 1
             if kxk and conv_rank is None:
                 continue
-            diff = read(b, other) - read(a, target)
+            diff = (b.stored(other.module, other.weight_attr, handles).float()
+                    - a.stored(target.module, target.weight_attr, handles).float())
             if float(diff.abs().max()) <= min_diff:
                 report.skipped.append(target.key)
                 continue
             layer = LayerDelta(target, dense=diff.reshape(spec.weight_shape[0], -1))
-            up, down, result, norm2 = _truncate(layer, conv_rank if kxk else rank, None)
-            num += result.relative_error ** 2 * norm2
-            den += norm2
+            up, down, result, norms2[target.key] = _truncate(layer, conv_rank if kxk else rank, None)
             tensors.update({f"{kohya_name(a.adapter, target)}.{k}": v
                             for k, v in _factor_tensors(target, up, down, result.rank, odt).items()})
             report.layers.append(result)
-    finally:
-        for tf in handles.values():
-            tf.__exit__()
     if not tensors:
         raise ToolError(f"{tuned}: no layer differs from {base} by more than {min_diff}; nothing to extract")
-    report.extra["overall_relative_error"] = math.sqrt(num / den) if den else 0.0
+    report.extra["overall_relative_error"] = _overall(report.layers, norms2)
     from lora_ext.train.export import base_model_version, modelspec_architecture
 
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)),
@@ -562,26 +530,24 @@ def convert_lora(src: str | Path, out: str | Path, *, to: str, model: str | Path
             unmatched.append(mname)
             continue
         algo = module.algorithm
-        parts = dict(algo.tensors())
-        if module.dora_scale is not None:
-            parts.setdefault("dora_scale", module.dora_scale)
+        parts = algo.tensors()  # normalised suffixes (kohya's), the common alpha/scale/dora_scale keys included
         if to == "kohya":
             base = kohya_name(adapter, target)
-            renamed = {_kohya_suffix(s): t for s, t in parts.items()}
+            renamed = dict(parts)
             if algo.name == "lora" and "alpha" not in renamed and algo.rank:
                 renamed["alpha"] = torch.tensor(float(algo.alpha if algo.alpha is not None else algo.rank))
         else:
             if algo.name != "lora" or module.dora_scale is not None:
                 raise ToolError(f"{src} [{mname}]: {algo.name}{'+DoRA' if module.dora_scale is not None else ''} "
                                 "modules have no diffusers/PEFT names; keep this file in kohya format")
+            if MID in parts:
+                raise ToolError(f"{src} [{mname}]: LoCon mid (CP) factors have no diffusers names")
             base = target.spellings["peft"]
-            up, down = parts[_find(parts, "up")], parts[_find(parts, "down")]
+            up, down = parts[UP], parts[DOWN]
             scale = algo.scale()
             if scale != 1.0:
                 up = (up.float() * scale).to(up.dtype)
             renamed = {"lora_A.weight": down, "lora_B.weight": up}
-            if "lora_mid.weight" in parts or "lora_mid" in {s.split(".")[0] for s in parts}:
-                raise ToolError(f"{src} [{mname}]: LoCon mid (CP) factors have no diffusers names")
         for suffix, t in renamed.items():
             if odt is not None and t.is_floating_point():
                 t = t.to(odt)
@@ -599,16 +565,3 @@ def convert_lora(src: str | Path, out: str | Path, *, to: str, model: str | Path
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def _find(parts: Mapping[str, Tensor], which: str) -> str:
-    names = {"up": ("lora_up.weight", "lora_B.weight", "lora.up.weight"),
-             "down": ("lora_down.weight", "lora_A.weight", "lora.down.weight")}[which]
-    for n in names:
-        if n in parts:
-            return n
-    raise LoraFileError(None, f"a LoRA module without its {which} factor (has {sorted(parts)})")
-
-
-def _kohya_suffix(suffix: str) -> str:
-    return {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-            "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"}.get(suffix, suffix)

@@ -27,12 +27,12 @@ from lora_ext.errors import LoraFileError, ModelLoadError
 from lora_ext.formats.hashes import lora_short_hash
 from lora_ext.formats.network import load_lora
 from lora_ext.formats.safetensors_io import fsync_dir
+from lora_ext.formats.safetensors_stream import DTYPE_NAMES, FLOAT_NAMES, Entry, StreamWriter, TensorFile, tensor_bytes
 from lora_ext.patch.patcher import ActiveLora, Patcher, max_abs_of, merge_bias, merge_weight
 from lora_ext.prompt import LoraRef
 from lora_ext.session import active_lora
 from lora_ext.tools.common import ToolError, check_output, dtype_arg
 from lora_ext.tools.model_files import ModelFiles, Place, open_model
-from lora_ext.tools.streaming import DTYPE_NAMES, FLOAT_NAMES, Entry, StreamWriter, TensorFile, tensor_bytes
 
 MERGE_METADATA_KEY = "lora_ext.merged_loras"
 
@@ -164,23 +164,17 @@ def merge_model(model: str | Path, loras: Sequence[LoraInput], out: str | Path, 
     return report
 
 
-def _entries(files: ModelFiles, src: Path, want_dtype: torch.dtype | None) -> list[Entry]:
-    header = files.headers.get(src)
-    with TensorFile(src, header) as tf:
-        keys = tf.keys
-        infos = tf.header.tensors
-    name = DTYPE_NAMES[want_dtype] if want_dtype is not None else None
-    return [Entry(k, name if name and infos[k].dtype in FLOAT_NAMES else infos[k].dtype, tuple(infos[k].shape))
-            for k in keys]
-
-
 def _stream_file(files: ModelFiles, src: Path, dst: Path, work: _Work, want_dtype: torch.dtype | None,
                  metadata: dict[str, str] | None, overwrite: bool, tick: Callable[[int, str], None],
                  checks: dict, verify: Callable[[Path], None] | None = None, atomic: bool = True) -> None:
-    entries = _entries(files, src, want_dtype)
-    header = files.headers.get(src)
-    with TensorFile(src, header) as tf:
+    """Write `src` to `dst` tensor by tensor: merged where `work` says, cast to `want_dtype` (floating tensors), else
+    the bytes as they are. `atomic`: a temporary file verified and renamed; else written in place (inside a folder
+    that is itself built aside)."""
+    cast = DTYPE_NAMES[want_dtype] if want_dtype is not None else None
+    with TensorFile(src, files.headers.get(src)) as tf:
         infos = tf.header.tensors
+        entries = [Entry(k, cast if cast and infos[k].dtype in FLOAT_NAMES else infos[k].dtype, tuple(infos[k].shape))
+                   for k in tf.keys]
 
         def produce(fh: BinaryIO, entry: Entry) -> None:
             info = infos[entry.key]
@@ -199,24 +193,18 @@ def _stream_file(files: ModelFiles, src: Path, dst: Path, work: _Work, want_dtyp
                     else:
                         merge_bias(merged, t, contribs)
                     t = merged
-                    data = tensor_bytes(t)
+                data = tensor_bytes(t)
+                if job is not None:
                     checks[(src, entry.key)] = zlib.crc32(data)
-                    fh.write(data)
-                else:
-                    fh.write(tensor_bytes(t))
+                fh.write(data)
             tick(info.nbytes, entry.key)
 
-        writer_path = dst
+        writer = StreamWriter(dst, entries, metadata, overwrite=overwrite)
         if atomic:
-            StreamWriter(writer_path, entries, metadata, overwrite=overwrite).write(produce, verify)
+            writer.write(produce, verify)
         else:
-            from lora_ext.tools.streaming import header_bytes
-
-            with open(writer_path, "wb") as fh:
-                fh.write(header_bytes(entries, metadata))
-                for entry in entries:
-                    produce(fh, entry)
-                fh.flush()
+            with open(dst, "wb") as fh:
+                writer.write_into(fh, produce)
                 os.fsync(fh.fileno())
 
 

@@ -13,18 +13,18 @@ So the model tools stream any checkpoint tensor by tensor and still compute exac
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lora_ext.errors import LoraFileError, ModelLoadError
 from lora_ext.formats.layouts import clip_hf_to_openclip, hf_clip_module_path, unet_module_map
 from lora_ext.formats.safetensors_io import SafetensorsHeader, read_header
+from lora_ext.formats.safetensors_stream import TORCH_DTYPES, TensorFiles
 from lora_ext.models import assets
 from lora_ext.models.convert import TE_PREFIXES, UNET_PREFIX
+from lora_ext.models.loading import empty_diffusers_model, empty_text_encoder
 from lora_ext.patch.keymap import ModelAdapter, TextEncoderPart, build_adapter
 
 DIFFUSERS_PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -61,6 +61,16 @@ class ModelFiles:
                                  "be merged here")
         return place
 
+    def stored(self, module: torch.nn.Module, attr: str, files: TensorFiles) -> torch.Tensor:
+        """A key-map parameter as the files store it (its third of a fused q/k/v weight), read into fresh memory
+        through the open `files`."""
+        place = self.place_of(module, attr)
+        t = files.get(place.file, self.headers[place.file]).tensor(place.key)
+        if place.chunk is not None:
+            n = t.shape[0] // 3
+            t = t[place.chunk * n:(place.chunk + 1) * n]
+        return t
+
     @property
     def nbytes(self) -> int:
         return sum(h.file_size for h in self.headers.values())
@@ -84,26 +94,6 @@ def open_model(path: str | Path) -> ModelFiles:
 # ------------------------------------------------------------------------------------------------------- skeletons
 
 
-def _meta_unet(config: Mapping[str, Any]):
-    import diffusers
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return diffusers.UNet2DConditionModel.from_config(dict(config))
-
-
-def _meta_text_encoder(config: Mapping[str, Any]):
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = dict(config)
-    names = cfg.pop("architectures", None) or ["CLIPTextModel"]
-    cls = CLIPTextModelWithProjection if names[0] == "CLIPTextModelWithProjection" else CLIPTextModel
-    cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
-    with init_empty_weights(include_buffers=False):
-        return cls(CLIPTextConfig(**cfg))
-
-
 def _header(path: Path) -> SafetensorsHeader:
     try:
         return read_header(path)
@@ -112,8 +102,6 @@ def _header(path: Path) -> SafetensorsHeader:
 
 
 def _meta_state(header: SafetensorsHeader) -> dict[str, torch.Tensor]:
-    from lora_ext.tools.streaming import TORCH_DTYPES
-
     return {k: torch.empty(i.shape, dtype=TORCH_DTYPES.get(i.dtype, torch.uint8), device="meta")
             for k, i in header.tensors.items()}
 
@@ -132,8 +120,8 @@ def _open_single_file(src: Path, *, like: Path | None = None) -> ModelFiles:
     hints = conversion_hints(hints_src, header.metadata, _read_sidecar_yaml(hints_src))
     parts = convert.single_file_to_diffusers(meta, **hints)
     arch = parts.arch
-    unet = _meta_unet(parts.unet_config)
-    tes = [_meta_text_encoder(cfg) for cfg in parts.te_configs]
+    unet = empty_diffusers_model("UNet2DConditionModel", parts.unet_config)
+    tes = [empty_text_encoder(cfg) for cfg in parts.te_configs]
     te_parts = [TextEncoderPart(f"te{i + 1}", te, "hf") for i, te in enumerate(tes)]
     adapter = build_adapter(arch, unet, parts.unet_config, "diffusers", te_parts)
     files = ModelFiles(path=src, layout="single-file", arch=arch, adapter=adapter, headers={src: header},
@@ -206,8 +194,8 @@ def _open_folder(src: Path) -> ModelFiles:
     unet_cfg = config("unet")
     te_cfgs = [config(p) for p in ("text_encoder", "text_encoder_2") if (src / p).is_dir()]
     arch = family_from_configs(unet_cfg, te_cfgs[0] if te_cfgs else None)
-    unet = _meta_unet(unet_cfg)
-    tes = [_meta_text_encoder(c) for c in te_cfgs]
+    unet = empty_diffusers_model("UNet2DConditionModel", unet_cfg)
+    tes = [empty_text_encoder(c) for c in te_cfgs]
     adapter = build_adapter(arch, unet, unet_cfg, "diffusers",
                             [TextEncoderPart(f"te{i + 1}", te, "hf") for i, te in enumerate(tes)])
     headers: dict[Path, SafetensorsHeader] = {}

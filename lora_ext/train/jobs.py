@@ -43,7 +43,7 @@ from lora_ext.formats.safetensors_io import write_bytes_atomic
 from lora_ext.runfolder import RUN_CONFIG_FILE, SAVE_FILE, STOP_AFTER_CHECKPOINT_FILE, STOP_FILE
 from lora_ext.train.config import TrainConfig, load_config
 from lora_ext.train.events import read_events
-from lora_ext.train.process import start_training
+from lora_ext.train.process import start_child, start_training
 
 logger = logging.getLogger(__name__)
 
@@ -382,10 +382,7 @@ class JobRunner:
 def _start_tool(spec_file: Path) -> subprocess.Popen:
     import sys
 
-    from lora_ext.train.process import child_environment
-
-    return subprocess.Popen([sys.executable, "-m", "lora_ext.tools.job", str(spec_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1, env=child_environment())
+    return start_child([sys.executable, "-m", "lora_ext.tools.job", str(spec_file)], stderr=subprocess.PIPE)
 
 
 def _settle_from_events(job: Job) -> None:

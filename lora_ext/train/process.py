@@ -53,16 +53,21 @@ def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_training(args: Sequence[str], *, verbose: bool = False, env: Mapping[str, str] | None = None,
-                   **popen_kwargs: Any) -> subprocess.Popen:
-    """Start `python -m lora_ext.train ARGS --json-events`; stdout is a text pipe of JSON event lines unless
-    `popen_kwargs` says otherwise."""
+def start_child(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, **popen_kwargs: Any) -> subprocess.Popen:
+    """Start `cmd` as a runner's child (this package on PYTHONPATH, the runner's pid in its environment); stdout is a
+    text pipe of JSON event lines unless `popen_kwargs` says otherwise."""
     popen_kwargs.setdefault("stdout", subprocess.PIPE)
     if popen_kwargs["stdout"] is subprocess.PIPE:
         popen_kwargs.setdefault("text", True)
         popen_kwargs.setdefault("encoding", "utf-8")
         popen_kwargs.setdefault("bufsize", 1)
-    return subprocess.Popen(training_command(args, verbose=verbose), env=child_environment(env), **popen_kwargs)
+    return subprocess.Popen(list(cmd), env=child_environment(env), **popen_kwargs)
+
+
+def start_training(args: Sequence[str], *, verbose: bool = False, env: Mapping[str, str] | None = None,
+                   **popen_kwargs: Any) -> subprocess.Popen:
+    """Start `python -m lora_ext.train ARGS --json-events` (see `start_child`)."""
+    return start_child(training_command(args, verbose=verbose), env=env, **popen_kwargs)
 
 
 def runner_pid() -> int | None:

@@ -372,11 +372,10 @@ class TrainService:
             path = self.roots.check(field_name, str(candidate), "loras")
         else:
             from lora_ext.errors import LoraNotFoundError
-            from lora_ext.library.index import LoraIndex
-            from lora_ext.library.lookup import IndexResolver
+            from lora_ext.tools.args import resolve_lora
 
             try:
-                path = IndexResolver(LoraIndex([self.roots.lora_dir])).resolve(value)
+                path = resolve_lora(value, [self.roots.lora_dir])
             except LoraNotFoundError as exc:
                 raise ConfigError(f"{field_name}: {exc}", field=field_name) from None
         return path

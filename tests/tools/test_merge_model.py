@@ -174,7 +174,7 @@ def test_bad_inputs_leave_nothing(models, tmp_path):
     # a full disk while writing: a typed error, no partial or temporary file, the input untouched
     before = model.read_bytes()
     out = allowed / "d.safetensors"
-    import lora_ext.tools.streaming as streaming
+    import lora_ext.formats.safetensors_stream as streaming
 
     orig = streaming.tensor_bytes
 

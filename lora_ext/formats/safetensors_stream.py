@@ -1,4 +1,4 @@
-"""Tensor-by-tensor reading and writing of `.safetensors` files, for the model tools.
+"""Tensor-by-tensor reading and writing of `.safetensors` files (the model tools, and model loading without a map).
 
 `TensorFile` reads one tensor at a time at its byte offsets (validated header first: `read_header`), or copies a
 tensor's bytes to another file without making a tensor of them; `StreamWriter` writes a safetensors file whose header
@@ -96,6 +96,27 @@ class TensorFile:
             n -= len(block)
 
 
+class TensorFiles:
+    """`TensorFile`s kept open, one per path, until the context ends (reads that jump between several files)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, TensorFile] = {}
+
+    def __enter__(self) -> TensorFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tf in self._open.values():
+            tf.__exit__()
+        self._open.clear()
+
+    def get(self, path: Path, header: SafetensorsHeader | None = None) -> TensorFile:
+        tf = self._open.get(path)
+        if tf is None:
+            tf = self._open[path] = TensorFile(path, header).__enter__()
+        return tf
+
+
 @dataclass(frozen=True)
 class Entry:
     """One tensor of a file to write: its key, safetensors dtype name and shape."""
@@ -112,8 +133,15 @@ class Entry:
         return n * DTYPE_BITS[self.dtype] // 8
 
 
+def encode_header(head: Mapping[str, object]) -> bytes:
+    """The 8-byte length and the compact JSON header, space-padded to a multiple of 8 bytes, in `head`'s key order."""
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
 def header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> bytes:
-    """The 8-byte length and the JSON header (space-padded to 8 bytes) for `entries` written in order."""
+    """The header for `entries` written in order (metadata first)."""
     head: dict[str, object] = {}
     if metadata:
         head[METADATA_KEY] = dict(metadata)
@@ -121,9 +149,7 @@ def header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -
     for e in entries:
         head[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
-    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    return encode_header(head)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -139,6 +165,8 @@ class StreamWriter:
 
     `produce(fh, entry)` is called once per entry and must write exactly `entry.nbytes` bytes (checked).
     `verify(tmp_path)` runs on the complete temporary file before it replaces `path` (raise to refuse it).
+    `write_into(fh, produce)` writes the same bytes into an open file (a file inside a folder that is itself built
+    aside and renamed into place).
     """
 
     def __init__(self, path: str | os.PathLike[str], entries: Sequence[Entry], metadata: Mapping[str, str] | None,
@@ -149,19 +177,21 @@ class StreamWriter:
         self.overwrite = overwrite
         _check_target(self.path, overwrite)
 
+    def write_into(self, fh: BinaryIO, produce: Callable[[BinaryIO, Entry], None]) -> None:
+        fh.write(header_bytes(self.entries, self.metadata))
+        for entry in self.entries:
+            start = fh.tell()
+            produce(fh, entry)
+            written = fh.tell() - start
+            if written != entry.nbytes:
+                raise RuntimeError(f"internal error: {entry.key} wrote {written} bytes, expected {entry.nbytes}")
+        fh.flush()
+
     def write(self, produce: Callable[[BinaryIO, Entry], None],
               verify: Callable[[Path], None] | None = None) -> Path:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                fh.write(header_bytes(self.entries, self.metadata))
-                for entry in self.entries:
-                    start = fh.tell()
-                    produce(fh, entry)
-                    written = fh.tell() - start
-                    if written != entry.nbytes:
-                        raise RuntimeError(f"internal error: {entry.key} wrote {written} bytes, "
-                                           f"expected {entry.nbytes}")
-                fh.flush()
+                self.write_into(fh, produce)
             if verify is not None:
                 verify(tmp)
 

@@ -8,7 +8,8 @@ lora-block-weight syntax)::
     tag      = "<" KIND ":" arg (":" arg)* ">"          KIND = "lora" | "lyco"  (lyco is an alias, same meaning)
     arg      = positional | NAME "=" value               an arg containing "=" is named, split at its "="
     position = LORA_NAME [":" TE [":" UNET [":" DYN]]]   positional args are counted without the named ones
-    named    = te= | unet= | dyn= | lbw= (alias w=) | start= | stop= | step=START-STOP | any other key
+    named    = te= | unet= | dyn= | lbw= (alias w=) | start= | stop= | step=START-STOP | hr= | hrte= | hrunet=
+               | any other key
 
 * ``te`` defaults to 1.0; ``unet`` defaults to ``te`` (after ``te=`` is applied); a named arg overrides the positional
   one, as in A1111 (`<lora:x:0.5:te=0.8>` gives te = unet = 0.8).
@@ -20,7 +21,14 @@ lora-block-weight syntax)::
   fraction of the steps in 0.0..1.0 (``0.3``, ``1.0``), the same rule as A1111's prompt editing ``[a:b:0.3]``.
   The LoRA is active for sampling steps ``start <= step < stop`` (lora-block-weight applies at ``start`` and removes
   at ``stop``). ``step=5-10`` (lora-block-weight) is shorthand for ``start=5:stop=10``.
-* Every other named arg (``hr=``, ``neg=``, ``lbwe=``, ``x=``, ...) is kept verbatim in `LoraRef.extra`.
+* Weight schedules (sd-webui-loractl's syntax): in place of a TE/UNet multiplier (positional or ``te=``/``unet=``),
+  ``weight@step`` points separated by ``,`` or ``;``: ``<lora:x:0@0,1@0.5>``, ``<lora:x:1:unet=0@5,1@6>``. When every
+  step is <= 1 they are fractions of the pass (0 = first sampling step, 1 = the last), otherwise step numbers; the
+  weight is linear between points and constant outside (`WeightSchedule`). A TE schedule gives the text encoder its
+  weight at step 0 (the conditioning is computed once, before sampling). ``hr=`` (both), ``hrte=``, ``hrunet=`` give
+  the weights (numbers or schedules) for the hires-fix pass. A changing schedule cannot be combined with
+  ``start=``/``stop=``.
+* Every other named arg (``neg=``, ``lbwe=``, ``x=``, ...) is kept verbatim in `LoraRef.extra`.
 
 Tolerated (accepted as A1111 accepts them): whitespace around numbers (``<lora:x: 0.8 >``), named args before the
 name (``<lora:te=0.5:x>``), signs and exponents in multipliers (``+1``, ``5e-1``), negative and > 1 multipliers and
@@ -70,6 +78,7 @@ __all__ = [
     "BlockWeights",
     "LoraRef",
     "StepPoint",
+    "WeightSchedule",
     "parse_block_weights",
     "parse_prompt",
     "parse_tag",
@@ -126,7 +135,7 @@ LBW_PRESETS: Mapping[str, tuple[float, ...]] = MappingProxyType(
 )
 
 # Named args this module interprets; anything else goes to LoraRef.extra.
-_KNOWN_KEYS = frozenset({"te", "unet", "dyn", "lbw", "w", "start", "stop", "step"})
+_KNOWN_KEYS = frozenset({"te", "unet", "dyn", "lbw", "w", "start", "stop", "step", "hr", "hrte", "hrunet"})
 
 _TAG_RE = re.compile(r"<(\w+):([^<>]*)>")
 _UNCLOSED_RE = re.compile(r"<(?:lora|lyco):")
@@ -184,6 +193,74 @@ class StepPoint:
             text = format(Decimal(repr(self.value)), "f")
             return text if "." in text else text + ".0"
         return str(int(self.value))
+
+
+@dataclass(frozen=True)
+class WeightSchedule:
+    """A multiplier that changes over the sampling steps (sd-webui-loractl's syntax): ``weight@step`` points, e.g.
+    ``0@0,1@0.5`` (commas or semicolons between points).
+
+    `points` are (weight, at) pairs sorted by `at`. When every `at` is <= 1 the points are fractions of the pass
+    (`fractions` True: 0 is the first sampling step, 1 the last); otherwise they are step numbers (0-based). Between
+    points the weight is linear in the step, outside them it is constant (the first point's weight before it, the
+    last's after it). A schedule of one point is a constant.
+    """
+
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        points = tuple((float(w), float(at)) for w, at in self.points)
+        if not points:
+            raise ValueError("a weight schedule needs at least one weight@step point")
+        for w, at in points:
+            if not (math.isfinite(w) and math.isfinite(at)) or at < 0:
+                raise ValueError(f"{_point_text(w, at)}: weights must be finite and steps >= 0")
+        points = tuple(sorted(points, key=lambda p: p[1]))
+        ats = [at for _, at in points]
+        if len(set(ats)) != len(ats):
+            raise ValueError(f"two points at step {next(a for a in ats if ats.count(a) > 1):g}; give each step once")
+        object.__setattr__(self, "points", points)
+
+    @property
+    def fractions(self) -> bool:
+        """True when the steps are fractions of the pass (every point at <= 1), as loractl decides."""
+        return self.points[-1][1] <= 1.0
+
+    @property
+    def is_constant(self) -> bool:
+        return len({w for w, _ in self.points}) == 1
+
+    @property
+    def first(self) -> float:
+        """The weight at step 0 (what the text encoder gets: it runs once, before sampling)."""
+        return self.at(0, 1)
+
+    def position(self, step: int, total_steps: int) -> float:
+        """Where sampling step `step` (0-based) of `total_steps` falls on this schedule's axis."""
+        if not self.fractions:
+            return float(step)
+        return step / (total_steps - 1) if total_steps > 1 else 0.0
+
+    def at(self, step: int, total_steps: int) -> float:
+        """The weight at sampling step `step` (0-based) of `total_steps`: linear between points, constant outside."""
+        x = self.position(step, total_steps)
+        pts = self.points
+        if x <= pts[0][1]:
+            return pts[0][0]
+        for (w0, a0), (w1, a1) in zip(pts, pts[1:]):
+            if x <= a1:
+                return w0 + (w1 - w0) * (x - a0) / (a1 - a0)
+        return pts[-1][0]
+
+    def __str__(self) -> str:
+        """The text that parses back to this schedule ("0.0@0.0,1.0@0.5"; a constant: its number)."""
+        if len(self.points) == 1:
+            return repr(self.points[0][0])
+        return ",".join(_point_text(w, at) for w, at in self.points)
+
+
+def _point_text(weight: float, at: float) -> str:
+    return f"{weight!r}@{int(at) if at.is_integer() else at!r}"
 
 
 @dataclass(frozen=True)
@@ -254,6 +331,10 @@ class LoraRef:
     tag: str = ""
     kind: str = "lora"
     extra: dict[str, str] = field(default_factory=dict, hash=False)
+    te_schedule: WeightSchedule | None = None  # loractl schedules; te/unet then hold their weight at step 0
+    unet_schedule: WeightSchedule | None = None
+    hr_te: WeightSchedule | None = None  # hrte= (or hr=): the text encoder's weight in the hires pass
+    hr_unet: WeightSchedule | None = None  # hrunet= (or hr=): the UNet's weight in the hires pass
 
     def __post_init__(self) -> None:
         where = self.tag or f"<{self.kind}:{self.name}>"
@@ -272,6 +353,18 @@ class LoraRef:
         problem = _window_problem(self.start, self.stop)
         if problem:
             raise PromptSyntaxError(where, problem)
+        for label in ("te_schedule", "unet_schedule", "hr_te", "hr_unet"):
+            value = getattr(self, label)
+            if value is not None and not isinstance(value, WeightSchedule):
+                raise PromptSyntaxError(where, f"{label} must be a WeightSchedule, got {value!r}")
+        for label, schedule in (("te", self.te_schedule), ("unet", self.unet_schedule)):
+            if schedule is not None and schedule.first != getattr(self, label):
+                raise PromptSyntaxError(where, f"{label} must be its schedule's weight at step 0 ({schedule.first})")
+        changing = any(x is not None and not x.is_constant
+                       for x in (self.te_schedule, self.unet_schedule, self.hr_te, self.hr_unet))
+        if changing and (self.start is not None or self.stop is not None):
+            raise PromptSyntaxError(where, "a weight schedule (weight@step) cannot be combined with start=/stop=; "
+                                    "write the window into the schedule, e.g. unet=0@4,1@5")
         extra = dict(self.extra)
         for key, value in extra.items():
             if not isinstance(key, str) or not _ARG_NAME_RE.fullmatch(key) or key in _KNOWN_KEYS:
@@ -279,6 +372,24 @@ class LoraRef:
             if not isinstance(value, str) or any(c in value for c in ":<>="):
                 raise PromptSyntaxError(where, f"extra arg {key}= must be text without ':', '<', '>' or '='")
         object.__setattr__(self, "extra", extra)
+
+    @property
+    def is_scheduled(self) -> bool:
+        """True when a multiplier changes during the generation (a schedule, or hires-pass weights)."""
+        changing = any(s is not None and not s.is_constant for s in (self.te_schedule, self.unet_schedule))
+        return changing or self.hr_te is not None or self.hr_unet is not None
+
+    def te_weight(self, hires: bool = False) -> float:
+        """The text encoder's multiplier: the conditioning is computed once per pass, before its first step, so a
+        schedule gives its weight at step 0 (as with loractl)."""
+        if hires and self.hr_te is not None:
+            return self.hr_te.first
+        return self.te
+
+    def unet_weight(self, step: int, total_steps: int, hires: bool = False) -> float:
+        """The UNet's multiplier at sampling step `step` (0-based) of the pass's `total_steps`."""
+        schedule = self.hr_unet if hires and self.hr_unet is not None else self.unet_schedule
+        return schedule.at(step, total_steps) if schedule is not None else self.unet
 
     def active_steps(self, total_steps: int) -> range:
         """The 0-based sampling steps during which this LoRA is active (start <= step < stop)."""
@@ -288,9 +399,11 @@ class LoraRef:
 
     def to_tag(self) -> str:
         """A canonical tag text that `parse_tag` reads back to an equal LoraRef (apart from `tag`)."""
-        parts = [self.kind, self.name, repr(self.te)]
-        if self.unet != self.te:
-            parts.append(repr(self.unet))
+        te_text = str(self.te_schedule) if self.te_schedule is not None else repr(self.te)
+        unet_text = str(self.unet_schedule) if self.unet_schedule is not None else repr(self.unet)
+        parts = [self.kind, self.name, te_text]
+        if unet_text != te_text:
+            parts.append(unet_text)
         if self.dyn is not None:
             parts.append(f"dyn={self.dyn}")
         if self.lbw is not None:
@@ -299,6 +412,10 @@ class LoraRef:
             parts.append(f"start={self.start}")
         if self.stop is not None:
             parts.append(f"stop={self.stop}")
+        if self.hr_te is not None:
+            parts.append(f"hrte={self.hr_te}")
+        if self.hr_unet is not None:
+            parts.append(f"hrunet={self.hr_unet}")
         parts.extend(f"{k}={v}" for k, v in self.extra.items())
         return "<" + ":".join(parts) + ">"
 
@@ -414,12 +531,21 @@ def _parse_args(kind: str, args: str, tag: str, presets: Mapping[str, str | Sequ
         raise PromptSyntaxError(tag, problem)
 
     # A named arg overrides its positional one (both must be valid); unet defaults to the final te (A1111).
-    te = _multiplier(tag, positional[1], "argument 2 (TE multiplier)", presets) if len(positional) > 1 else 1.0
+    te, te_schedule = 1.0, None
+    if len(positional) > 1:
+        te, te_schedule = _weight(tag, positional[1], "argument 2 (TE multiplier)", presets)
     if "te" in named:
-        te = _multiplier(tag, named["te"], "te=")
-    unet = _multiplier(tag, positional[2], "argument 3 (UNet multiplier)", presets) if len(positional) > 2 else te
+        te, te_schedule = _weight(tag, named["te"], "te=")
+    unet, unet_schedule = te, te_schedule
+    if len(positional) > 2:
+        unet, unet_schedule = _weight(tag, positional[2], "argument 3 (UNet multiplier)", presets)
     if "unet" in named:
-        unet = _multiplier(tag, named["unet"], "unet=")
+        unet, unet_schedule = _weight(tag, named["unet"], "unet=")
+    hr_te = hr_unet = _schedule(tag, named["hr"], "hr=") if "hr" in named else None
+    if "hrte" in named:
+        hr_te = _schedule(tag, named["hrte"], "hrte=")
+    if "hrunet" in named:
+        hr_unet = _schedule(tag, named["hrunet"], "hrunet=")
     dyn = _dyn(tag, positional[3], "argument 4 (DyLoRA dim)", presets) if len(positional) > 3 else None
     if "dyn" in named:
         dyn = _dyn(tag, named["dyn"], "dyn=")
@@ -439,10 +565,57 @@ def _parse_args(kind: str, args: str, tag: str, presets: Mapping[str, str | Sequ
     if problem:
         raise PromptSyntaxError(tag, problem)
 
+    if (start is not None or stop is not None) and any(
+            x is not None and not x.is_constant for x in (te_schedule, unet_schedule, hr_te, hr_unet)):
+        raise PromptSyntaxError(tag, "a weight schedule (weight@step) cannot be combined with start=/stop=/step=; "
+                                "write the window into the schedule, e.g. unet=0@4,1@5")
+
     extra = {key: value for key, value in named.items() if key not in _KNOWN_KEYS}
     return LoraRef(
-        name=name, te=te, unet=unet, dyn=dyn, lbw=lbw, start=start, stop=stop, tag=tag, kind=kind, extra=extra
+        name=name, te=te, unet=unet, dyn=dyn, lbw=lbw, start=start, stop=stop, tag=tag, kind=kind, extra=extra,
+        te_schedule=_keep_schedule(te_schedule), unet_schedule=_keep_schedule(unet_schedule), hr_te=hr_te,
+        hr_unet=hr_unet,
     )
+
+
+def _keep_schedule(schedule: WeightSchedule | None) -> WeightSchedule | None:
+    """A constant written as a schedule ("1@0,1@1") is just its number."""
+    return None if schedule is None or schedule.is_constant else schedule
+
+
+def _weight(tag: str, text: str, what: str,
+            presets: Mapping[str, object] | None = None) -> tuple[float, WeightSchedule | None]:
+    """A multiplier or a loractl schedule: (the weight at step 0, the schedule or None)."""
+    if "@" not in text:
+        return _multiplier(tag, text, what, presets), None
+    schedule = _schedule(tag, text, what)
+    return schedule.first, schedule
+
+
+def _schedule(tag: str, text: str, what: str) -> WeightSchedule:
+    """`weight@step` points separated by "," or ";" (loractl); a point without "@step" sits at step 1, as in loractl;
+    a plain number is a constant."""
+    points = []
+    for item in re.split("[,;]", text):
+        pieces = item.split("@")
+        if len(pieces) > 2:
+            raise PromptSyntaxError(tag, f"{what} point {item.strip()!r} has more than one '@' (write weight@step)")
+        weight = _multiplier(tag, pieces[0], f"{what} weight in {item.strip()!r}")
+        if len(pieces) == 1:
+            if "@" not in text:
+                return WeightSchedule(((weight, 0.0),))
+            at = 1.0
+        else:
+            at_text = pieces[1].strip()
+            if not _FLOAT_RE.fullmatch(at_text) or at_text.startswith(("-", "+")):
+                raise PromptSyntaxError(tag, f"{what} step in {item.strip()!r} is {at_text!r}, not a step number "
+                                        "(like 10) or a fraction of the steps (like 0.5)")
+            at = float(at_text)
+        points.append((weight, at))
+    try:
+        return WeightSchedule(tuple(points))
+    except ValueError as err:
+        raise PromptSyntaxError(tag, f"{what} {text.strip()!r}: {err}") from None
 
 
 def _name_problem(name: object) -> str | None:

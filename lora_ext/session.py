@@ -7,10 +7,16 @@ Contract
   `LoraRef`s already parsed), replacing whatever the previous call applied. A tag that cannot be used (bad syntax, file
   not found, unreadable file, wrong model family, bad tensors) is left out and described in `Activation.problems`;
   the others are applied. With `strict=True` the first such problem raises its typed `LoraExtError` instead.
-- `start=`/`stop=` (lora-block-weight's step window): the text encoder gets the LoRA for the whole generation (the
-  conditioning is computed once, before sampling); the UNet gets it for sampling steps `start <= step < stop`.
-  `activate` merges the UNet part as for step 0 of an unknown number of steps; `at_step(step, total)`, called before
-  each sampling step (the step from `sampling_step`), re-merges only the layers whose multiplier changes.
+- `start=`/`stop=` (lora-block-weight's step window) and weight schedules (`<lora:x:0@0,1@0.5>`, loractl): the text
+  encoder gets the LoRA's weight at step 0 for the whole pass (the conditioning is computed once, before sampling);
+  the UNet's multiplier follows the window or schedule, step by step (`LoraRef.unet_weight`). `at_step(step, total)`,
+  called by the host before each sampling step, brings the UNet there. Per generation the session decides how
+  (`lora_ext.patch.bypass.estimate_seconds` on the `GenerationShape` the host gives): by re-merging the layers whose
+  multiplier changes (cheap when it changes at a few steps: a window), or as bypass on the layer outputs with a gain
+  per LoRA (no re-merge at all: a schedule that changes every step). `Activation.notes` says which, and why.
+- Layers whose weights cannot hold a merge (FP8 storage) take their LoRAs as bypass, always
+  (`lora_ext.patch.bypass.needs_bypass`); restoring removes the hooks, the weights were never written.
+- `activate(..., hires=True)`: the hires-fix pass, with the tags' `hr=`/`hrte=`/`hrunet=` weights.
 - `Activation.hashes` is the infotext's "Lora hashes" (`lora_ext.formats.infotext`): the applied LoRAs only.
 - `restore()` puts every weight back bit-exactly; `forget_model()` restores and drops every reference to the model.
 - Calls are serialized with a lock (the WebUI's UI and API can both start generations).
@@ -28,6 +34,7 @@ from typing import Any, Protocol
 from lora_ext.errors import LoraExtError, LoraFileError, LoraNotFoundError
 from lora_ext.formats.infotext import infotext_name
 from lora_ext.formats.network import LoraNetwork
+from lora_ext.patch.bypass import Bypass, GenerationShape, can_bypass, estimate_seconds, needs_bypass
 from lora_ext.patch.cache import LoraCache
 from lora_ext.patch.keymap import ModelAdapter
 from lora_ext.patch.patcher import ActiveLora, Patcher
@@ -64,6 +71,8 @@ class Activation:
     networks: list[LoraNetwork] = field(default_factory=list)  # the applied files, parsed (bundled embeddings)
     hashes: dict[str, str] = field(default_factory=dict)  # "Lora hashes": infotext name -> 12-hex hash
     problems: list[str] = field(default_factory=list)  # one sentence per problem, for the console, UI and comments
+    notes: list[str] = field(default_factory=list)  # how LoRAs are applied when not simply merged (console)
+    mode: str = "merge"  # "merge", or "bypass" when changing multipliers run as bypass
     report: PatchReport | None = None
 
 
@@ -89,8 +98,19 @@ def step_of_call(call: int, calls: int, steps: int) -> int:
     return min(steps - 1, call * steps // calls)
 
 
-def _has_window(ref: LoraRef) -> bool:
-    return ref.start is not None or ref.stop is not None
+def _changes(ref: LoraRef, hires: bool) -> bool:
+    """Does the UNet multiplier change within the pass (a step window, or a schedule that is not constant)?"""
+    schedule = ref.hr_unet if hires and ref.hr_unet is not None else ref.unet_schedule
+    return ref.start is not None or ref.stop is not None or (schedule is not None and not schedule.is_constant)
+
+
+def unet_multiplier(ref: LoraRef, step: int, total: int | None, hires: bool = False) -> float:
+    """The UNet multiplier of a tag at sampling step `step` (0-based) of `total` (None: before sampling, as for step 0
+    of an unknown count): its schedule's weight, and 0 outside its start=/stop= window. Both hosts use this rule."""
+    steps = total if total is not None else _UNKNOWN_TOTAL
+    if (ref.start is not None or ref.stop is not None) and step not in ref.active_steps(steps):
+        return 0.0
+    return ref.unet_weight(step, max(steps, 1), hires)
 
 
 class LoraSession:
@@ -108,8 +128,13 @@ class LoraSession:
         self._patcher: Patcher | None = None
         self._model: Any = None
         self.last: Activation | None = None
-        self._windowed: list[_Loaded] = []  # the active set when some LoRA has start=/stop=
+        self._loaded: list[_Loaded] = []  # the active set
+        self._windowed: list[_Loaded] = []  # the active set when some LoRA's UNet multiplier changes within the pass
         self._step_key: tuple[float, ...] | None = None
+        self._bypass = Bypass()
+        self.schedule_mode = "auto"  # changing UNet multipliers: "auto" (estimate per generation), "merge", "bypass"
+        self._mode = "merge"  # how the changing multipliers are applied in this pass: "merge" or "bypass"
+        self._hires = False
 
     # ---------------------------------------------------------------------------------------------------- state
 
@@ -131,8 +156,14 @@ class LoraSession:
 
     @property
     def has_windows(self) -> bool:
-        """True between `activate` and `restore` when some active LoRA has start=/stop= (`at_step` has work)."""
+        """True between `activate` and `restore` when some active LoRA's UNet multiplier changes with the step (a
+        start=/stop= window or a schedule): `at_step` has work."""
         return bool(self._windowed)
+
+    @property
+    def bypass_layers(self) -> int:
+        """How many layers carry a bypass now."""
+        return self._bypass.layers
 
     @property
     def is_pristine(self) -> bool:
@@ -190,8 +221,11 @@ class LoraSession:
         except OSError as err:
             raise LoraFileError(path, f"cannot read the file: {err}") from None
 
-    def activate(self, model: Any, tags: Sequence[str | LoraRef], *, strict: bool = False) -> Activation:
-        """Apply the LoRAs of `tags` to `model` (see the module docstring)."""
+    def activate(self, model: Any, tags: Sequence[str | LoraRef], *, strict: bool = False, hires: bool = False,
+                 shape: GenerationShape | None = None) -> Activation:
+        """Apply the LoRAs of `tags` to `model` (see the module docstring). `shape`: what the host is about to
+        generate (steps, size, batch), for choosing between re-merging and bypass; None assumes 20 steps of one
+        512x512 image."""
         with self._lock:
             loaded, act = self.prepare(tags, strict=strict)
             try:
@@ -201,18 +235,74 @@ class LoraSession:
                     raise
                 act.problems.append(f"LoRAs not applied: this model is not supported ({err})")
                 return self._finish(act)
-            windowed = any(_has_window(x.ref) for x in loaded)
-            self._windowed = loaded if windowed else []
-            first = self._for_step(0, None) if windowed else [x.lora for x in loaded]
-            self._step_key = tuple(a.unet for a in first) if windowed else None
+            self._bypass.clear()
+            self._hires = hires
+            self._loaded = loaded
+            self._windowed = loaded if any(_changes(x.ref, hires) for x in loaded) else []
+            self._mode = "merge"
+            first = self._for_step(0, None)
+            self._step_key = self._key(first)
             try:
-                act.report = patcher.apply(first, skip_bad=not strict)
+                if self._windowed:
+                    self._mode = self._choose(patcher, loaded, shape or GenerationShape(), act)
+                act.report = self._apply(self._for_step(0, None, unit=self._mode == "bypass"), skip_bad=not strict)
             except LoraExtError:
                 self._windowed = []
+                self._bypass.clear()
                 raise
+            if self._mode == "bypass":
+                self._set_gains(0, None)
+            act.mode = self._mode
+            fp8 = len({id(c.target.module) for c in patcher.diverted if needs_bypass(c.target)})
+            if fp8:
+                act.notes.append(f"{fp8} layers store their weights in FP8 and take their LoRAs as bypass (merging "
+                                 "into FP8 would round the change away)")
             for x, rep in zip(loaded, act.report.networks, strict=True):
                 self._account(act, x, rep)
             return self._finish(act)
+
+    def _apply(self, actives: list[ActiveLora], skip_bad: bool) -> PatchReport:
+        """Merge what merges; hand the rest (FP8 layers; changing UNet multipliers in bypass mode) to the bypass."""
+        assert self._patcher is not None
+        index = {id(a): i for i, a in enumerate(actives)}  # the gain key of a changing LoRA: its place in the set
+        changing_now = set()
+        if self._mode == "bypass":
+            changing_now = {id(a) for a, x in zip(actives, self._loaded, strict=True) if _changes(x.ref, self._hires)}
+
+        def divert(c: Any) -> bool:
+            if needs_bypass(c.target):
+                return True
+            return c.target.component == "unet" and id(c.lora) in changing_now and can_bypass(c.target)
+
+        report = self._patcher.apply(actives, skip_bad=skip_bad, divert=divert)
+        self._bypass.set(self._patcher.diverted,
+                         gain_of=lambda c: index[id(c.lora)] if id(c.lora) in changing_now else None)
+        return report
+
+    def _choose(self, patcher: Patcher, loaded: list[_Loaded], shape: GenerationShape, act: Activation) -> str:
+        """Re-merge at every change, or bypass for the pass: whichever the estimate says is cheaper."""
+        steps = max(1, shape.steps)
+        keys = [self._key(self._for_step(step, steps)) for step in range(steps)]
+        changes = sum(1 for a, b in zip(keys, keys[1:]) if a != b)
+        changing = [x for x in loaded if _changes(x.ref, self._hires)]
+        unit = [ActiveLora(x.lora.network, te=0.0, unet=1.0, dyn=x.lora.dyn, block_weights=x.lora.block_weights)
+                for x in changing]
+        try:
+            _, _, work, _ = patcher.plan(unit, skip_bad=True)
+        except LoraExtError:
+            return "merge"
+        contribs = [c for cs in work.values() for c in cs if can_bypass(c.target) and not needs_bypass(c.target)]
+        merge_once, bypass_call = estimate_seconds(contribs, shape)
+        remerge, bypass = merge_once * changes, bypass_call * steps
+        mode = self.schedule_mode if self.schedule_mode in ("merge", "bypass") else (
+            "bypass" if bypass < remerge else "merge")
+        names = ", ".join(x.ref.name for x in changing)
+        how = (f"as bypass on {len({id(c.target.module) for c in contribs})} layers (estimated {bypass:.2f} s over "
+               f"{steps} steps; re-merging at its {changes} changes: {remerge:.2f} s)" if mode == "bypass" else
+               f"by re-merging at its {changes} changes (estimated {remerge:.2f} s; bypass over {steps} steps: "
+               f"{bypass:.2f} s)")
+        act.notes.append(f"{names}: UNet weight changes during sampling; applied {how}")
+        return mode
 
     def _account(self, act: Activation, x: _Loaded, rep: NetworkReport) -> None:
         name = x.ref.name
@@ -227,29 +317,46 @@ class LoraSession:
         if short:
             act.hashes[infotext_name(name)] = short
 
-    def _for_step(self, step: int, total: int | None) -> list[ActiveLora]:
-        """The active set at a sampling step: windowed LoRAs keep their text-encoder part, their UNet part is on
-        only inside the window (`total` None: before sampling, as for step 0 of an unknown count)."""
+    def _for_step(self, step: int, total: int | None, unit: bool = False) -> list[ActiveLora]:
+        """The active set at a sampling step (`total` None: before sampling, as for step 0 of an unknown count): each
+        LoRA with its text-encoder weight for the pass and its UNet weight at that step; `unit`: the changing LoRAs
+        with UNet multiplier 1 (the bypass gains carry their weight)."""
         out = []
-        for x in self._windowed:
-            inside = step in x.ref.active_steps(total if total is not None else _UNKNOWN_TOTAL)
-            lora = x.lora
-            out.append(lora if inside else ActiveLora(lora.network, te=lora.te, unet=0.0, dyn=lora.dyn,
-                                                      block_weights=lora.block_weights))
+        for x in self._loaded:
+            lora, ref = x.lora, x.ref
+            if unit and _changes(ref, self._hires):
+                unet = 1.0
+            else:
+                unet = unet_multiplier(ref, step, total, self._hires)
+            te = ref.te_weight(self._hires)
+            out.append(lora if (te, unet) == (lora.te, lora.unet) else
+                       ActiveLora(lora.network, te=te, unet=unet, dyn=lora.dyn, block_weights=lora.block_weights))
         return out
 
+    @staticmethod
+    def _key(actives: list[ActiveLora]) -> tuple[float, ...]:
+        return tuple(a.unet for a in actives)
+
+    def _set_gains(self, step: int, total: int | None) -> None:
+        for i, x in enumerate(self._loaded):
+            if _changes(x.ref, self._hires):
+                self._bypass.set_gain(i, unet_multiplier(x.ref, step, total, self._hires))
+
     def at_step(self, step: int, total: int) -> PatchReport | None:
-        """Before sampling step `step` (0-based) of `total`: update the UNet part of windowed LoRAs. No-op (None)
-        when no active LoRA has a window or nothing changes at this step."""
+        """Before sampling step `step` (0-based) of `total`: bring the UNet part of changing LoRAs to this step (new
+        bypass gains, or a re-merge of the layers whose multiplier changes). No-op (None) when nothing changes."""
         with self._lock:
             if not self._windowed or self._patcher is None:
                 return None
+            if self._mode == "bypass":
+                self._set_gains(step, total)
+                return None
             actives = self._for_step(step, total)
-            key = tuple(a.unet for a in actives)
+            key = self._key(actives)
             if key == self._step_key:
                 return None
             self._step_key = key
-            return self._patcher.apply(actives, skip_bad=True)
+            return self._apply(actives, skip_bad=True)
 
     def _shorthash(self, x: _Loaded) -> str | None:
         try:
@@ -266,6 +373,8 @@ class LoraSession:
         """Put every weight back (bit-exact). Safe to call at any time, also twice."""
         with self._lock:
             self._windowed = []
+            self._loaded = []
+            self._bypass.clear()
             if self._patcher is None:
                 return None
             return self._patcher.restore()
@@ -273,6 +382,9 @@ class LoraSession:
     def forget_model(self) -> None:
         """Restore the current model's weights and drop every reference to it and its backups."""
         with self._lock:
+            self._bypass.clear()
+            self._loaded = []
+            self._windowed = []
             if self._patcher is not None:
                 try:
                     self._patcher.release()

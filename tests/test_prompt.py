@@ -8,6 +8,7 @@ lora-block-weight's preset strings and block-id tables, typed in literally below
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import assume, given, settings
@@ -19,6 +20,7 @@ from lora_ext.prompt import (
     BlockWeights,
     LoraRef,
     StepPoint,
+    WeightSchedule,
     parse_block_weights,
     parse_prompt,
     parse_tag,
@@ -109,7 +111,8 @@ VALID = [
     ("<lora:x:step=0.2-0.8>", dict(name="x", start=StepPoint(0.2, True), stop=StepPoint(0.8, True))),
     (
         "<lora:x:1:hr=0.5:neg=1:lbwe=ATTNDEEPON:x= 0.7>",
-        dict(name="x", extra={"hr": "0.5", "neg": "1", "lbwe": "ATTNDEEPON", "x": " 0.7"}),
+        dict(name="x", hr_te=WeightSchedule(((0.5, 0.0),)), hr_unet=WeightSchedule(((0.5, 0.0),)),
+             extra={"neg": "1", "lbwe": "ATTNDEEPON", "x": " 0.7"}),
     ),
 ]
 
@@ -379,19 +382,41 @@ _EXTRA_VALUE = st.text(st.sampled_from(list("ab01 ._-,é")), max_size=8)
 
 
 @st.composite
+def schedules(draw: st.DrawFn) -> WeightSchedule:
+    """A changing loractl schedule: 2-4 points at distinct steps (fractions or step numbers)."""
+    fractions = draw(st.booleans())
+    ats = st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]) if fractions else st.integers(0, 40).map(float)
+    at_values = draw(st.lists(ats, min_size=2, max_size=4, unique=True))
+    if not fractions and max(at_values) <= 1:
+        at_values.append(7.0)
+    weights = draw(st.lists(finite, min_size=len(at_values), max_size=len(at_values), unique=True))
+    return WeightSchedule(tuple(zip(weights, at_values)))
+
+
+@st.composite
 def lora_refs(draw: st.DrawFn) -> LoraRef:
     te = draw(finite)
     start, stop = draw(step_windows())
+    unet = draw(st.one_of(st.just(te), finite))
+    te_schedule = unet_schedule = hr_te = hr_unet = None
+    if start is None and stop is None:
+        te_schedule = draw(st.none() | schedules())
+        unet_schedule = draw(st.none() | schedules())
+        hr_te = draw(st.none() | schedules())
+        hr_unet = draw(st.none() | schedules())
+        te = te_schedule.first if te_schedule else te
+        unet = unet_schedule.first if unet_schedule else unet
     return LoraRef(
         name=draw(names),
         te=te,
-        unet=draw(st.one_of(st.just(te), finite)),
+        unet=unet,
         dyn=draw(st.none() | st.integers(1, 1024)),
         lbw=draw(st.none() | block_weights()),
         start=start,
         stop=stop,
         kind=draw(st.sampled_from(["lora", "lyco"])),
-        extra=draw(st.dictionaries(st.sampled_from(["hr", "neg", "lbwe", "x", "my_arg"]), _EXTRA_VALUE, max_size=3)),
+        extra=draw(st.dictionaries(st.sampled_from(["neg", "lbwe", "x", "my_arg"]), _EXTRA_VALUE, max_size=3)),
+        te_schedule=te_schedule, unet_schedule=unet_schedule, hr_te=hr_te, hr_unet=hr_unet,
     )
 
 
@@ -574,19 +599,19 @@ def test_active_steps() -> None:
 
 
 def test_lora_ref_is_hashable_and_extra_is_compared() -> None:
-    a = parse_tag("<lora:x:1:hr=0.5>")
-    b = parse_tag("<lora:x:1:hr=0.5>")
-    c = parse_tag("<lora:x:1:hr=0.7>")
+    a = parse_tag("<lora:x:1:neg=0.5>")
+    b = parse_tag("<lora:x:1:neg=0.5>")
+    c = parse_tag("<lora:x:1:neg=0.7>")
     assert a == b and hash(a) == hash(b)
     assert a != c
     assert len({a, b, c}) == 2
 
 
 def test_lora_ref_copies_extra() -> None:
-    extra = {"hr": "1"}
+    extra = {"neg": "1"}
     ref = LoraRef("x", extra=extra)
-    extra["hr"] = "2"
-    assert ref.extra == {"hr": "1"}
+    extra["neg"] = "2"
+    assert ref.extra == {"neg": "1"}
 
 
 @pytest.mark.parametrize(
@@ -610,3 +635,55 @@ def test_lora_ref_copies_extra() -> None:
 def test_lora_ref_validates(kwargs: dict) -> None:
     with pytest.raises(PromptSyntaxError):
         LoraRef(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight schedules (sd-webui-loractl syntax)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_schedule_values_by_hand() -> None:
+    """loractl's README examples, computed by hand: linear between points, constant outside, fractions of the pass
+    when every step is <= 1 (0 = first step, 1 = last), step numbers otherwise."""
+    ramp = parse_tag("<lora:x:0@0,1@0.5,0@1>")
+    assert ramp.te == ramp.unet == 0.0 and ramp.unet_schedule == ramp.te_schedule
+    assert [ramp.unet_weight(s, 11) for s in (0, 1, 5, 8, 10)] == pytest.approx([0.0, 0.2, 1.0, 0.4, 0.0])
+    late = parse_tag("<lora:x:0.25@0.5,1@1>")  # "stays 0.25 until half the steps, then up to 1.0 at the last"
+    assert [late.unet_weight(s, 21) for s in (0, 10, 15, 20)] == pytest.approx([0.25, 0.25, 0.625, 1.0])
+    warmup = parse_tag("<lora:pixel:1:0@5,1@6>")  # step numbers: off for steps 0-5, on from step 6
+    assert warmup.te == 1.0 and warmup.te_schedule is None
+    assert [warmup.unet_weight(s, 20) for s in range(8)] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert warmup.unet_weight(19, 20) == 1.0 and warmup.unet_weight(5, 1000) == 0.0  # the step count does not matter
+    named = parse_tag("<lora:pixel:te=0@0,1@1:unet=1>")
+    assert named.te == 0.0 and named.te_weight() == 0.0 and named.unet_schedule is None and named.unet == 1.0
+    semi = parse_tag("<lora:x:1@0;0@1>")  # semicolons separate points too
+    assert semi.unet_weight(0, 3) == 1.0 and semi.unet_weight(1, 3) == pytest.approx(0.5)
+
+
+def test_schedule_hires_weights() -> None:
+    ref = parse_tag("<lora:x:0.5:hr=1@0,0@1>")
+    assert ref.te_weight() == 0.5 and ref.unet_weight(3, 10) == 0.5
+    assert ref.te_weight(hires=True) == 1.0 and ref.unet_weight(0, 5, hires=True) == 1.0
+    assert ref.unet_weight(4, 5, hires=True) == 0.0
+    split = parse_tag("<lora:x:1:hrunet=0.2>")
+    assert split.te_weight(hires=True) == 1.0 and split.unet_weight(2, 4, hires=True) == 0.2
+    assert split.is_scheduled and not parse_tag("<lora:x:1@0,1@1>").is_scheduled
+
+
+@pytest.mark.parametrize(
+    "tag, words",
+    [
+        ("<lora:x:0@0,1@0.5:start=3>", "cannot be combined with start=/stop="),
+        ("<lora:x:1:unet=0@0,1@1:step=2-5>", "cannot be combined"),
+        ("<lora:x:1@a>", "'a', not a step number"),
+        ("<lora:x:1@-1>", "'-1', not a step number"),
+        ("<lora:x:1@0,2@0>", "two points at step 0"),
+        ("<lora:x:0@0@1>", "more than one '@'"),
+        ("<lora:x:abc@0,1@1>", "not a number"),
+        ("<lora:x:nan@0,1@1>", "'nan', not a number"),
+        ("<lora:x:1:hr=1@x>", "hr= step"),
+    ],
+)
+def test_bad_schedules_name_the_problem(tag: str, words: str) -> None:
+    with pytest.raises(PromptSyntaxError, match=re.escape(words)):
+        parse_tag(tag)

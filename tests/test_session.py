@@ -252,3 +252,100 @@ def test_strict_raises_the_first_problem_and_touches_nothing(model, tmp_path):
     with pytest.raises(LoraExtError, match="abc"):
         ctl.activate(model, _tags(["a", "abc"]), strict=True)
     assert torch.equal(_module(model, Q).weight, q0) and ctl.is_pristine
+
+
+def _q_out(model, x: torch.Tensor) -> torch.Tensor:
+    return _module(model, Q)(x).detach()
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass"])
+def test_schedule_follows_the_interpolated_weight_each_step(model, tmp_path, mode):
+    """<lora:a:1:0@0,1@1> over 5 steps: the UNet layer computes as if the LoRA were merged at weight step/4 (hand
+    formula), the text encoder has weight 1 throughout; in bypass mode no weight is ever written."""
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    x = torch.randn(2, 7, q0.shape[1], generator=torch.Generator().manual_seed(3))
+    ctl = _session(DictResolver({"a": pa}))
+    ctl.schedule_mode = mode
+    act = ctl.activate(model, _tags(["a", "1", "0@0,1@1"]))
+    assert act.problems == [] and act.mode == mode
+    assert any("UNet weight changes during sampling" in n for n in act.notes)
+    for step in range(5):
+        ctl.at_step(step, 5)
+        w = step / 4
+        want = torch.nn.functional.linear(x, q0 + w * _delta(ta, Q_KOHYA))
+        torch.testing.assert_close(_q_out(model, x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_module(model, FC1).weight.detach(), fc0 + _delta(ta, FC1_KOHYA), rtol=0,
+                                   atol=1e-6)
+        if mode == "bypass":
+            assert torch.equal(_module(model, Q).weight, q0) and ctl.bypass_layers == 1
+    ctl.restore()
+    assert ctl.bypass_layers == 0
+    assert torch.equal(_module(model, Q).weight, q0) and torch.equal(_module(model, FC1).weight, fc0)
+    assert torch.equal(_q_out(model, x), torch.nn.functional.linear(x, q0))
+
+
+def test_schedule_with_two_loras_and_a_constant_one(model, tmp_path):
+    """A constant LoRA stays merged while a scheduled one runs as bypass on the same layer: the layer's output is the
+    sum of both (hand formula), and a te= schedule gives the text encoder its weight at step 0."""
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    pb, tb = _lora_file(tmp_path, "b", model, 2)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    x = torch.randn(3, q0.shape[1], generator=torch.Generator().manual_seed(4))
+    ctl = _session(DictResolver({"a": pa, "b": pb}))
+    ctl.schedule_mode = "bypass"
+    ctl.activate(model, ["<lora:a:0.5>", "<lora:b:te=0.25@0,1@1:unet=1@0,0@10>"])
+    torch.testing.assert_close(_module(model, FC1).weight.detach(),
+                               fc0 + 0.5 * _delta(ta, FC1_KOHYA) + 0.25 * _delta(tb, FC1_KOHYA), rtol=0, atol=1e-6)
+    for step, wb in ((0, 1.0), (3, 0.7), (10, 0.0), (12, 0.0)):
+        ctl.at_step(step, 20)
+        want = torch.nn.functional.linear(x, q0 + 0.5 * _delta(ta, Q_KOHYA) + wb * _delta(tb, Q_KOHYA))
+        torch.testing.assert_close(_q_out(model, x), want, rtol=1e-5, atol=1e-6)
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0) and torch.equal(_module(model, FC1).weight, fc0)
+
+
+def test_hires_pass_uses_the_hr_weights(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    ctl = _session(DictResolver({"a": pa}))
+    tag = _tags(["a", "0.5", "hrte=1", "hrunet=0.2"])
+    ctl.activate(model, tag)
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.5 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    ctl.activate(model, tag, hires=True)
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.2 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_module(model, FC1).weight.detach(), fc0 + _delta(ta, FC1_KOHYA), rtol=0, atol=1e-6)
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0)
+
+
+def test_auto_mode_takes_the_cheaper_path_and_says_so(model, tmp_path, monkeypatch):
+    """auto: re-merge at each change unless the estimate says the whole pass in bypass costs less (the estimate
+    itself: test_bypass and bench/bench_bypass.py). The note names the LoRA, the path and both estimates."""
+    import lora_ext.session as session_module
+    from lora_ext.patch.bypass import GenerationShape
+
+    pa, _ = _lora_file(tmp_path, "a", model, 1)
+    ctl = _session(DictResolver({"a": pa}))
+    calls = []
+
+    def fake(contribs, shape):
+        calls.append((len(contribs), shape))
+        return 0.01, 0.002  # one re-merge: 10 ms; bypass: 2 ms per UNet call
+
+    monkeypatch.setattr(session_module, "estimate_seconds", fake)
+    shape = GenerationShape(steps=20, height=64, width=64)
+    window = ctl.activate(model, _tags(["a", "1", "start=3"]), shape=shape)  # 1 change: 10 ms < 20 x 2 ms
+    assert window.mode == "merge" and window.notes == [
+        "a: UNet weight changes during sampling; applied by re-merging at its 1 changes (estimated 0.01 s; bypass "
+        "over 20 steps: 0.04 s)"]
+    ramp = ctl.activate(model, _tags(["a", "1", "0@0,1@1"]), shape=shape)  # 19 changes: 190 ms > 40 ms
+    assert ramp.mode == "bypass" and ramp.notes[0].startswith("a: UNet weight changes during sampling; applied as "
+                                                               "bypass on 1 layers (estimated 0.04 s over 20 steps")
+    assert calls[-1] == (1, shape)  # the UNet layers of the changing LoRA, and the host's shape
+    ctl.schedule_mode = "merge"  # the setting overrides the estimate
+    assert ctl.activate(model, _tags(["a", "1", "0@0,1@1"]), shape=shape).mode == "merge"
+    ctl.restore()

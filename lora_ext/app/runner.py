@@ -19,6 +19,7 @@ from lora_ext.formats.infotext import GenerationParameters
 from lora_ext.library.index import LoraIndex
 from lora_ext.library.lookup import IndexResolver
 from lora_ext.patch import LoraCache, Patcher, PatchReport, adapter_for_pipeline
+from lora_ext.patch.bypass import GenerationShape
 from lora_ext.patch.embeddings import EmbeddingError, TokenInjector, attach_bundled, fitted_vectors
 from lora_ext.prompt import LoraRef, parse_prompt
 from lora_ext.session import Activation, LoraSession, step_of_call
@@ -51,10 +52,12 @@ class GenerateResult:
     warnings: list[str]
     infotext: str
     image: Any = None
+    notes: list[str] = field(default_factory=list)  # how changing or FP8 LoRAs were applied (merge or bypass)
 
     def report_lines(self) -> list[str]:
         lines = [n.summary() for n in self.report.networks]
         lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"note: {n}" for n in self.notes]
         if self.report.networks:
             lines.append(f"patched {self.report.layers_recomputed} layers in {self.report.seconds * 1000:.0f} ms")
         return lines
@@ -110,7 +113,8 @@ class Session:
         if lora_dirs is not None:
             self.use_lora_dirs(lora_dirs)
         try:
-            act = self.loras.activate(self.pipe, refs, strict=not skip_bad)
+            act = self.loras.activate(self.pipe, refs, strict=not skip_bad,
+                                      shape=GenerationShape(steps=steps, height=height, width=width))
             on_step = None
             if self.loras.has_windows:
                 self.loras.at_step(0, steps)
@@ -132,7 +136,7 @@ class Session:
         if out is not None:
             save_png(image, out, info)
         return GenerateResult(out=out, prompt=text, refs=refs, report=act.report or PatchReport(),
-                              warnings=act.problems, infotext=info, image=image)
+                              warnings=act.problems, infotext=info, image=image, notes=act.notes)
 
 
     def _bundled_embeddings(self, act: Activation, *, strict: bool) -> list[TokenInjector]:

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,6 +78,7 @@ class _Contribution:
     target: Target
     multiplier: float
     dyn: int | None
+    lora: ActiveLora | None = None  # the entry of the active set it comes from (identity: the same file may be twice)
 
     def signature(self) -> tuple:
         return (self.network.token, self.module.name, self.target.chunk, self.multiplier, self.dyn)
@@ -153,6 +154,7 @@ class Patcher:
         self.retain_bytes = retain_bytes
         self._slots: dict[_SlotKey, _Slot] = {}
         self.active: tuple[ActiveLora, ...] = ()
+        self.diverted: list[_Contribution] = []  # what the last `apply(..., divert=...)` left to the caller
 
     # ------------------------------------------------------------------------------------------------------ queries
 
@@ -198,7 +200,7 @@ class Patcher:
             if multiplier == 0.0:
                 rep.skipped_zero += 1
                 continue
-            contribs.append(_Contribution(net, module, target, multiplier, lora.dyn))
+            contribs.append(_Contribution(net, module, target, multiplier, lora.dyn, lora))
             groups[target_group(target.component, target.block)] += 1
         if mismatched:
             mname, reason, target = first
@@ -220,14 +222,28 @@ class Patcher:
 
     # ------------------------------------------------------------------------------------------------------- apply
 
-    def apply(self, loras: Sequence[ActiveLora], *, skip_bad: bool = False) -> PatchReport:
+    def apply(self, loras: Sequence[ActiveLora], *, skip_bad: bool = False,
+              divert: Callable[[_Contribution], bool] | None = None) -> PatchReport:
         """Make the model's weights reflect exactly `loras` (an empty list restores everything).
 
         skip_bad=False: any refused LoRA raises its typed error and nothing changes.
         skip_bad=True: refused LoRAs are left out and described in the report (`NetworkReport.error`).
+        divert: contributions for which it returns True are not merged but left in `self.diverted` (planned and
+        checked like the others) for the caller to apply another way (`lora_ext.patch.bypass`).
         """
         t0 = time.perf_counter()
         report, kept, weight_work, bias_work = self.plan(loras, skip_bad=skip_bad)
+        self.diverted = []
+        if divert is not None:
+            for work_map, collect in ((weight_work, True), (bias_work, False)):
+                for key in list(work_map):
+                    cs = work_map[key]
+                    if collect:
+                        self.diverted += [c for c in cs if divert(c)]
+                    work_map[key] = [c for c in cs if not divert(c)]
+                    if not work_map[key]:
+                        del work_map[key]
+            report.layers_bypassed = len({id(c.target.module) for c in self.diverted})
         work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}
         signatures = {k: tuple(c.signature() for c in v) for k, (_, v) in work.items()}
         report.stale_backups = self._drop_stale()
@@ -314,6 +330,7 @@ class Patcher:
                     self._restore_slot(slot)
                     report.layers_restored += 1
         self.active = ()
+        self.diverted = []
         self._trim_retained()
         report.backup_bytes = self.backup_bytes
         report.seconds = time.perf_counter() - t0

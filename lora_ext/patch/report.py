@@ -94,6 +94,7 @@ class PatchReport:
     layers_recomputed: int = 0  # weights (or q/k/v-fused weights) written from their backup plus deltas
     layers_restored: int = 0  # weights copied back from their backup
     layers_unchanged: int = 0  # weights whose set of LoRAs and multipliers did not change
+    layers_bypassed: int = 0  # layers whose LoRAs were left to the bypass (not merged)
     stale_backups: int = 0  # backups dropped because someone else changed their weight (e.g. a checkpoint reload)
     backup_bytes: int = 0  # memory held by backups after this call
     seconds: float = 0.0
@@ -108,6 +109,7 @@ class PatchReport:
             "layers_recomputed": self.layers_recomputed,
             "layers_restored": self.layers_restored,
             "layers_unchanged": self.layers_unchanged,
+            "layers_bypassed": self.layers_bypassed,
             "stale_backups": self.stale_backups,
             "backup_bytes": self.backup_bytes,
             "seconds": self.seconds,

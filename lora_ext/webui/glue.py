@@ -7,7 +7,8 @@ What it registers (`setup()`, called once by `scripts/lora_ext_glue.py`):
 - `on_app_started`: our `lora` extra network (alias `lyco`) replaces the built-in's in the registry (app_started runs
   after every before_ui callback, in both UI and API-only mode; see ../shared/webui/README.md), unless the setting
   hands the tag back; REST routes under /lora_ext/ (and /sdapi/v1/loras when the built-in is absent);
-- `on_cfg_denoiser`: LoRAs with start=/stop= switch their UNet part per sampling step;
+- `on_cfg_denoiser`: LoRAs with start=/stop= or a weight schedule bring their UNet part to each sampling step
+  (re-merge or bypass gains, `lora_ext.session`); the hires pass activates with the tags' hr weights;
 - `on_model_loaded`: forget the previous model (restore its weights, drop backups);
 - `on_infotext_pasted`: "Lora hashes" -> the local file with that hash;
 - `on_script_unloaded`: restore weights and hand the tag back;
@@ -25,6 +26,7 @@ from typing import Any
 
 from lora_ext.formats import infotext
 from lora_ext.library.lookup import find_by_hash
+from lora_ext.patch.bypass import GenerationShape
 from lora_ext.prompt import tag_text
 from lora_ext.session import Activation, step_of_call
 from lora_ext.webui import builtin, embeddings, host, settings
@@ -84,8 +86,11 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     params = list(params_list)
     _default_tag(p, params)
     st.session.retain_bytes = None if host.opt("lora_ext_keep_backups", True) else 0
+    st.session.schedule_mode = str(host.opt(settings.SCHEDULE_MODE, "auto"))
     _hook_close(p)
-    act = st.session.activate(host.processing_model(p), [tag_text(x.items) for x in params])
+    hires = bool(getattr(p, "is_hr_pass", False))
+    act = st.session.activate(host.processing_model(p), [tag_text(x.items) for x in params], hires=hires,
+                              shape=_shape(p, hires))
     embeddings.register(st.bundled, act)
     if host.opt("lora_add_hashes_to_infotext", True):
         if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
@@ -94,9 +99,33 @@ def _activate(p: Any, params_list: list[Any]) -> None:
         if p.lora_hashes:
             p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
     _show_problems(p, act)
+    for note in act.notes:
+        log.info("lora_ext: %s", note)
     if act.report is not None and act.report.layers_recomputed:
         log.info("lora_ext: %s applied (%d layers in %.2f s)", ", ".join(act.applied) or "no LoRA",
                  act.report.layers_recomputed, act.report.seconds)
+
+
+def _shape(p: Any, hires: bool) -> GenerationShape:
+    """What this pass will generate (for the merge-or-bypass estimate of changing LoRA weights)."""
+    def number(*names: str, default: int) -> int:
+        for name in names:
+            try:
+                value = int(getattr(p, name, 0) or 0)
+            except (TypeError, ValueError):
+                continue
+            if value > 0:
+                return value
+        return default
+
+    steps = number("steps", default=20)
+    if hires:
+        return GenerationShape(steps=number("hr_second_pass_steps", default=steps),
+                               height=number("hr_upscale_to_y", "height", default=512),
+                               width=number("hr_upscale_to_x", "width", default=512),
+                               batch=number("batch_size", default=1))
+    return GenerationShape(steps=steps, height=number("height", default=512), width=number("width", default=512),
+                           batch=number("batch_size", default=1))
 
 
 def _deactivate(p: Any) -> None:
@@ -211,7 +240,7 @@ def _on_ui_tabs() -> list[tuple[Any, str, str]]:
 
 
 def _on_cfg_denoiser(params: Any) -> None:
-    """Before each sampling step: LoRAs with start=/stop= switch their UNet part on or off."""
+    """Before each sampling step: LoRAs with start=/stop= or a weight schedule bring their UNet part to this step."""
     steps = int(params.total_sampling_steps)
     step = int(params.sampling_step)  # lags by one after the first call (set by the sampler's per-step callback)
     denoiser = getattr(params, "denoiser", None)

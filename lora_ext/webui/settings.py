@@ -10,6 +10,7 @@ from lora_ext import families
 SECTION = ("lora_ext", "LoRA (lora_ext)")
 OWN = "lora_ext_handle_lora_tags"
 CACHE_MB = "lora_ext_cache_mb"
+SCHEDULE_MODE = "lora_ext_schedule_mode"
 
 
 def register(names: Callable[[], list[str]], refresh: Callable[[], None], on_owner_change: Callable[[], None],
@@ -29,6 +30,11 @@ def register(names: Callable[[], list[str]], refresh: Callable[[], None], on_own
         CACHE_MB: shared.OptionInfo(2048, "Parsed LoRA files kept in memory (MiB)", gr.Number, {"precision": 0}),
         "lora_ext_keep_backups": shared.OptionInfo(True, "Keep backups of restored layers for fast switching").info(
             "costs the memory of the layers your LoRAs touch; off: freed after every generation"),
+        SCHEDULE_MODE: shared.OptionInfo("auto", "LoRA weights that change during sampling (start=/stop=, "
+                                                 "weight@step schedules)", gr.Radio,
+                                         {"choices": ["auto", "merge", "bypass"]}).info(
+            "auto: estimated per generation; merge: re-merge the layers at each change; bypass: add the LoRA to the "
+            "layers' outputs (no re-merge; some cost at every step)"),
     }
     templates.update(shared.options_section(SECTION, ours))
     builtin = {

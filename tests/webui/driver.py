@@ -411,6 +411,61 @@ def scenario_window(args) -> dict:
             "windowed_vs_te_only": diff(windowed, te_only), "changed_after": same_weights(fresh, snapshot())[:3]}
 
 
+def scenario_schedule(args) -> dict:
+    """Weight schedules (loractl syntax) in both apply modes: a step function equals the start= window, a ramp gives
+    the same image merged per step and as bypass (which writes no UNet weight), hr= equals a hires prompt with that
+    weight, and the weights are back after each."""
+    import torch
+    from modules import script_callbacks, shared
+
+    from lora_ext.webui import glue
+
+    made = make_loras(args.arch)
+    name = list(made)[0]
+    set_owner(True)
+    fresh = snapshot()
+    unet_keys = [k for k in fresh if k.startswith("model.diffusion_model.") and "attn2.to_k.weight" in k]
+    unet_written: list[bool] = []
+
+    def probe(params):
+        sd = shared.sd_model.state_dict()
+        unet_written.append(any(not torch.equal(sd[k], fresh[k]) for k in unet_keys))
+
+    out: dict = {"notes": {}}
+    images = {}
+    script_callbacks.on_cfg_denoiser(probe)
+    for mode in ("merge", "bypass"):
+        shared.opts.lora_ext_schedule_mode = mode
+        unet_written.clear()
+        images[f"step_{mode}"], _, comments = generate(f"a cat <lora:{name}:1:unet=0@2,1@3>", steps=6)
+        out[f"unet_written_step_{mode}"] = list(unet_written)
+        images[f"ramp_{mode}"], info, _ = generate(f"a cat <lora:{name}:1:unet=1@0,0@1>", steps=6)
+        out["notes"][mode] = glue.state().session.last.notes
+        out[f"comments_{mode}"] = comments
+        out[f"hashes_{mode}"] = _infotext_field(info, "Lora hashes")
+    script_callbacks.remove_callbacks_for_function(probe)
+    shared.opts.lora_ext_schedule_mode = "auto"
+    images["window"], _, _ = generate(f"a cat <lora:{name}:1:start=3>", steps=6)
+    images["plain"], _, _ = generate(f"a cat <lora:{name}:1>", steps=6)
+    images["te_only"], _, _ = generate(f"a cat <lora:{name}:1:0>", steps=6)
+    kw = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+          "hr_second_pass_steps": 2}
+    images["hr_tag"], _, _ = generate(f"a cat <lora:{name}:0.3:hr=1>", **kw)
+    images["hr_prompt"], _, _ = generate(f"a cat <lora:{name}:0.3>", hr_prompt=f"a cat <lora:{name}:1>", **kw)
+    images["hr_none"], _, _ = generate(f"a cat <lora:{name}:0.3>", **kw)
+    out.update({
+        "step_merge_vs_window": diff(images["step_merge"], images["window"]),
+        "step_bypass_vs_window": diff(images["step_bypass"], images["window"]),
+        "ramp_bypass_vs_merge": diff(images["ramp_bypass"], images["ramp_merge"]),
+        "ramp_vs_plain": mean_diff(images["ramp_merge"], images["plain"]),
+        "ramp_vs_te_only": mean_diff(images["ramp_merge"], images["te_only"]),
+        "hr_tag_vs_hr_prompt": diff(images["hr_tag"], images["hr_prompt"]),
+        "hr_tag_vs_none": mean_diff(images["hr_tag"], images["hr_none"]),
+        "changed_after": same_weights(fresh, snapshot())[:3],
+    })
+    return out
+
+
 def scenario_shapes(args) -> dict:
     """The `shapes` model with hearts LoRAs trained by lora_ext (one bundles a pivotal-tuned "heart" embedding):
     the built-in's images and ours for the same prompts, what the judge sees in each, and the infotext hashes."""
@@ -499,6 +554,14 @@ def scenario_tools(args) -> dict:
                                                      "comments": comments}}
 
 
+def effect_off(effect, want) -> float:
+    """How far a LoRA's effect on an image (image with it - image without, same model) is from the wanted one, as a
+    share of the wanted one's size (mean absolute values)."""
+    import numpy as np
+
+    return float(np.abs(effect.astype(np.float64) - want).mean() / max(np.abs(want).mean(), 1e-9))
+
+
 def scenario_fp8(args) -> dict:
     """A1111's "FP8 weight" (UNet and text encoders stored as float8_e4m3fn): the built-in's image and ours for the same
     LoRA, the base image, and the fp8 weights after our restore against the fresh fp8 load."""
@@ -507,29 +570,73 @@ def scenario_fp8(args) -> dict:
 
     made = make_loras(args.arch)
     names = ("t_lora", "t_loha")
+    first_calls: list = []  # the UNet's output at the first sampling call (same noise and sigma in every image)
+
+    def first_call(module, inputs, output):
+        if capture["on"]:
+            first_calls.append(output.detach().float().clone())
+            capture["on"] = False
+
+    capture = {"on": False}
+
+    def run(prompt: str):
+        capture["on"] = True
+        image = generate(prompt)
+        return image, first_calls[-1]
+
+    hook = shared.sd_model.model.diffusion_model.register_forward_hook(first_call)
     set_owner(True)  # the fp32 reference: the same LoRAs on the model as loaded (no fp8)
-    full = {name: generate(f"a photo of a cat <lora:{name}:1>")[0] for name in names}
+    full, full_call = {}, {}
+    for name in names:
+        (full[name], _, _), full_call[name] = run(f"a photo of a cat <lora:{name}:1>")
+    (base32, _, _), base32_call = run("a photo of a cat")
+    hook.remove()
     shared.opts.fp8_storage = "Enable"
     shared.opts.cache_fp16_weight = False
     sd_models.reload_model_weights(forced_reload=True)
     dtypes = sorted({str(p.dtype) for p in shared.sd_model.parameters()})
     fresh = snapshot()
     rows = []
+    hook = shared.sd_model.model.diffusion_model.register_forward_hook(first_call)
     set_owner(False)
-    base, _, _ = generate("a photo of a cat")
+    (base, _, _), base_call = run("a photo of a cat")
     for name in names:
         prompt = f"a photo of a cat <lora:{name}:1>"
         set_owner(False)
-        ref, _, _ = generate(prompt)
+        (ref, _, _), ref_call = run(prompt)
         set_owner(True)
-        ours, _, comments = generate(prompt)
+        (ours, _, comments), ours_call = run(prompt)
+        want_call = (full_call[name] - base32_call).numpy()
         changed = [k for k in fresh if not torch.equal(fresh[k].view(torch.uint8) if fresh[k].element_size() == 1
                                                        else fresh[k], snapshot()[k].view(torch.uint8)
                                                        if fresh[k].element_size() == 1 else snapshot()[k])]
+        from lora_ext.webui import glue
+
+        want = full[name] - base32  # the LoRA's effect on the fp32 model; below: how far each fp8 effect is from it
         rows.append({"lora": name, "max_diff": diff(ours, ref), "mean_diff": mean_diff(ours, ref),
+                     "effect_off_ours": effect_off(ours - base, want), "effect_off_ref": effect_off(ref - base, want),
+                     "notes_ours": glue.state().session.last.notes,
+                     "call_off_ours": effect_off((ours_call - base_call).numpy(), want_call),
+                     "call_off_ref": effect_off((ref_call - base_call).numpy(), want_call),
                      "effect_ref": mean_diff(ref, base), "effect_ours": mean_diff(ours, base), "comments": comments,
                      "off_fp32_ref": mean_diff(ref, full[name]), "off_fp32_ours": mean_diff(ours, full[name]),
                      "changed_after": changed[:3]})
+    # the built-in with "Cache FP16 weight for LoRA" (it merges into the fp16 copy, then rounds into fp8)
+    hook.remove()
+    shared.opts.cache_fp16_weight = True
+    sd_models.reload_model_weights(forced_reload=True)
+    hook = shared.sd_model.model.diffusion_model.register_forward_hook(first_call)
+    set_owner(False)
+    for row, name in zip(rows, names, strict=True):
+        (cached, _, _), cached_call = run(f"a photo of a cat <lora:{name}:1>")
+        (base_cached, _, _), base_cached_call = run("a photo of a cat")
+        row["call_off_ref_cached"] = effect_off((cached_call - base_cached_call).numpy(),
+                                                (full_call[name] - base32_call).numpy())
+        row["off_fp32_ref_cached"] = mean_diff(cached, full[name])
+        row["effect_off_ref_cached"] = effect_off(cached - base_cached, full[name] - base32)
+    hook.remove()
+    set_owner(True)
+    shared.opts.cache_fp16_weight = False
     shared.opts.fp8_storage = "Disable"
     return {"made": made, "dtypes": dtypes, "rows": rows}
 

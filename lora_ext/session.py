@@ -85,6 +85,28 @@ class _Loaded:
     lora: ActiveLora
 
 
+@dataclass
+class _Variant:
+    """A LoRA file that the images of one batch use differently (one image has it, another not, or at other
+    weights): applied as bypass with one weight per image (`refs[i]`: image i's tag for it, None when absent)."""
+
+    lora: ActiveLora  # the file with unit multipliers (the gains carry each image's weights)
+    path: Path
+    refs: list[LoraRef | None]
+    te: list[float] = field(default_factory=list)  # each image's text-encoder weight now
+    unet: list[float] = field(default_factory=list)  # each image's UNet weight at the current step
+
+    @property
+    def first(self) -> LoraRef:
+        return next(r for r in self.refs if r is not None)
+
+
+def _same_use(a: LoraRef, b: LoraRef) -> bool:
+    """Do two tags for the same file apply it the same way (names and spellings aside)?"""
+    return (a.te, a.unet, a.dyn, a.lbw, a.start, a.stop, a.te_schedule, a.unet_schedule, a.hr_te, a.hr_unet) == (
+        b.te, b.unet, b.dyn, b.lbw, b.start, b.stop, b.te_schedule, b.unet_schedule, b.hr_te, b.hr_unet)
+
+
 def active_lora(network: LoraNetwork, ref: LoraRef) -> ActiveLora:
     """The patcher's entry for a parsed tag: its te/unet multipliers, dyn and block weights."""
     return ActiveLora(network, te=ref.te, unet=ref.unet, dyn=ref.dyn, block_weights=ref.lbw)
@@ -135,6 +157,12 @@ class LoraSession:
         self.schedule_mode = "auto"  # changing UNet multipliers: "auto" (estimate per generation), "merge", "bypass"
         self._mode = "merge"  # how the changing multipliers are applied in this pass: "merge" or "bypass"
         self._hires = False
+        self._variants: list[_Variant] = []  # per-image LoRAs of a mixed batch
+        self._row_map: list[int] = []
+        self._row_offset = 0
+        self._rows_now: list[int] | None = None
+        self._te_image = 0  # whose text-encoder weights are merged now (per-image batches)
+        self._actives: list[ActiveLora] = []  # the shared set as last applied
 
     # ---------------------------------------------------------------------------------------------------- state
 
@@ -222,12 +250,20 @@ class LoraSession:
             raise LoraFileError(path, f"cannot read the file: {err}") from None
 
     def activate(self, model: Any, tags: Sequence[str | LoraRef], *, strict: bool = False, hires: bool = False,
-                 shape: GenerationShape | None = None) -> Activation:
+                 shape: GenerationShape | None = None,
+                 per_image: Sequence[Sequence[str | LoraRef]] | None = None) -> Activation:
         """Apply the LoRAs of `tags` to `model` (see the module docstring). `shape`: what the host is about to
         generate (steps, size, batch), for choosing between re-merging and bypass; None assumes 20 steps of one
-        512x512 image."""
+        512x512 image. `per_image`: each image's own tags when a batch mixes prompts (then `tags` is ignored): what
+        all images share is merged as usual, each LoRA they use differently runs as bypass with one weight per image;
+        the host tells which image each UNet row and each text-encoder call belongs to (`batch_rows`, `unet_call`,
+        `text_image`)."""
         with self._lock:
-            loaded, act = self.prepare(tags, strict=strict)
+            variants: list[_Variant] = []
+            if per_image is not None and len(per_image) > 1:
+                loaded, act, variants = self._prepare_batch(per_image, strict)
+            else:
+                loaded, act = self.prepare(tags, strict=strict)
             try:
                 patcher = self.bind(model)
             except (ValueError, LoraExtError) as err:
@@ -238,10 +274,13 @@ class LoraSession:
             self._bypass.clear()
             self._hires = hires
             self._loaded = loaded
+            self._variants = variants
+            self._row_map, self._row_offset, self._rows_now, self._te_image = [], 0, None, 0
             self._windowed = loaded if any(_changes(x.ref, hires) for x in loaded) else []
             self._mode = "merge"
             first = self._for_step(0, None)
             self._step_key = self._key(first)
+            self._variant_weights(0, None)  # each image's weights; the first image's text-encoder weights merge
             try:
                 if self._windowed:
                     self._mode = self._choose(patcher, loaded, shape or GenerationShape(), act)
@@ -257,9 +296,124 @@ class LoraSession:
             if fp8:
                 act.notes.append(f"{fp8} layers store their weights in FP8 and take their LoRAs as bypass (merging "
                                  "into FP8 would round the change away)")
-            for x, rep in zip(loaded, act.report.networks, strict=True):
+            for x, rep in zip(loaded, act.report.networks, strict=False):
                 self._account(act, x, rep)
+            for v, rep in zip(variants, act.report.networks[len(loaded):], strict=True):
+                self._account(act, _Loaded(v.first, v.path, v.lora), rep)
+            if variants:
+                names = ", ".join(v.first.name for v in variants)
+                act.notes.append(f"images of this batch use {names} differently: applied per image as bypass "
+                                 f"({len(loaded)} LoRAs shared by every image merged)")
             return self._finish(act)
+
+    def _prepare_batch(self, per_image: Sequence[Sequence[str | LoraRef]], strict: bool
+                       ) -> tuple[list[_Loaded], Activation, list[_Variant]]:
+        """Read every image's tags; split them into what all images share and per-image variants."""
+        act = Activation()
+        images: list[list[_Loaded]] = []
+        seen_problems: set[str] = set()
+        for tags in per_image:
+            loaded, one = self.prepare(tags, strict=strict)
+            images.append(loaded)
+            act.refs.extend(one.refs)
+            for problem in one.problems:
+                if problem not in seen_problems:
+                    seen_problems.add(problem)
+                    act.problems.append(problem)
+        # a file's n-th tag in an image (the same file twice is two uses), with its dyn and block weights
+        def key(x: _Loaded, n: int) -> tuple:
+            return (str(x.path), x.ref.dyn, str(x.ref.lbw), n)
+
+        keyed: list[dict[tuple, _Loaded]] = []
+        order: list[tuple] = []
+        for loaded in images:
+            counts: dict[Path, int] = {}
+            mine = {}
+            for x in loaded:
+                n = counts[x.path] = counts.get(x.path, -1) + 1
+                k = key(x, n)
+                mine[k] = x
+                if k not in order:
+                    order.append(k)
+            keyed.append(mine)
+        shared: list[_Loaded] = []
+        variants: list[_Variant] = []
+        for k in order:
+            uses = [m.get(k) for m in keyed]
+            first = next(x for x in uses if x is not None)
+            if all(x is not None and _same_use(x.ref, first.ref) for x in uses):
+                shared.append(first)
+                continue
+            unit = ActiveLora(first.lora.network, te=1.0, unet=1.0, dyn=first.lora.dyn,
+                              block_weights=first.lora.block_weights)
+            variants.append(_Variant(unit, first.path, [x.ref if x is not None else None for x in uses]))
+        return shared, act, variants
+
+    def _variant_weights(self, step: int, total: int | None) -> None:
+        """Each variant's per-image weights at this step; the gains follow (`_select_rows`)."""
+        for v in self._variants:
+            v.te = [r.te_weight(self._hires) if r is not None else 0.0 for r in v.refs]
+            v.unet = [unet_multiplier(r, step, total, self._hires) if r is not None else 0.0 for r in v.refs]
+        self._select_rows(self._rows_now)
+
+    # ------------------------------------------------------------------------------------------ per-image batches
+
+    @property
+    def per_image(self) -> bool:
+        """True between `activate(..., per_image=...)` and `restore` when the images use LoRAs differently."""
+        return bool(self._variants)
+
+    def text_signatures(self) -> list[tuple[float, ...]]:
+        """Per image of the batch: the text-encoder weights of the LoRAs the images use differently (images with
+        equal signatures can share one conditioning)."""
+        if not self._variants:
+            return []
+        return [tuple(v.te[i] for v in self._variants) for i in range(len(self._variants[0].refs))]
+
+    def batch_rows(self, row_map: Sequence[int]) -> None:
+        """Before a sampling step: the image of each row the UNet will see in this step, in the order its calls
+        take them (for A1111's CFG batch: each image's conditional rows, then each image's unconditional row)."""
+        with self._lock:
+            self._row_map = list(row_map)
+            self._row_offset = 0
+
+    def unet_call(self, rows: int) -> None:
+        """The host's UNet is about to run on the next `rows` rows of the step's `batch_rows`."""
+        with self._lock:
+            if not self._variants:
+                return
+            row_map = self._row_map or list(range(len(self._variants[0].refs)))
+            if rows == len(row_map):
+                picked = row_map
+                self._row_offset = 0
+            else:
+                picked = [row_map[(self._row_offset + i) % len(row_map)] for i in range(rows)]
+                self._row_offset = (self._row_offset + rows) % len(row_map)
+            self._select_rows(picked)
+
+    def text_image(self, image: int) -> None:
+        """The text encoder is about to encode image `image`'s prompt (or negative prompt): its text-encoder weights
+        are merged (each call encodes one image's text, so a merge is exact, also on fused attention weights; only
+        the layers whose weights change are rewritten)."""
+        with self._lock:
+            if not self._variants or self._patcher is None:
+                return
+            image = image if 0 <= image < len(self._variants[0].refs) else 0
+            if image != self._te_image:
+                self._te_image = image
+                self._apply(self._actives, skip_bad=True)
+
+    def _select_rows(self, rows: list[int] | None) -> None:
+        import torch
+
+        self._rows_now = rows
+        for i, v in enumerate(self._variants):
+            if not v.unet:
+                continue
+            if rows is None:
+                self._bypass.set_gain(("unet", i), v.unet[0])
+            else:
+                self._bypass.set_gain(("unet", i), torch.tensor([v.unet[r] for r in rows], dtype=torch.float32))
 
     def _apply(self, actives: list[ActiveLora], skip_bad: bool) -> PatchReport:
         """Merge what merges; hand the rest (FP8 layers; changing UNet multipliers in bypass mode) to the bypass."""
@@ -268,15 +422,28 @@ class LoraSession:
         changing_now = set()
         if self._mode == "bypass":
             changing_now = {id(a) for a, x in zip(actives, self._loaded, strict=True) if _changes(x.ref, self._hires)}
+        self._actives = list(actives)
+        # per-image variants: the text-encoder part merged at the weight of the image being encoded, the UNet part
+        # as bypass with one weight per row
+        own = [ActiveLora(v.lora.network, te=v.te[self._te_image] if v.te else 0.0, unet=1.0, dyn=v.lora.dyn,
+                          block_weights=v.lora.block_weights) for v in self._variants]
+        variant = {id(a): i for i, a in enumerate(own)}
+        actives = [*actives, *own]
 
         def divert(c: Any) -> bool:
             if needs_bypass(c.target):
                 return True
-            return c.target.component == "unet" and id(c.lora) in changing_now and can_bypass(c.target)
+            if id(c.lora) in variant or id(c.lora) in changing_now:
+                return c.target.component == "unet" and can_bypass(c.target)
+            return False
+
+        def gain_of(c: Any) -> Any:
+            if id(c.lora) in variant:
+                return ("unet", variant[id(c.lora)]) if c.target.component == "unet" else None
+            return index[id(c.lora)] if id(c.lora) in changing_now else None
 
         report = self._patcher.apply(actives, skip_bad=skip_bad, divert=divert)
-        self._bypass.set(self._patcher.diverted,
-                         gain_of=lambda c: index[id(c.lora)] if id(c.lora) in changing_now else None)
+        self._bypass.set(self._patcher.diverted, gain_of=gain_of)
         return report
 
     def _choose(self, patcher: Patcher, loaded: list[_Loaded], shape: GenerationShape, act: Activation) -> str:
@@ -346,7 +513,11 @@ class LoraSession:
         """Before sampling step `step` (0-based) of `total`: bring the UNet part of changing LoRAs to this step (new
         bypass gains, or a re-merge of the layers whose multiplier changes). No-op (None) when nothing changes."""
         with self._lock:
-            if not self._windowed or self._patcher is None:
+            if (not self._windowed and not self._variants) or self._patcher is None:
+                return None
+            if self._variants:
+                self._variant_weights(step, total)
+            if not self._windowed:
                 return None
             if self._mode == "bypass":
                 self._set_gains(step, total)
@@ -374,6 +545,8 @@ class LoraSession:
         with self._lock:
             self._windowed = []
             self._loaded = []
+            self._variants = []
+            self._rows_now = None
             self._bypass.clear()
             if self._patcher is None:
                 return None
@@ -385,6 +558,8 @@ class LoraSession:
             self._bypass.clear()
             self._loaded = []
             self._windowed = []
+            self._variants = []
+            self._rows_now = None
             if self._patcher is not None:
                 try:
                     self._patcher.release()

@@ -349,3 +349,74 @@ def test_auto_mode_takes_the_cheaper_path_and_says_so(model, tmp_path, monkeypat
     ctl.schedule_mode = "merge"  # the setting overrides the estimate
     assert ctl.activate(model, _tags(["a", "1", "0@0,1@1"]), shape=shape).mode == "merge"
     ctl.restore()
+
+
+def test_per_image_loras_in_one_batch(model, tmp_path):
+    """Three images: a shared LoRA merged once; 'b' at different weights per image and absent from one: each UNet row
+    and each text-encoder call computes its own image's formula (hand math), also across the CFG layout (conditional
+    rows, then unconditional ones) and split calls; nothing of 'b' is written into weights; restore is exact."""
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    pb, tb = _lora_file(tmp_path, "b", model, 2)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    ctl = _session(DictResolver({"a": pa, "b": pb}))
+    images = [["<lora:a:0.5>", "<lora:b:1>"], ["<lora:a:0.5>"], ["<lora:a:0.5>", "<lora:b:0.3:unet=0.6>"]]
+    act = ctl.activate(model, [], per_image=images)
+    assert act.problems == [] and ctl.per_image and set(act.applied) == {"a", "b"} and set(act.hashes) == {"a", "b"}
+    assert any("use b differently" in n for n in act.notes)
+    # what is merged: 'a' only
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.5 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    te_b, unet_b = [1.0, 0.0, 0.3], [1.0, 0.0, 0.6]
+    g = torch.Generator().manual_seed(7)
+    rows = [0, 1, 2, 0, 1, 2]  # CFG: three conditional rows, then three unconditional ones
+    x = torch.randn(6, 5, q0.shape[1], generator=g)
+    ctl.batch_rows(rows)
+    ctl.unet_call(6)
+    got = _q_out(model, x)
+    for r, image in enumerate(rows):
+        w = q0 + 0.5 * _delta(ta, Q_KOHYA) + unet_b[image] * _delta(tb, Q_KOHYA)
+        torch.testing.assert_close(got[r], torch.nn.functional.linear(x[r], w), rtol=1e-5, atol=1e-6)
+    ctl.batch_rows(rows)  # the next step, the conditional and unconditional halves in two calls
+    ctl.unet_call(3)
+    first = _q_out(model, x[:3])
+    ctl.unet_call(3)
+    second = _q_out(model, x[3:])
+    torch.testing.assert_close(torch.cat([first, second]), got, rtol=1e-6, atol=1e-7)
+    fc_in = torch.randn(2, fc0.shape[1], generator=g)
+    for image in range(3):
+        ctl.text_image(image)
+        w = fc0 + 0.5 * _delta(ta, FC1_KOHYA) + te_b[image] * _delta(tb, FC1_KOHYA)
+        want = torch.nn.functional.linear(fc_in, w, _module(model, FC1).bias)
+        torch.testing.assert_close(_module(model, FC1)(fc_in).detach(), want, rtol=1e-5, atol=1e-6)
+    ctl.restore()
+    assert not ctl.per_image
+    assert torch.equal(_module(model, Q).weight, q0) and torch.equal(_module(model, FC1).weight, fc0)
+    assert torch.equal(_q_out(model, x), torch.nn.functional.linear(x, q0))
+
+
+def test_per_image_batch_with_the_same_loras_is_a_plain_merge(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = _session(DictResolver({"a": pa}))
+    act = ctl.activate(model, [], per_image=[["<lora:a:0.5>"], ["<lora:a:0.50>"]])
+    assert not ctl.per_image and ctl.bypass_layers == 0 and act.notes == []
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.5 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    ctl.restore()
+
+
+def test_per_image_schedules_follow_each_image(model, tmp_path):
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    q0 = _module(model, Q).weight.detach().clone()
+    ctl = _session(DictResolver({"a": pa}))
+    ctl.activate(model, [], per_image=[["<lora:a:1:0@0,1@1>"], ["<lora:a:1:start=2>"]])
+    x = torch.randn(2, q0.shape[1], generator=torch.Generator().manual_seed(8))
+    for step, weights in ((0, (0.0, 0.0)), (2, (0.5, 1.0)), (4, (1.0, 1.0))):
+        ctl.at_step(step, 5)
+        ctl.batch_rows([0, 1])
+        ctl.unet_call(2)
+        got = _q_out(model, x)
+        for r, w in enumerate(weights):
+            torch.testing.assert_close(got[r], torch.nn.functional.linear(x[r], q0 + w * _delta(ta, Q_KOHYA)),
+                                       rtol=1e-5, atol=1e-6)
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0)

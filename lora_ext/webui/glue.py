@@ -29,7 +29,7 @@ from lora_ext.library.lookup import find_by_hash
 from lora_ext.patch.bypass import GenerationShape
 from lora_ext.prompt import tag_text
 from lora_ext.session import Activation, step_of_call
-from lora_ext.webui import builtin, embeddings, host, settings
+from lora_ext.webui import batch, builtin, embeddings, host, settings
 from lora_ext.webui.state import GlueState
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,11 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     st.session.schedule_mode = str(host.opt(settings.SCHEDULE_MODE, "auto"))
     _hook_close(p)
     hires = bool(getattr(p, "is_hr_pass", False))
-    act = st.session.activate(host.processing_model(p), [tag_text(x.items) for x in params], hires=hires,
-                              shape=_shape(p, hires))
+    per_image = _per_image_tags(p, hires) if host.opt(settings.PER_IMAGE, True) else None
+    model = host.processing_model(p)
+    act = st.session.activate(model, [tag_text(x.items) for x in params], hires=hires,
+                              shape=_shape(p, hires), per_image=per_image)
+    batch.attach(st, p, model, hires) if st.session.per_image else batch.detach(st)
     embeddings.register(st.bundled, act)
     if host.opt("lora_add_hashes_to_infotext", True):
         if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
@@ -104,6 +107,23 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     if act.report is not None and act.report.layers_recomputed:
         log.info("lora_ext: %s applied (%d layers in %.2f s)", ", ".join(act.applied) or "no LoRA",
                  act.report.layers_recomputed, act.report.seconds)
+
+
+def _per_image_tags(p: Any, hires: bool) -> list[list[str]] | None:
+    """Each image's own LoRA tags when the batch's prompts differ in them (A1111 hands the extra network the first
+    prompt's tags only); None when every image has the same ones."""
+    from modules import extra_networks
+
+    size = int(getattr(p, "batch_size", 1) or 1)
+    prompts = getattr(p, "all_hr_prompts" if hires else "all_prompts", None)
+    if size < 2 or not prompts:
+        return None
+    start = int(getattr(p, "iteration", 0) or 0) * size
+    tags = []
+    for prompt in prompts[start:start + size]:
+        _, found = extra_networks.parse_prompt(prompt)
+        tags.append([tag_text(x.items) for kind in ("lora", "lyco") for x in found.get(kind, [])])
+    return tags if any(t != tags[0] for t in tags) else None
 
 
 def _shape(p: Any, hires: bool) -> GenerationShape:
@@ -130,6 +150,7 @@ def _shape(p: Any, hires: bool) -> GenerationShape:
 
 def _deactivate(p: Any) -> None:
     st = state()
+    batch.detach(st)
     st.session.restore()
     embeddings.unregister(st.bundled)
 
@@ -251,9 +272,11 @@ def _on_cfg_denoiser(params: Any) -> None:
     except (AttributeError, TypeError, ValueError):
         pass
     state().session.at_step(step, max(steps, 1))
+    batch.on_step(state(), params)
 
 
 def _on_model_loaded(sd_model: Any) -> None:
+    batch.detach(state())
     state().session.forget_model()
 
 

@@ -11,6 +11,7 @@ SECTION = ("lora_ext", "LoRA (lora_ext)")
 OWN = "lora_ext_handle_lora_tags"
 CACHE_MB = "lora_ext_cache_mb"
 SCHEDULE_MODE = "lora_ext_schedule_mode"
+PER_IMAGE = "lora_ext_per_image_loras"
 
 
 def register(names: Callable[[], list[str]], refresh: Callable[[], None], on_owner_change: Callable[[], None],
@@ -30,6 +31,9 @@ def register(names: Callable[[], list[str]], refresh: Callable[[], None], on_own
         CACHE_MB: shared.OptionInfo(2048, "Parsed LoRA files kept in memory (MiB)", gr.Number, {"precision": 0}),
         "lora_ext_keep_backups": shared.OptionInfo(True, "Keep backups of restored layers for fast switching").info(
             "costs the memory of the layers your LoRAs touch; off: freed after every generation"),
+        PER_IMAGE: shared.OptionInfo(True, "Each image of a batch gets the LoRAs of its own prompt").info(
+            "wildcards, prompts from file, X/Y/Z over LoRAs; off: every image gets the first prompt's LoRAs, as the "
+            "built-in does"),
         SCHEDULE_MODE: shared.OptionInfo("auto", "LoRA weights that change during sampling (start=/stop=, "
                                                  "weight@step schedules)", gr.Radio,
                                          {"choices": ["auto", "merge", "bypass"]}).info(

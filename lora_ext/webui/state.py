@@ -25,6 +25,9 @@ class GlueState:
     training: Any = None  # the TrainService of the training tab and routes (lora_ext.webui.training), made once
     bundled: dict[str, Any] = field(default_factory=dict)  # embedding name -> Embedding of the active LoRAs
     lock: threading.RLock = field(default_factory=threading.RLock)  # serializes hand-overs of the tag
+    batch_hooks: list[Any] = field(default_factory=list)  # UNet / text-encoder pre-hooks of a per-image batch
+    batch_images: dict[int, int] = field(default_factory=dict)  # leading-space count of a prompt -> its image
+    batch_marked: list[Any] = field(default_factory=list)  # (p, attribute, prompts before marking)
 
     @classmethod
     def create(cls, dirs: list[Path], cache_file: Path | None) -> GlueState:

@@ -466,6 +466,71 @@ def scenario_schedule(args) -> dict:
     return out
 
 
+def generate_batch(prompts: list[str], seed: int = 4321, steps: int = 3, size: int = 64, negative: str = "",
+                   **kw):
+    """One batch of len(prompts) images (seeds seed, seed+1, ...): the images (int16 arrays) and their infotexts."""
+    import numpy as np
+    from modules import processing, shared
+
+    from lora_ext.webui import builtin
+
+    builtin.clear_cond_cache()
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompts, negative_prompt=negative, steps=steps, width=size, height=size,
+        sampler_name="Euler", seed=seed, cfg_scale=7, batch_size=len(prompts), n_iter=1, do_not_save_samples=True,
+        do_not_save_grid=True, **kw)
+    with closing(p):
+        res = processing.process_images(p)
+    return [np.asarray(im).astype(np.int16) for im in res.images[:len(prompts)]], res.infotexts[:len(prompts)]
+
+
+def scenario_batch(args) -> dict:
+    """Per-image LoRAs in one batch: each image against the same prompt generated alone with its seed (ours), the
+    built-in's batch (it applies the first prompt's LoRAs to all), our batch with the setting off, and hires fix."""
+    from modules import shared
+
+    made = make_loras(args.arch)
+    a, b = list(made)[0], list(made)[2]
+    prompts = [f"a cat <lora:{a}:1>", "a cat", f"a cat <lora:{a}:0.4> <lora:{b}:0.7>", f"a cat AND a dog <lora:{b}:1>"]
+    fresh = snapshot()
+    out: dict = {"rows": []}
+    for label, kw, negative in (("plain", {}, ""), ("negative", {}, "blurry"),
+                                ("hires", {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
+                                           "denoising_strength": 0.6, "hr_second_pass_steps": 2}, "")):
+        set_owner(True)
+        images, infos = generate_batch(prompts, negative=negative, **kw)
+        notes = list(glue_notes())
+        solo = [generate_batch([pr], seed=4321 + i, negative=negative, **kw)[0][0] for i, pr in enumerate(prompts)]
+        set_owner(False)
+        builtin_images, builtin_infos = generate_batch(prompts, negative=negative, **kw)
+        set_owner(True)
+        out["rows"].append({
+            "builtin_prompts_in_infotext": [info.splitlines()[0] for info in builtin_infos],
+            "case": label, "shape": list(images[0].shape), "notes": notes,
+            "vs_solo": [diff(x, y) for x, y in zip(images, solo)],
+            "builtin_vs_solo": [diff(x, y) for x, y in zip(builtin_images, solo)],
+            "solo_vs_first": [mean_diff(y, solo[0]) for y in solo],
+            "hashes": [_infotext_field(info, "Lora hashes") for info in infos],
+            "prompts_in_infotext": [info.splitlines()[0] for info in infos],
+        })
+    shared.opts.lora_ext_per_image_loras = False
+    old_images, _ = generate_batch(prompts)
+    set_owner(False)
+    builtin_images, _ = generate_batch(prompts)
+    set_owner(True)
+    shared.opts.lora_ext_per_image_loras = True
+    out["setting_off_vs_builtin"] = [diff(x, y) for x, y in zip(old_images, builtin_images)]
+    out["changed_after"] = same_weights(fresh, snapshot())[:3]
+    return out
+
+
+def glue_notes() -> list[str]:
+    from lora_ext.webui import glue
+
+    last = glue.state().session.last
+    return list(last.notes) if last is not None else []
+
+
 def scenario_shapes(args) -> dict:
     """The `shapes` model with hearts LoRAs trained by lora_ext (one bundles a pivotal-tuned "heart" embedding):
     the built-in's images and ours for the same prompts, what the judge sees in each, and the infotext hashes."""

@@ -1,0 +1,139 @@
+"""Per-image LoRAs in a mixed batch on A1111: telling the session which image each UNet row and each text-encoder call
+belongs to (`lora_ext.session.LoraSession.batch_rows` / `unet_call` / `text_image`).
+
+A1111 hands an extra network the first prompt's tags only; `glue._per_image_tags` reads every image's, and the session
+applies what the images share as usual and the rest as bypass with one weight per image. Three things make the
+host's side exact:
+
+- **UNet rows.** A1111's CFG denoiser stacks, per step, each image's conditional rows (one per AND-part) and then one
+  unconditional row per image, and runs the UNet on all of them at once or in consecutive slices. `on_step` (our
+  `on_cfg_denoiser` callback) gives the session that row layout; a forward pre-hook on the UNet instance tells it the
+  size of each call, so it takes the next rows in order.
+- **Text-encoder calls.** A1111 encodes each distinct prompt text once (and caches conditionings by text), so two
+  images with the same words but different LoRAs would share one conditioning. `attach` gives the prompts of images
+  whose text-encoder weights differ a different number of leading spaces (CLIP's tokenizers drop them: the tokens and
+  the image are unchanged; the infotext shows the prompt as written), one count per set of weights, also after every
+  `AND`; a forward pre-hook on the text encoder reads the count and selects that image's weights. SDXL's empty
+  negative prompt is left alone (A1111 zeroes its conditioning, whatever the LoRAs).
+- A1111's conditioning caches are cleared when such a batch starts (their keys hold only the first image's LoRAs),
+  and the marked prompts are put back as A1111 had them when sampling starts (the infotext reads `p.prompts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from lora_ext.webui import builtin
+
+log = logging.getLogger(__name__)
+
+_AND = re.compile(r"\s*\bAND\b\s*")
+
+
+def _mark(text: str, count: int) -> str:
+    """`text` with exactly `count` leading spaces before it and after every AND."""
+    pad = " " * count
+    return pad + _AND.sub(" AND" + pad, text.lstrip())
+
+
+def _leading_spaces(text: str) -> int:
+    return len(text) - len(text.lstrip(" "))
+
+
+def attach(st: Any, p: Any, model: Any, hires: bool) -> None:
+    """After the session activated a batch with per-image LoRAs: mark the prompts, hook the UNet and text encoder."""
+    detach(st)
+    session = st.session
+    signatures = session.text_signatures()
+    seen: dict[tuple, int] = getattr(p, "_lora_ext_text_sets", None) or {}
+    p._lora_ext_text_sets = seen  # the same weights keep the same count across the batches of one generation
+    counts = [seen.setdefault(sig, len(seen) + 1) for sig in signatures]
+    st.batch_images = {count: counts.index(count) for count in set(counts)}
+    is_sdxl = bool(getattr(model, "is_sdxl", False))
+    st.batch_marked = []
+    for attr in ("hr_prompts", "hr_negative_prompts") if hires else ("prompts", "negative_prompts"):
+        texts = getattr(p, attr, None)
+        if not texts or len(texts) != len(counts):
+            continue
+        negative = attr.endswith("negative_prompts")
+        setattr(p, attr, [t if (negative and is_sdxl and t == "") else _mark(t, c) for t, c in zip(texts, counts)])
+        st.batch_marked.append((p, attr, list(texts)))
+    builtin.clear_cond_cache()
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    encoder = getattr(model, "conditioner", None) if is_sdxl else getattr(model, "cond_stage_model", None)
+    hooks = []
+    if unet is not None:
+        hooks.append(unet.register_forward_pre_hook(_unet_hook(session), with_kwargs=True))
+    if encoder is not None and hasattr(encoder, "register_forward_pre_hook"):
+        hooks.append(encoder.register_forward_pre_hook(_text_hook(st), with_kwargs=True))
+    st.batch_hooks = hooks
+
+
+def detach(st: Any) -> None:
+    _unmark(st)
+    for hook in getattr(st, "batch_hooks", None) or []:
+        hook.remove()
+    st.batch_hooks = []
+
+
+def _unmark(st: Any) -> None:
+    """The prompts as A1111 had them (the conditionings are computed by the time sampling starts; the infotext and
+    the scripts after it read `p.prompts`)."""
+    for p, attr, texts in getattr(st, "batch_marked", None) or []:
+        if getattr(p, attr, None) is not None:
+            setattr(p, attr, texts)
+    st.batch_marked = []
+
+
+def _unet_hook(session: Any) -> Any:
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        if x is not None and hasattr(x, "shape"):
+            session.unet_call(int(x.shape[0]))
+    return hook
+
+
+def _text_hook(st: Any) -> Any:
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        batch = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(batch, dict):  # SDXL's conditioner: {"txt": [...], ...}
+            batch = batch.get("txt")
+        if not batch or not isinstance(batch[0], str):
+            return
+        image = st.batch_images.get(_leading_spaces(batch[0]), 0)
+        st.session.text_image(image)
+    return hook
+
+
+def on_step(st: Any, params: Any) -> None:
+    """Before a sampling step: the image of each row the UNet will see (A1111's CFG layout)."""
+    session = st.session
+    if not session.per_image:
+        return
+    _unmark(st)
+    images = len(session.text_signatures())
+    rows = int(params.x.shape[0])
+    cond = params.text_cond
+    cond_rows = int((cond["crossattn"] if isinstance(cond, dict) else cond).shape[0])
+    if cond_rows == images:
+        cond_map = list(range(images))
+    else:  # AND: each image's conditional rows, as many as its prompt's AND-parts
+        cond_map = _and_layout(params, images, cond_rows)
+    session.batch_rows(cond_map + [j % images for j in range(rows - cond_rows)])
+
+
+def _and_layout(params: Any, images: int, cond_rows: int) -> list[int]:
+    from modules import prompt_parser
+
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    prompts = getattr(p, "hr_prompts" if getattr(p, "is_hr_pass", False) else "prompts", None) or []
+    if len(prompts) == images:
+        indexes, _, _ = prompt_parser.get_multicond_prompt_list(prompts)
+        layout = [i for i, parts in enumerate(indexes) for _ in parts]
+        if len(layout) == cond_rows:
+            return layout
+    log.warning("lora_ext: cannot tell which image each conditional row belongs to; per-image LoRAs follow the "
+                "first image's for this step")
+    return [0] * cond_rows

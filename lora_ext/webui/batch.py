@@ -14,7 +14,9 @@ host's side exact:
   whose text-encoder weights differ a different number of leading spaces (CLIP's tokenizers drop them: the tokens and
   the image are unchanged; the infotext shows the prompt as written), one count per set of weights, also after every
   `AND`; a forward pre-hook on the text encoder reads the count and selects that image's weights. SDXL's empty
-  negative prompt is left alone (A1111 zeroes its conditioning, whatever the LoRAs).
+  negative prompt is left alone (A1111 zeroes its conditioning, whatever the LoRAs). A blank positive prompt loses
+  its mark in A1111's AND parser: it gets the first blank-prompt image's weights (several blank prompts with
+  different text-encoder LoRAs in one batch share one conditioning, as A1111 encodes that text once).
 - A1111's conditioning caches are cleared when such a batch starts (their keys hold only the first image's LoRAs),
   and the marked prompts are put back as A1111 had them when sampling starts (the infotext reads `p.prompts`).
 """
@@ -60,6 +62,10 @@ def attach(st: Any, p: Any, model: Any, hires: bool) -> None:
         negative = attr.endswith("negative_prompts")
         setattr(p, attr, [t if (negative and is_sdxl and t == "") else _mark(t, c) for t, c in zip(texts, counts)])
         st.batch_marked.append((p, attr, list(texts)))
+        if not negative:  # A1111's AND parser strips a blank prompt to "": it reaches the encoder without its mark
+            blank = [i for i, t in enumerate(texts) if not t.strip()]
+            if blank:
+                st.batch_images.setdefault(0, blank[0])
     builtin.clear_cond_cache()
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     encoder = getattr(model, "conditioner", None) if is_sdxl else getattr(model, "cond_stage_model", None)

@@ -1,0 +1,78 @@
+"""`lora_ext.webui.batch` without the WebUI: the prompt marks that keep A1111 from sharing one conditioning between
+images with different text-encoder LoRAs are invisible to CLIP's tokenizer, survive A1111's AND split, map back to
+their image, and the CFG row layout handed to the session is A1111's (conditional rows per AND-part, then one
+unconditional row per image)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import torch
+from transformers import CLIPTokenizer
+
+from lora_ext.models.assets import tokenizer_dir
+from lora_ext.webui import batch
+
+# A1111 v1.10 modules/prompt_parser.py: how a prompt is split at AND and its weight read (the regexes, as data)
+RE_AND = re.compile(r"\bAND\b")
+RE_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def _subprompts(prompt: str) -> list[str]:
+    return [RE_WEIGHT.search(part).group(1) for part in RE_AND.split(prompt)]
+
+
+def test_marks_do_not_change_the_tokens_and_survive_and():
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir("clip")))
+    for prompt in ("a cat", "  a (cat:1.2) on a mat ", "a cat AND a dog:0.5", "[cat:dog:5] AND  bird"):
+        for count in (1, 2, 5):
+            marked = batch._mark(prompt, count)
+            plain_parts, marked_parts = _subprompts(prompt), _subprompts(marked)
+            assert len(plain_parts) == len(marked_parts)
+            for plain, part in zip(plain_parts, marked_parts, strict=True):
+                assert batch._leading_spaces(part) == count, (prompt, count, part)  # every part says its image
+                assert tok(part)["input_ids"] == tok(plain)["input_ids"]
+    # a blank prompt: A1111's parser strips the mark (the glue maps "no mark" to a blank-prompt image instead)
+    assert _subprompts(batch._mark("", 2)) == [""]
+
+
+class _Session:
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.rows: list[int] | None = None
+        self.per_image = True
+
+    def text_signatures(self):
+        return [(float(i),) for i in range(self.images)]
+
+    def batch_rows(self, rows):
+        self.rows = list(rows)
+
+
+def test_cfg_row_layout_plain_and_with_and(monkeypatch):
+    session = _Session(3)
+    st = SimpleNamespace(session=session, batch_marked=[])
+    params = SimpleNamespace(x=torch.zeros(6, 4, 8, 8), text_cond=torch.zeros(3, 77, 8))
+    batch.on_step(st, params)
+    assert session.rows == [0, 1, 2, 0, 1, 2]
+    # image 1's prompt has two AND-parts: conditional rows 0, 1, 1, 2, then the three unconditional rows
+    p = SimpleNamespace(prompts=["a cat", "a cat AND a dog", "a bird"], is_hr_pass=False)
+    params = SimpleNamespace(x=torch.zeros(7, 4, 8, 8), text_cond={"crossattn": torch.zeros(4, 77, 8)},
+                             denoiser=SimpleNamespace(p=p))
+    import sys
+
+    # A1111's prompt_parser.get_multicond_prompt_list: per prompt, one (index, weight) per AND-part
+    prompt_parser = SimpleNamespace(get_multicond_prompt_list=lambda prompts: (
+        [[(j, 1.0) for j in range(len(RE_AND.split(pr)))] for pr in prompts], None, None))
+    monkeypatch.setitem(sys.modules, "modules", SimpleNamespace(prompt_parser=prompt_parser))
+    monkeypatch.setitem(sys.modules, "modules.prompt_parser", prompt_parser)
+    batch.on_step(st, params)
+    assert session.rows == [0, 1, 1, 2, 0, 1, 2]
+
+
+def test_unmark_restores_the_prompts_a1111_had():
+    p = SimpleNamespace(prompts=["  a cat", "   a cat"])
+    st = SimpleNamespace(batch_marked=[(p, "prompts", ["a cat", "a cat"])], batch_hooks=[])
+    batch.detach(st)
+    assert p.prompts == ["a cat", "a cat"] and st.batch_marked == []

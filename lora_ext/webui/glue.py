@@ -9,7 +9,8 @@ What it registers (`setup()`, called once by `scripts/lora_ext_glue.py`):
   hands the tag back; REST routes under /lora_ext/ (and /sdapi/v1/loras when the built-in is absent);
 - `on_cfg_denoiser`: LoRAs with start=/stop= or a weight schedule bring their UNet part to each sampling step
   (re-merge or bypass gains, `lora_ext.session`); the hires pass activates with the tags' hr weights;
-- `on_model_loaded`: forget the previous model (restore its weights, drop backups);
+- `on_model_loaded`: forget the previous model (restore its weights, drop backups); when the model changes while a
+  generation samples (the SDXL refiner), apply that generation's LoRAs to the new one;
 - `on_infotext_pasted`: "Lora hashes" -> the local file with that hash;
 - `on_script_unloaded`: restore weights and hand the tag back;
 - the cards page (`lora_ext.webui.cards`) when the built-in Lora is not active;
@@ -83,6 +84,9 @@ def _default_tag(p: Any, params: list[Any]) -> None:
 
 def _activate(p: Any, params_list: list[Any]) -> None:
     st = state()
+    if st.generation is not None and st.sampling and p is not st.generation[0]:
+        _aside(st, p)
+        return
     params = list(params_list)
     _default_tag(p, params)
     st.session.retain_bytes = None if host.opt("lora_ext_keep_backups", True) else 0
@@ -91,9 +95,11 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     hires = bool(getattr(p, "is_hr_pass", False))
     per_image = _per_image_tags(p, hires) if host.opt(settings.PER_IMAGE, True) else None
     model = host.processing_model(p)
-    act = st.session.activate(model, [tag_text(x.items) for x in params], hires=hires,
-                              shape=_shape(p, hires), per_image=per_image)
+    tags = [tag_text(x.items) for x in params]
+    act = st.session.activate(model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image)
     batch.attach(st, p, model, hires) if st.session.per_image else batch.detach(st)
+    st.generation = (p, tags, per_image, hires)  # for a model switch while sampling (the SDXL refiner)
+    st.sampling = False
     embeddings.register(st.bundled, act)
     if host.opt("lora_add_hashes_to_infotext", True):
         if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
@@ -150,6 +156,9 @@ def _shape(p: Any, hires: bool) -> GenerationShape:
 
 def _deactivate(p: Any) -> None:
     st = state()
+    _release_pending(st)
+    st.generation = None
+    st.sampling = False
     batch.detach(st)
     st.session.restore()
     embeddings.unregister(st.bundled)
@@ -271,13 +280,77 @@ def _on_cfg_denoiser(params: Any) -> None:
             step = step_of_call(call, calls, steps)
     except (AttributeError, TypeError, ValueError):
         pass
-    state().session.at_step(step, max(steps, 1))
-    batch.on_step(state(), params)
+    st = state()
+    st.sampling = True
+    st.session.at_step(step, max(steps, 1))
+    batch.on_step(st, params)
+
+
+def _aside(st: Any, p: Any) -> None:
+    """An activation for another processing object while a generation samples: A1111's `get_empty_cond` right after
+    a model load (the refiner taking over) activates extra networks with none, to compute the empty prompt's
+    conditioning without LoRAs. Restore for it, and put the generation's LoRAs back before the new model's next text
+    encoder call that is not that one, or its next UNet call, whichever comes first."""
+    _release_pending(st)
+    model = getattr(st.session, "_model", None)
+    st.session.restore()
+    if model is None:
+        return
+
+    def again(*_: Any) -> None:
+        _release_pending(st)
+        if st.generation is not None:
+            _reapply(st, model)
+
+    def text_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        batch = args[0] if args else None
+        texts = batch.get("txt") if isinstance(batch, dict) else batch
+        if type(texts) is list and texts == [""]:  # get_empty_cond's own call (A1111 passes a plain list there)
+            return
+        again()
+
+    hooks = []
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    encoder = getattr(model, "conditioner", None) or getattr(model, "cond_stage_model", None)
+    if unet is not None:
+        hooks.append(unet.register_forward_pre_hook(lambda *a: again()))
+    if encoder is not None and hasattr(encoder, "register_forward_pre_hook"):
+        hooks.append(encoder.register_forward_pre_hook(text_hook, with_kwargs=True))
+    st.pending_hooks = hooks
+
+
+def _release_pending(st: Any) -> None:
+    for hook in st.pending_hooks:
+        hook.remove()
+    st.pending_hooks = []
 
 
 def _on_model_loaded(sd_model: Any) -> None:
-    batch.detach(state())
-    state().session.forget_model()
+    """A new model (or new weights in the same object): restore and forget the old one. When that happens while a
+    generation samples (A1111's refiner taking over), the generation's LoRAs go on the new model: those that fit are
+    applied, those that do not are said once in the console and the image's comments."""
+    st = state()
+    _release_pending(st)
+    batch.detach(st)
+    st.session.forget_model()
+    if st.generation is not None and st.sampling:
+        _reapply(st, sd_model)
+
+
+def _reapply(st: Any, sd_model: Any) -> None:
+    """The running generation's LoRAs on a model that took over while it samples."""
+    p, tags, per_image, hires = st.generation
+    act = st.session.activate(sd_model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image)
+    if st.session.per_image:
+        batch.attach(st, p, sd_model, hires)
+    embeddings.register(st.bundled, act)
+    if host.opt("lora_add_hashes_to_infotext", True) and act.hashes:
+        p.lora_hashes = {**getattr(p, "lora_hashes", {}), **act.hashes}
+        p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
+    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "short_title", "the new model")
+    act.problems = [f"on {name}: {text}" for text in act.problems]
+    _show_problems(p, act)
+    log.info("lora_ext: %s applied to %s (model switched while sampling)", ", ".join(act.applied) or "no LoRA", name)
 
 
 def _on_infotext_pasted(text: str, d: dict) -> None:

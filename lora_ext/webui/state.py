@@ -28,6 +28,9 @@ class GlueState:
     batch_hooks: list[Any] = field(default_factory=list)  # UNet / text-encoder pre-hooks of a per-image batch
     batch_images: dict[int, int] = field(default_factory=dict)  # leading-space count of a prompt -> its image
     batch_marked: list[Any] = field(default_factory=list)  # (p, attribute, prompts before marking)
+    generation: Any = None  # (p, tags, per-image tags, hires) between activate and deactivate
+    sampling: bool = False  # True once the generation's sampling started (a model switch then is the refiner)
+    pending_hooks: list[Any] = field(default_factory=list)  # one-shot hooks that put the LoRAs back (glue._aside)
 
     @classmethod
     def create(cls, dirs: list[Path], cache_file: Path | None) -> GlueState:

@@ -524,6 +524,59 @@ def scenario_batch(args) -> dict:
     return out
 
 
+def scenario_refiner(args) -> dict:
+    """The SDXL refiner taking over after the first step (a copy of the tiny SDXL checkpoint under another name, so the
+    switch loads weights into the model mid-generation): ours against the built-in, which applies the LoRAs to the
+    refiner too, and against the same generation without a refiner (same weights: the LoRA must be on after the
+    switch for the images to match); the weights afterwards; the console line."""
+    from modules import sd_models, shared
+
+    made = make_loras(args.arch)
+    name = list(made)[0]
+    src = Path(shared.sd_model.sd_checkpoint_info.filename)
+    copy = src.with_name("tiny-sdxl-refiner-copy.safetensors")
+    shutil.copy(src, copy)
+    if src.with_suffix(".yaml").exists():
+        shutil.copy(src.with_suffix(".yaml"), copy.with_suffix(".yaml"))
+    try:
+        sd_models.list_models()
+        refiner = sd_models.get_closet_checkpoint_match(copy.stem).title
+        kw = {"refiner_checkpoint": refiner, "refiner_switch_at": 0.2}
+        fresh = snapshot()
+        prompt = f"a cat <lora:{name}:1>"
+        set_owner(True)
+        from modules import script_callbacks
+
+        unet_key = next(k for k in fresh if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight"))
+        steps_merged: list[bool] = []
+
+        def step_probe(params):  # after ours: is the LoRA in the UNet (of whichever model samples) at this step?
+            import torch
+
+            steps_merged.append(not torch.equal(shared.sd_model.state_dict()[unet_key], fresh[unet_key]))
+
+        script_callbacks.on_cfg_denoiser(step_probe)
+        ours, info, comments = generate(prompt, steps=6, **kw)
+        script_callbacks.remove_callbacks_for_function(step_probe)
+        switched = shared.sd_model.sd_checkpoint_info.title
+        after = same_weights(fresh, snapshot())[:3]
+        no_refiner, _, _ = generate(prompt, steps=6)
+        base_refiner, _, _ = generate("a cat", steps=6, **kw)
+        base_plain, _, _ = generate("a cat", steps=6)
+        set_owner(False)
+        ref, _, _ = generate(prompt, steps=6, **kw)
+        set_owner(True)
+        return {"refiner": refiner, "switched_to": switched, "vs_builtin": diff(ours, ref),
+                "vs_no_refiner": diff(ours, no_refiner), "effect": mean_diff(ours, base_refiner),
+                "refiner_itself": diff(base_refiner, base_plain), "steps_merged": steps_merged,
+                "infotext_refiner": _infotext_field(info, "Refiner"), "hashes": _infotext_field(info, "Lora hashes"),
+                "comments": comments, "changed_after": after}
+    finally:
+        copy.unlink(missing_ok=True)
+        copy.with_suffix(".yaml").unlink(missing_ok=True)
+        sd_models.list_models()
+
+
 def glue_notes() -> list[str]:
     from lora_ext.webui import glue
 

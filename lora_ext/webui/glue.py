@@ -25,10 +25,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lora_ext.errors import LoraExtError
 from lora_ext.formats import infotext
 from lora_ext.library.lookup import find_by_hash
 from lora_ext.patch.bypass import GenerationShape
-from lora_ext.prompt import tag_text
+from lora_ext.prompt import parse_prompt, tag_text
 from lora_ext.session import Activation, step_of_call
 from lora_ext.webui import batch, builtin, embeddings, host, settings
 from lora_ext.webui.state import GlueState
@@ -84,7 +85,7 @@ def _default_tag(p: Any, params: list[Any]) -> None:
 
 def _activate(p: Any, params_list: list[Any]) -> None:
     st = state()
-    if st.generation is not None and st.sampling and p is not st.generation[0]:
+    if st.generation is not None and st.sampling and p is not st.generation[0] and not params_list:
         _aside(st, p)
         return
     params = list(params_list)
@@ -107,6 +108,7 @@ def _activate(p: Any, params_list: list[Any]) -> None:
         p.lora_hashes.update(act.hashes)
         if p.lora_hashes:
             p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
+    act.problems.extend(_negative_prompt_tags(p, hires))
     _show_problems(p, act)
     for note in act.notes:
         log.info("lora_ext: %s", note)
@@ -130,6 +132,29 @@ def _per_image_tags(p: Any, hires: bool) -> list[list[str]] | None:
         _, found = extra_networks.parse_prompt(prompt)
         tags.append([tag_text(x.items) for kind in ("lora", "lyco") for x in found.get(kind, [])])
     return tags if any(t != tags[0] for t in tags) else None
+
+
+def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
+    """A sentence (once per generation) when a negative prompt of this batch holds LoRA tags: A1111 (built-in
+    included) leaves them there as plain text for the text encoder; nothing applies them."""
+    if getattr(p, "_lora_ext_negative_warned", False):
+        return []
+    size = int(getattr(p, "batch_size", 1) or 1)
+    start = int(getattr(p, "iteration", 0) or 0) * size
+    negatives = (getattr(p, "all_hr_negative_prompts" if hires else "all_negative_prompts", None) or [])
+    names = []
+    for text in negatives[start:start + size]:
+        try:
+            _, refs = parse_prompt(text or "")
+        except LoraExtError:
+            continue
+        names += [r.name for r in refs if r.name not in names]
+    if not names:
+        return []
+    p._lora_ext_negative_warned = True
+    return [f"the negative prompt's LoRA tags ({', '.join(names)}) are not applied: like the built-in, the WebUI "
+            "passes them to the text encoder as plain text; to weaken a LoRA, give it a lower or negative weight in "
+            "the prompt"]
 
 
 def _shape(p: Any, hires: bool) -> GenerationShape:
@@ -281,7 +306,8 @@ def _on_cfg_denoiser(params: Any) -> None:
     except (AttributeError, TypeError, ValueError):
         pass
     st = state()
-    st.sampling = True
+    if st.generation is not None and getattr(denoiser, "p", None) is st.generation[0]:
+        st.sampling = True  # our generation samples (the built-in's generations run this callback too)
     st.session.at_step(step, max(steps, 1))
     batch.on_step(st, params)
 

@@ -577,6 +577,96 @@ def scenario_refiner(args) -> dict:
         sd_models.list_models()
 
 
+def scenario_soak(args) -> dict:
+    """bench/soak_webui.py: N random generations mixing every apply mode (merged; weight schedules in merge and bypass
+    mode; windows; per-image batches; hires; interrupted generations; model switches; hand-back to the built-in and
+    back). Every 100 generations: resident memory; at the end: every weight against the fresh load, bit for bit."""
+    import random
+
+    import psutil
+    import torch
+    from modules import script_callbacks, sd_models, shared
+
+    n = int(os.environ.get("LORA_EXT_SOAK_N", "1000"))
+    made = make_loras(args.arch)
+    names = [k for k, v in made.items() if v != "harness"]
+    rng = random.Random(1234)
+    original = shared.sd_model.sd_checkpoint_info
+    others = [c for c in sd_models.checkpoints_list.values()
+              if c.filename != original.filename and ("xl" in c.filename.lower()) == (args.arch == "sdxl")]
+    fresh = {original.filename: snapshot()}
+    proc = psutil.Process()
+    rss: list[tuple[int, float]] = []
+    counts: dict[str, int] = {}
+    interrupt_at = {"step": None}
+
+    def interrupter(params):
+        if interrupt_at["step"] is not None and params.sampling_step == interrupt_at["step"]:
+            shared.state.interrupt()
+
+    script_callbacks.on_cfg_denoiser(interrupter)
+
+    def tag(name: str) -> str:
+        kind = rng.choice(["plain", "plain", "split", "schedule", "window", "lbw"])
+        w = round(rng.uniform(-0.5, 1.2), 2)
+        return {"plain": f"<lora:{name}:{w}>", "split": f"<lora:{name}:{w}:{round(rng.uniform(0, 1), 2)}>",
+                "schedule": f"<lora:{name}:1:unet={w}@0,{round(rng.uniform(0, 1), 2)}@1>",
+                "window": f"<lora:{name}:{w}:start={rng.randint(0, 2)}:stop={rng.randint(3, 5)}>",
+                "lbw": f"<lora:{name}:{w}:lbw=OUTALL>"}[kind]
+
+    failures = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        action = rng.choices(["single", "batch", "hires", "interrupt", "switch", "handback"],
+                             weights=[55, 15, 8, 8, 7, 7])[0]
+        counts[action] = counts.get(action, 0) + 1
+        shared.opts.lora_ext_schedule_mode = rng.choice(["auto", "merge", "bypass"])
+        prompt = "a cat " + " ".join(tag(x) for x in rng.sample(names, rng.randint(0, 3)))
+        try:
+            if action == "single":
+                generate(prompt, seed=i, steps=rng.randint(2, 5))
+            elif action == "batch":
+                prompts = ["a cat " + " ".join(tag(x) for x in rng.sample(names, rng.randint(0, 2)))
+                           for _ in range(rng.randint(2, 3))]
+                generate_batch(prompts, seed=i)
+            elif action == "hires":
+                generate(prompt + f" <lora:{rng.choice(names)}:0.5:hr=1>", seed=i, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2)
+            elif action == "interrupt":
+                interrupt_at["step"] = rng.randint(0, 3)
+                generate(prompt, seed=i, steps=5)
+                interrupt_at["step"] = None
+                shared.state.interrupted = False
+            elif action == "switch" and others:
+                target = rng.choice([original, *others])
+                sd_models.reload_model_weights(info=target)
+                fresh.setdefault(target.filename, snapshot())
+                generate(prompt, seed=i)
+            else:
+                set_owner(False)
+                generate(prompt, seed=i)
+                set_owner(True)
+        except Exception as err:  # noqa: BLE001 - a soak records failures and goes on
+            failures.append(f"{i} {action}: {err!r}"[:300])
+            interrupt_at["step"] = None
+            shared.state.interrupted = False
+            set_owner(True)
+        current = shared.sd_model.sd_checkpoint_info.filename
+        if current in fresh and (i % 50 == 0 or i == n - 1):
+            changed = same_weights(fresh[current], snapshot())
+            if changed:
+                failures.append(f"{i} {action}: {len(changed)} weights differ from the fresh load, e.g. {changed[0]}")
+        if i % 100 == 0 or i == n - 1:
+            rss.append((i, proc.memory_info().rss / 2**20))
+    script_callbacks.remove_callbacks_for_function(interrupter)
+    sd_models.reload_model_weights(info=original)
+    final_changed = same_weights(fresh[original.filename], snapshot())
+    growth = [(b[1] - a[1]) / max(1, b[0] - a[0]) * 100 for a, b in zip(rss[1:], rss[2:])]
+    return {"generations": n, "seconds": time.perf_counter() - t0, "counts": counts, "failures": failures[:20],
+            "failures_total": len(failures), "final_changed": final_changed[:5], "rss_mib": rss,
+            "rss_growth_mib_per_100": growth, "torch": torch.__version__}
+
+
 def glue_notes() -> list[str]:
     from lora_ext.webui import glue
 

@@ -11,6 +11,7 @@ object; `bypass_overhead` = (bypass - merged) / merged per UNet call; `break_eve
 generation cost as much as running the whole generation in bypass.
 
     python bench/bench_bypass.py [--device cpu|cuda] [--arch sd15|sdxl] [--size 512] [--steps 20] [--repeat 2]
+                                 [--images 2]   (per-row weights: a batch whose images use the LoRAs differently)
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--loras", type=int, default=4, help="measure 1..N LoRAs")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--images", type=int, default=1,
+                    help="images per batch (2 rows each); with >1 the bypass runs with one weight per row, as for "
+                         "LoRAs that the images of a batch use differently")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -53,13 +57,14 @@ def main() -> None:
     adapter = adapter_for_pipeline(pipe)
     latent = args.size // 8
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, latent, latent, generator=g).to(args.device, dtype)
+    rows = 2 * args.images
+    sample = torch.randn(rows, 4, latent, latent, generator=g).to(args.device, dtype)
     context_dim = unet.config.cross_attention_dim
-    context = torch.randn(2, 77, context_dim, generator=g).to(args.device, dtype)
+    context = torch.randn(rows, 77, context_dim, generator=g).to(args.device, dtype)
     kwargs = {}
     if args.arch == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280).to(args.device, dtype),
-                                       "time_ids": torch.randn(2, 6).to(args.device, dtype)}
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 1280).to(args.device, dtype),
+                                       "time_ids": torch.randn(rows, 6).to(args.device, dtype)}
 
     def call() -> float:
         times = []
@@ -78,7 +83,7 @@ def main() -> None:
                 for i in range(args.loras)]
     patcher = Patcher(adapter)
     bypass = Bypass()
-    shape = GenerationShape(steps=args.steps, height=args.size, width=args.size)
+    shape = GenerationShape(steps=args.steps, height=args.size, width=args.size, batch=args.images)
     rows = []
     for n in range(1, args.loras + 1):
         actives = [ActiveLora(net, te=1.0, unet=1.0) for net in networks[:n]]
@@ -91,7 +96,12 @@ def main() -> None:
         remerge = time.perf_counter() - t0
         patcher.restore()
         patcher.apply(actives, divert=lambda c: True)
-        bypass.set(patcher.diverted)
+        if args.images > 1:  # one weight per row: image i's rows (conditional, unconditional) get weight (i+1)/images
+            per_row = torch.tensor([(i % args.images + 1) / args.images for i in range(rows)])
+            bypass.set(patcher.diverted, gain_of=lambda c: "rows")
+            bypass.set_gain("rows", per_row)
+        else:
+            bypass.set(patcher.diverted)
         by = call()
         est_merge, est_bypass = estimate_seconds(patcher.diverted, shape)
         layers = len({id(c.target.module) for c in patcher.diverted})
@@ -108,6 +118,7 @@ def main() -> None:
         })
     print(json.dumps({
         "bench": "bypass", "arch": args.arch, "device": args.device, "dtype": args.dtype, "size": args.size,
+        "images": args.images,
         "rank": args.rank, "steps": args.steps, "machine": platform.platform(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "base_call_s": round(base, 4), "rows": rows,
     }, indent=1))

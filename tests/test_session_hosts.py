@@ -26,6 +26,7 @@ from lora_ext.patch import adapter_for_pipeline
 from lora_ext.patch.synth import SynthSpec, make_lora_tensors
 from lora_ext.patch.targets import selector
 from lora_ext.prompt import parse_prompt
+from lora_ext.session import LoraSession
 from lora_ext.webui import glue
 from lora_ext.webui.state import GlueState
 from tests.test_layouts_convert import ldm_unet_cls  # noqa: F401  (fixture)
@@ -64,7 +65,7 @@ def hosts(tmp_path_factory, ldm_unet_cls):  # noqa: F811
     return SimpleNamespace(pipe=pipe, sd_model=sd_model, lora_dir=lora_dir)
 
 
-def _cli_weights(hosts, tmp_path) -> tuple[list[dict], dict, str]:
+def _cli_weights(hosts, tmp_path, prompt: str = PROMPT) -> tuple[list[dict], dict, str]:
     """The pipeline's UNet weights at each of its calls, its TE weights when it encodes, and the PNG's parameters."""
     from lora_ext.app.runner import Session
 
@@ -75,7 +76,7 @@ def _cli_weights(hosts, tmp_path) -> tuple[list[dict], dict, str]:
              pipe.text_encoder.register_forward_pre_hook(lambda m, a: te_seen.append(_clone(m)))]
     try:
         session = Session(tmp_path / "model", pipe=pipe, arch="sd1", lora_dirs=[hosts.lora_dir])
-        res = session.generate(PROMPT, seed=3, steps=STEPS, width=64, height=64, cfg=7.0, out=tmp_path / "cli.png")
+        res = session.generate(prompt, seed=3, steps=STEPS, width=64, height=64, cfg=7.0, out=tmp_path / "cli.png")
     finally:
         for h in hooks:
             h.remove()
@@ -84,11 +85,11 @@ def _cli_weights(hosts, tmp_path) -> tuple[list[dict], dict, str]:
     return unet_steps, te_seen[0], Image.open(tmp_path / "cli.png").info["parameters"]
 
 
-def _webui_weights(hosts, monkeypatch) -> tuple[list[dict], dict, dict[str, str]]:
+def _webui_weights(hosts, monkeypatch, prompt: str = PROMPT) -> tuple[list[dict], dict, dict[str, str]]:
     """The ldm tree's weights (diffusers names) at each step, as the glue sets them for A1111's sampler."""
     st = GlueState.create([hosts.lora_dir], None)
     monkeypatch.setattr(glue, "_state", st)
-    _, refs = parse_prompt(PROMPT)
+    _, refs = parse_prompt(prompt)
     act = st.session.activate(hosts.sd_model, [r.tag for r in refs])
     assert act.problems == [] and act.applied == ["ink", "dots"]
     te = _clone(hosts.sd_model.cond_stage_model.wrapped.transformer)  # A1111 encodes the prompt before sampling
@@ -140,6 +141,28 @@ def test_cli_and_webui_paths_patch_the_same_weights_at_every_step(hosts, tmp_pat
     assert web_hashes == want
     assert f'Lora hashes: "{format_lora_hashes(want)}"' in parameters
     assert parameters.startswith(PROMPT + "\n")
+
+
+SCHEDULE = "a cat <lora:ink:1:0@0,1@1> <lora:dots:0.5:unet=1@2,0@3>"
+
+
+def test_cli_and_webui_paths_follow_the_same_schedule(hosts, tmp_path, monkeypatch):
+    """Weight schedules use one step rule in both hosts: re-merged per step (the mode that writes weights, so they
+    can be compared), the UNet weights at every step are the same on the CLI's and on A1111's tree."""
+    init = LoraSession.__init__
+
+    def merging(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.schedule_mode = "merge"
+
+    monkeypatch.setattr(LoraSession, "__init__", merging)
+    base_unet = _clone(hosts.pipe.unet)
+    cli_steps, _, _ = _cli_weights(hosts, tmp_path, SCHEDULE)
+    web_steps, _, _ = _webui_weights(hosts, monkeypatch, SCHEDULE)
+    for i, (cli, web) in enumerate(zip(cli_steps, web_steps, strict=True)):
+        _assert_same(cli, web, f"unet at step {i}")
+    # ink ramps from 0 at step 0 to 1 at the last step; dots is 1 up to step 2, 0 from step 3: every step differs
+    assert all(not all(torch.equal(a[k], b[k]) for k in base_unet) for a, b in zip(cli_steps, cli_steps[1:]))
 
 
 def test_same_names_resolve_to_the_same_files(hosts, tmp_path):

@@ -95,6 +95,7 @@ class _Variant:
     refs: list[LoraRef | None]
     te: list[float] = field(default_factory=list)  # each image's text-encoder weight now
     unet: list[float] = field(default_factory=list)  # each image's UNet weight at the current step
+    negative: bool = False  # from the negative prompts: the unconditional rows and negative encodings only
 
     @property
     def first(self) -> LoraRef:
@@ -162,6 +163,9 @@ class LoraSession:
         self._row_offset = 0
         self._rows_now: list[int] | None = None
         self._te_image = 0  # whose text-encoder weights are merged now (per-image batches)
+        self._te_negative = False  # ... for its negative prompt
+        self._row_uncond: list[bool] = []
+        self._uncond_now: list[bool] | None = None
         self._actives: list[ActiveLora] = []  # the shared set as last applied
 
     # ---------------------------------------------------------------------------------------------------- state
@@ -251,17 +255,24 @@ class LoraSession:
 
     def activate(self, model: Any, tags: Sequence[str | LoraRef], *, strict: bool = False, hires: bool = False,
                  shape: GenerationShape | None = None,
-                 per_image: Sequence[Sequence[str | LoraRef]] | None = None) -> Activation:
+                 per_image: Sequence[Sequence[str | LoraRef]] | None = None,
+                 negative: Sequence[Sequence[str | LoraRef]] | None = None) -> Activation:
         """Apply the LoRAs of `tags` to `model` (see the module docstring). `shape`: what the host is about to
         generate (steps, size, batch), for choosing between re-merging and bypass; None assumes 20 steps of one
         512x512 image. `per_image`: each image's own tags when a batch mixes prompts (then `tags` is ignored): what
         all images share is merged as usual, each LoRA they use differently runs as bypass with one weight per image;
         the host tells which image each UNet row and each text-encoder call belongs to (`batch_rows`, `unet_call`,
-        `text_image`)."""
+        `text_image`). `negative`: each image's tags from its negative prompt (opt-in in the hosts): applied to the
+        unconditional branch only (its UNet rows and the encoding of the negative prompt)."""
         with self._lock:
             variants: list[_Variant] = []
-            if per_image is not None and len(per_image) > 1:
+            has_negative = negative is not None and any(negative)
+            if has_negative and per_image is None:
+                per_image = [list(tags) for _ in negative]
+            if per_image is not None and (len(per_image) > 1 or has_negative):
                 loaded, act, variants = self._prepare_batch(per_image, strict)
+                if has_negative:
+                    variants += self._negative_variants(negative, act, strict)
             else:
                 loaded, act = self.prepare(tags, strict=strict)
             try:
@@ -276,6 +287,7 @@ class LoraSession:
             self._loaded = loaded
             self._variants = variants
             self._row_map, self._row_offset, self._rows_now, self._te_image = [], 0, None, 0
+            self._row_uncond, self._uncond_now, self._te_negative = [], None, False
             self._windowed = loaded if any(_changes(x.ref, hires) for x in loaded) else []
             self._mode = "merge"
             first = self._for_step(0, None)
@@ -300,11 +312,38 @@ class LoraSession:
                 self._account(act, x, rep)
             for v, rep in zip(variants, act.report.networks[len(loaded):], strict=True):
                 self._account(act, _Loaded(v.first, v.path, v.lora), rep)
-            if variants:
-                names = ", ".join(v.first.name for v in variants)
+            positive = [v for v in variants if not v.negative]
+            if positive:
+                names = ", ".join(v.first.name for v in positive)
                 act.notes.append(f"images of this batch use {names} differently: applied per image as bypass "
                                  f"({len(loaded)} LoRAs shared by every image merged)")
+            if len(positive) < len(variants):
+                names = ", ".join(v.first.name for v in variants if v.negative)
+                act.notes.append(f"{names} from the negative prompt: applied to the negative (unconditional) branch "
+                                 "only")
             return self._finish(act)
+
+    def _negative_variants(self, negative: Sequence[Sequence[str | LoraRef]], act: Activation,
+                           strict: bool) -> list[_Variant]:
+        """One variant per LoRA use in the negative prompts (never merged: it must not reach the positive branch)."""
+        out: list[_Variant] = []
+        found: dict[tuple, _Variant] = {}
+        for image, tags in enumerate(negative):
+            loaded, one = self.prepare(tags, strict=strict)
+            act.refs.extend(one.refs)
+            act.problems.extend(p for p in one.problems if p not in act.problems)
+            counts: dict[Path, int] = {}
+            for x in loaded:
+                n = counts[x.path] = counts.get(x.path, -1) + 1
+                k = (str(x.path), x.ref.dyn, str(x.ref.lbw), n)
+                v = found.get(k)
+                if v is None:
+                    unit = ActiveLora(x.lora.network, te=1.0, unet=1.0, dyn=x.lora.dyn,
+                                      block_weights=x.lora.block_weights)
+                    v = found[k] = _Variant(unit, x.path, [None] * len(negative), negative=True)
+                    out.append(v)
+                v.refs[image] = x.ref
+        return out
 
     def _prepare_batch(self, per_image: Sequence[Sequence[str | LoraRef]], strict: bool
                        ) -> tuple[list[_Loaded], Activation, list[_Variant]]:
@@ -354,7 +393,7 @@ class LoraSession:
         for v in self._variants:
             v.te = [r.te_weight(self._hires) if r is not None else 0.0 for r in v.refs]
             v.unet = [unet_multiplier(r, step, total, self._hires) if r is not None else 0.0 for r in v.refs]
-        self._select_rows(self._rows_now)
+        self._select_rows(self._rows_now, self._uncond_now)
 
     # ------------------------------------------------------------------------------------------ per-image batches
 
@@ -363,18 +402,22 @@ class LoraSession:
         """True between `activate(..., per_image=...)` and `restore` when the images use LoRAs differently."""
         return bool(self._variants)
 
-    def text_signatures(self) -> list[tuple[float, ...]]:
-        """Per image of the batch: the text-encoder weights of the LoRAs the images use differently (images with
-        equal signatures can share one conditioning)."""
+    def text_signatures(self, negative: bool = False) -> list[tuple[float, ...]]:
+        """Per image of the batch: the text-encoder weights of the LoRAs the images use differently, for their
+        prompts (or, `negative`, for their negative prompts); images with equal signatures can share one
+        conditioning."""
         if not self._variants:
             return []
-        return [tuple(v.te[i] for v in self._variants) for i in range(len(self._variants[0].refs))]
+        used = [v for v in self._variants if negative or not v.negative]
+        return [tuple(v.te[i] for v in used) for i in range(len(self._variants[0].refs))]
 
-    def batch_rows(self, row_map: Sequence[int]) -> None:
+    def batch_rows(self, row_map: Sequence[int], uncond: Sequence[bool] | None = None) -> None:
         """Before a sampling step: the image of each row the UNet will see in this step, in the order its calls
-        take them (for A1111's CFG batch: each image's conditional rows, then each image's unconditional row)."""
+        take them (for A1111's CFG batch: each image's conditional rows, then each image's unconditional row), and
+        which rows are unconditional (negative-prompt LoRAs act there only; None: none is)."""
         with self._lock:
             self._row_map = list(row_map)
+            self._row_uncond = list(uncond) if uncond is not None else [False] * len(self._row_map)
             self._row_offset = 0
 
     def unet_call(self, rows: int) -> None:
@@ -383,37 +426,40 @@ class LoraSession:
             if not self._variants:
                 return
             row_map = self._row_map or list(range(len(self._variants[0].refs)))
+            flags = self._row_uncond if len(self._row_uncond) == len(row_map) else [False] * len(row_map)
             if rows == len(row_map):
-                picked = row_map
+                index = list(range(rows))
                 self._row_offset = 0
             else:
-                picked = [row_map[(self._row_offset + i) % len(row_map)] for i in range(rows)]
+                index = [(self._row_offset + i) % len(row_map) for i in range(rows)]
                 self._row_offset = (self._row_offset + rows) % len(row_map)
-            self._select_rows(picked)
+            self._select_rows([row_map[i] for i in index], [flags[i] for i in index])
 
-    def text_image(self, image: int) -> None:
-        """The text encoder is about to encode image `image`'s prompt (or negative prompt): its text-encoder weights
-        are merged (each call encodes one image's text, so a merge is exact, also on fused attention weights; only
-        the layers whose weights change are rewritten)."""
+    def text_image(self, image: int, negative: bool = False) -> None:
+        """The text encoder is about to encode image `image`'s prompt (or, `negative`, its negative prompt): its
+        text-encoder weights are merged (each call encodes one image's text, so a merge is exact, also on fused
+        attention weights; only the layers whose weights change are rewritten)."""
         with self._lock:
             if not self._variants or self._patcher is None:
                 return
             image = image if 0 <= image < len(self._variants[0].refs) else 0
-            if image != self._te_image:
-                self._te_image = image
+            if (image, negative) != (self._te_image, self._te_negative):
+                self._te_image, self._te_negative = image, negative
                 self._apply(self._actives, skip_bad=True)
 
-    def _select_rows(self, rows: list[int] | None) -> None:
+    def _select_rows(self, rows: list[int] | None, uncond: list[bool] | None = None) -> None:
         import torch
 
-        self._rows_now = rows
+        self._rows_now, self._uncond_now = rows, uncond
         for i, v in enumerate(self._variants):
             if not v.unet:
                 continue
-            if rows is None:
-                self._bypass.set_gain(("unet", i), v.unet[0])
-            else:
-                self._bypass.set_gain(("unet", i), torch.tensor([v.unet[r] for r in rows], dtype=torch.float32))
+            if rows is None:  # no row layout from the host (yet): the first image, conditional
+                self._bypass.set_gain(("unet", i), 0.0 if v.negative else v.unet[0])
+                continue
+            flags = uncond if uncond is not None else [False] * len(rows)
+            weights = [v.unet[r] if (flag or not v.negative) else 0.0 for r, flag in zip(rows, flags, strict=True)]
+            self._bypass.set_gain(("unet", i), torch.tensor(weights, dtype=torch.float32))
 
     def _apply(self, actives: list[ActiveLora], skip_bad: bool) -> PatchReport:
         """Merge what merges; hand the rest (FP8 layers; changing UNet multipliers in bypass mode) to the bypass."""
@@ -425,8 +471,9 @@ class LoraSession:
         self._actives = list(actives)
         # per-image variants: the text-encoder part merged at the weight of the image being encoded, the UNet part
         # as bypass with one weight per row
-        own = [ActiveLora(v.lora.network, te=v.te[self._te_image] if v.te else 0.0, unet=1.0, dyn=v.lora.dyn,
-                          block_weights=v.lora.block_weights) for v in self._variants]
+        own = [ActiveLora(v.lora.network, te=v.te[self._te_image] if v.te and (self._te_negative or not v.negative)
+                          else 0.0, unet=1.0, dyn=v.lora.dyn, block_weights=v.lora.block_weights)
+               for v in self._variants]
         variant = {id(a): i for i, a in enumerate(own)}
         actives = [*actives, *own]
 

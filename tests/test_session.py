@@ -420,3 +420,38 @@ def test_per_image_schedules_follow_each_image(model, tmp_path):
                                        rtol=1e-5, atol=1e-6)
     ctl.restore()
     assert torch.equal(_module(model, Q).weight, q0)
+
+
+def test_negative_prompt_loras_act_on_the_unconditional_branch_only(model, tmp_path):
+    """`negative=`: a LoRA from the negative prompt reaches the unconditional rows and the encoding of the negative
+    prompt, never the conditional rows or the positive encoding (hand formulas); the positive tags still merge."""
+    pa, ta = _lora_file(tmp_path, "a", model, 1)
+    pb, tb = _lora_file(tmp_path, "b", model, 2)
+    q0 = _module(model, Q).weight.detach().clone()
+    fc0 = _module(model, FC1).weight.detach().clone()
+    fc = _module(model, FC1)
+    ctl = _session(DictResolver({"a": pa, "b": pb}))
+    act = ctl.activate(model, ["<lora:a:0.5>"], negative=[["<lora:b:0.8>"]])
+    assert act.problems == [] and set(act.applied) == {"a", "b"}
+    assert any("from the negative prompt" in n for n in act.notes)
+    torch.testing.assert_close(_module(model, Q).weight.detach(), q0 + 0.5 * _delta(ta, Q_KOHYA), rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, q0.shape[1], generator=g)
+    ctl.batch_rows([0, 0], uncond=[False, True])  # one image: its conditional row, then its unconditional one
+    ctl.unet_call(2)
+    got = _q_out(model, x)
+    base = q0 + 0.5 * _delta(ta, Q_KOHYA)
+    torch.testing.assert_close(got[0], torch.nn.functional.linear(x[0], base), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], torch.nn.functional.linear(x[1], base + 0.8 * _delta(tb, Q_KOHYA)),
+                               rtol=1e-5, atol=1e-6)
+    y = torch.randn(3, fc0.shape[1], generator=g)
+    want_pos = torch.nn.functional.linear(y, fc0 + 0.5 * _delta(ta, FC1_KOHYA), fc.bias)
+    want_neg = torch.nn.functional.linear(y, fc0 + 0.5 * _delta(ta, FC1_KOHYA) + 0.8 * _delta(tb, FC1_KOHYA), fc.bias)
+    ctl.text_image(0)
+    torch.testing.assert_close(fc(y).detach(), want_pos, rtol=1e-5, atol=1e-6)
+    ctl.text_image(0, negative=True)
+    torch.testing.assert_close(fc(y).detach(), want_neg, rtol=1e-5, atol=1e-6)
+    ctl.text_image(0)
+    torch.testing.assert_close(fc(y).detach(), want_pos, rtol=1e-5, atol=1e-6)
+    ctl.restore()
+    assert torch.equal(_module(model, Q).weight, q0) and torch.equal(fc.weight, fc0)

@@ -43,11 +43,12 @@ class _Session:
         self.rows: list[int] | None = None
         self.per_image = True
 
-    def text_signatures(self):
+    def text_signatures(self, negative=False):
         return [(float(i),) for i in range(self.images)]
 
-    def batch_rows(self, rows):
+    def batch_rows(self, rows, uncond=None):
         self.rows = list(rows)
+        self.uncond = list(uncond)
 
 
 def test_cfg_row_layout_plain_and_with_and(monkeypatch):
@@ -55,7 +56,7 @@ def test_cfg_row_layout_plain_and_with_and(monkeypatch):
     st = SimpleNamespace(session=session, batch_marked=[])
     params = SimpleNamespace(x=torch.zeros(6, 4, 8, 8), text_cond=torch.zeros(3, 77, 8))
     batch.on_step(st, params)
-    assert session.rows == [0, 1, 2, 0, 1, 2]
+    assert session.rows == [0, 1, 2, 0, 1, 2] and session.uncond == [False] * 3 + [True] * 3
     # image 1's prompt has two AND-parts: conditional rows 0, 1, 1, 2, then the three unconditional rows
     p = SimpleNamespace(prompts=["a cat", "a cat AND a dog", "a bird"], is_hr_pass=False)
     params = SimpleNamespace(x=torch.zeros(7, 4, 8, 8), text_cond={"crossattn": torch.zeros(4, 77, 8)},
@@ -68,7 +69,7 @@ def test_cfg_row_layout_plain_and_with_and(monkeypatch):
     monkeypatch.setitem(sys.modules, "modules", SimpleNamespace(prompt_parser=prompt_parser))
     monkeypatch.setitem(sys.modules, "modules.prompt_parser", prompt_parser)
     batch.on_step(st, params)
-    assert session.rows == [0, 1, 1, 2, 0, 1, 2]
+    assert session.rows == [0, 1, 1, 2, 0, 1, 2] and session.uncond == [False] * 4 + [True] * 3
 
 
 def test_unmark_restores_the_prompts_a1111_had():

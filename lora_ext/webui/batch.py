@@ -44,28 +44,31 @@ def _leading_spaces(text: str) -> int:
     return len(text) - len(text.lstrip(" "))
 
 
-def attach(st: Any, p: Any, model: Any, hires: bool) -> None:
-    """After the session activated a batch with per-image LoRAs: mark the prompts, hook the UNet and text encoder."""
+def attach(st: Any, p: Any, model: Any, hires: bool, originals: dict[str, list[str]] | None = None) -> None:
+    """After the session activated a batch with per-image LoRAs: mark the prompts, hook the UNet and text encoder.
+    `originals`: prompts as they were before the glue took tags out of them (put back with the marks' removal)."""
     detach(st)
     session = st.session
-    signatures = session.text_signatures()
-    seen: dict[tuple, int] = getattr(p, "_lora_ext_text_sets", None) or {}
-    p._lora_ext_text_sets = seen  # the same weights keep the same count across the batches of one generation
-    counts = [seen.setdefault(sig, len(seen) + 1) for sig in signatures]
-    st.batch_images = {count: counts.index(count) for count in set(counts)}
     is_sdxl = bool(getattr(model, "is_sdxl", False))
     st.batch_marked = []
+    st.batch_images, st.batch_negative_images = {}, {}
     for attr in ("hr_prompts", "hr_negative_prompts") if hires else ("prompts", "negative_prompts"):
+        negative = attr.endswith("negative_prompts")
+        signatures = session.text_signatures(negative=negative)
+        seen: dict[tuple, int] = getattr(p, f"_lora_ext_text_sets_{attr}", None) or {}
+        setattr(p, f"_lora_ext_text_sets_{attr}", seen)  # the same weights keep their count across batches
+        counts = [seen.setdefault(sig, len(seen) + 1) for sig in signatures]
+        images = st.batch_negative_images if negative else st.batch_images
+        images.update({count: counts.index(count) for count in set(counts)})
         texts = getattr(p, attr, None)
         if not texts or len(texts) != len(counts):
             continue
-        negative = attr.endswith("negative_prompts")
         setattr(p, attr, [t if (negative and is_sdxl and t == "") else _mark(t, c) for t, c in zip(texts, counts)])
-        st.batch_marked.append((p, attr, list(texts)))
+        st.batch_marked.append((p, attr, list((originals or {}).get(attr, texts))))
         if not negative:  # A1111's AND parser strips a blank prompt to "": it reaches the encoder without its mark
             blank = [i for i, t in enumerate(texts) if not t.strip()]
             if blank:
-                st.batch_images.setdefault(0, blank[0])
+                images.setdefault(0, blank[0])
     builtin.clear_cond_cache()
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     encoder = getattr(model, "conditioner", None) if is_sdxl else getattr(model, "cond_stage_model", None)
@@ -108,8 +111,9 @@ def _text_hook(st: Any) -> Any:
             batch = batch.get("txt")
         if not batch or not isinstance(batch[0], str):
             return
-        image = st.batch_images.get(_leading_spaces(batch[0]), 0)
-        st.session.text_image(image)
+        negative = bool(getattr(batch, "is_negative_prompt", False))  # A1111's SdConditioning says which
+        images = st.batch_negative_images if negative else st.batch_images
+        st.session.text_image(images.get(_leading_spaces(batch[0]), 0), negative=negative)
     return hook
 
 
@@ -127,7 +131,8 @@ def on_step(st: Any, params: Any) -> None:
         cond_map = list(range(images))
     else:  # AND: each image's conditional rows, as many as its prompt's AND-parts
         cond_map = _and_layout(params, images, cond_rows)
-    session.batch_rows(cond_map + [j % images for j in range(rows - cond_rows)])
+    session.batch_rows(cond_map + [j % images for j in range(rows - cond_rows)],
+                       uncond=[False] * len(cond_map) + [True] * (rows - cond_rows))
 
 
 def _and_layout(params: Any, images: int, cond_rows: int) -> list[int]:

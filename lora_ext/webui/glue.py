@@ -95,11 +95,16 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     _hook_close(p)
     hires = bool(getattr(p, "is_hr_pass", False))
     per_image = _per_image_tags(p, hires) if host.opt(settings.PER_IMAGE, True) else None
+    negative, originals = _take_negative_tags(p, hires) if host.opt(settings.NEGATIVE, False) else (None, {})
     model = host.processing_model(p)
     tags = [tag_text(x.items) for x in params]
-    act = st.session.activate(model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image)
-    batch.attach(st, p, model, hires) if st.session.per_image else batch.detach(st)
-    st.generation = (p, tags, per_image, hires)  # for a model switch while sampling (the SDXL refiner)
+    act = st.session.activate(model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image,
+                              negative=negative)
+    if st.session.per_image:
+        batch.attach(st, p, model, hires, originals)
+    else:
+        batch.detach(st)
+    st.generation = (p, tags, per_image, hires, negative)  # for a model switch while sampling (the SDXL refiner)
     st.sampling = False
     embeddings.register(st.bundled, act)
     if host.opt("lora_add_hashes_to_infotext", True):
@@ -108,7 +113,8 @@ def _activate(p: Any, params_list: list[Any]) -> None:
         p.lora_hashes.update(act.hashes)
         if p.lora_hashes:
             p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
-    act.problems.extend(_negative_prompt_tags(p, hires))
+    if not host.opt(settings.NEGATIVE, False):
+        act.problems.extend(_negative_prompt_tags(p, hires))
     _show_problems(p, act)
     for note in act.notes:
         log.info("lora_ext: %s", note)
@@ -132,6 +138,27 @@ def _per_image_tags(p: Any, hires: bool) -> list[list[str]] | None:
         _, found = extra_networks.parse_prompt(prompt)
         tags.append([tag_text(x.items) for kind in ("lora", "lyco") for x in found.get(kind, [])])
     return tags if any(t != tags[0] for t in tags) else None
+
+
+def _take_negative_tags(p: Any, hires: bool) -> tuple[list[list[str]] | None, dict[str, list[str]]]:
+    """The LoRA tags of each image's negative prompt, taken out of the text the WebUI will encode (the setting that
+    applies them to the negative branch); None when there are none. Also the negative prompts as they were."""
+    attr = "hr_negative_prompts" if hires else "negative_prompts"
+    texts = getattr(p, attr, None)
+    if not texts:
+        return None, {}
+    stripped, tags = [], []
+    for text in texts:
+        try:
+            rest, refs = parse_prompt(text or "")
+        except LoraExtError:
+            rest, refs = text, []
+        stripped.append(rest)
+        tags.append([r.tag for r in refs])
+    if not any(tags):
+        return None, {}
+    setattr(p, attr, stripped)
+    return tags, {attr: list(texts)}
 
 
 def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
@@ -365,8 +392,9 @@ def _on_model_loaded(sd_model: Any) -> None:
 
 def _reapply(st: Any, sd_model: Any) -> None:
     """The running generation's LoRAs on a model that took over while it samples."""
-    p, tags, per_image, hires = st.generation
-    act = st.session.activate(sd_model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image)
+    p, tags, per_image, hires, negative = st.generation
+    act = st.session.activate(sd_model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image,
+                              negative=negative)
     if st.session.per_image:
         batch.attach(st, p, sd_model, hires)
     embeddings.register(st.bundled, act)

@@ -12,6 +12,7 @@ OWN = "lora_ext_handle_lora_tags"
 CACHE_MB = "lora_ext_cache_mb"
 SCHEDULE_MODE = "lora_ext_schedule_mode"
 PER_IMAGE = "lora_ext_per_image_loras"
+NEGATIVE = "lora_ext_negative_prompt_loras"
 
 
 def register(names: Callable[[], list[str]], refresh: Callable[[], None], on_owner_change: Callable[[], None],
@@ -34,6 +35,9 @@ def register(names: Callable[[], list[str]], refresh: Callable[[], None], on_own
         PER_IMAGE: shared.OptionInfo(True, "Each image of a batch gets the LoRAs of its own prompt").info(
             "wildcards, prompts from file, X/Y/Z over LoRAs; off: every image gets the first prompt's LoRAs, as the "
             "built-in does"),
+        NEGATIVE: shared.OptionInfo(False, "Apply LoRA tags in the negative prompt to the negative branch only").info(
+            "off (default, as the built-in): they stay in the negative prompt as plain text; on: taken out of it and "
+            "applied to the unconditional UNet rows and the negative prompt's encoding"),
         SCHEDULE_MODE: shared.OptionInfo("auto", "LoRA weights that change during sampling (start=/stop=, "
                                                  "weight@step schedules)", gr.Radio,
                                          {"choices": ["auto", "merge", "bypass"]}).info(

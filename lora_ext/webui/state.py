@@ -27,6 +27,7 @@ class GlueState:
     lock: threading.RLock = field(default_factory=threading.RLock)  # serializes hand-overs of the tag
     batch_hooks: list[Any] = field(default_factory=list)  # UNet / text-encoder pre-hooks of a per-image batch
     batch_images: dict[int, int] = field(default_factory=dict)  # leading-space count of a prompt -> its image
+    batch_negative_images: dict[int, int] = field(default_factory=dict)  # ... of a negative prompt
     batch_marked: list[Any] = field(default_factory=list)  # (p, attribute, prompts before marking)
     generation: Any = None  # (p, tags, per-image tags, hires) between activate and deactivate
     sampling: bool = False  # True once the generation's sampling started (a model switch then is the refiner)

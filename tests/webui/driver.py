@@ -72,9 +72,10 @@ def generate(prompt: str, seed: int = 1234, steps: int = 3, size: int = 64, **kw
     from lora_ext.webui import builtin
 
     builtin.clear_cond_cache()  # every image computes its own conditioning (no reuse across handlers)
+    kw = {"negative_prompt": "", "cfg_scale": 7, **kw}
     p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
-        sampler_name="Euler", seed=seed, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True, **kw)
+        sd_model=shared.sd_model, prompt=prompt, steps=steps, width=size, height=size,
+        sampler_name="Euler", seed=seed, do_not_save_samples=True, do_not_save_grid=True, **kw)
     with closing(p):
         res = processing.process_images(p)
     return np.asarray(res.images[0]).astype(np.int16), res.infotexts[0], res.comments
@@ -466,8 +467,8 @@ def scenario_schedule(args) -> dict:
     return out
 
 
-def generate_batch(prompts: list[str], seed: int = 4321, steps: int = 3, size: int = 64, negative: str = "",
-                   **kw):
+def generate_batch(prompts: list[str], seed: int = 4321, steps: int = 3, size: int = 64,
+                   negative: str | list[str] = "", **kw):
     """One batch of len(prompts) images (seeds seed, seed+1, ...): the images (int16 arrays) and their infotexts."""
     import numpy as np
     from modules import processing, shared
@@ -665,6 +666,45 @@ def scenario_soak(args) -> dict:
     return {"generations": n, "seconds": time.perf_counter() - t0, "counts": counts, "failures": failures[:20],
             "failures_total": len(failures), "final_changed": final_changed[:5], "rss_mib": rss,
             "rss_growth_mib_per_100": growth, "torch": torch.__version__}
+
+
+def scenario_negative(args) -> dict:
+    """LoRA tags in the negative prompt. Setting off (default): plain text, as the built-in (same image) and said
+    once. Setting on: applied to the unconditional branch only: at CFG scale 1 (only the conditional branch counts)
+    the image is the one without the tag; at 7 it changes; in a batch each image gets its own negative LoRAs (equal to
+    the image alone); the infotext keeps the negative prompt as written; weights restored."""
+    from modules import shared
+
+    made = make_loras(args.arch)
+    name = list(made)[0]
+    tagged = f"blurry <lora:{name}:1>"
+    fresh = snapshot()
+    out: dict = {}
+    set_owner(False)
+    builtin_off, _, _ = generate("a cat", negative_prompt=tagged)
+    set_owner(True)
+    ours_off, _, comments_off = generate("a cat", negative_prompt=tagged)
+    out.update(off_vs_builtin=diff(ours_off, builtin_off), comments_off=comments_off)
+    shared.opts.lora_ext_negative_prompt_loras = True
+    try:
+        plain, _, _ = generate("a cat", negative_prompt="blurry")
+        on, info_on, comments_on = generate("a cat", negative_prompt=tagged)
+        notes_on = glue_notes()
+        plain1, _, _ = generate("a cat", negative_prompt="blurry", cfg_scale=1)
+        on1, _, _ = generate("a cat", negative_prompt=tagged, cfg_scale=1)
+        images, infos = generate_batch(["a cat", "a cat"], negative=[tagged, "blurry"])
+        solo = [generate_batch(["a cat"], seed=4321 + i, negative=[neg])[0][0]
+                for i, neg in enumerate([tagged, "blurry"])]
+        out.update(on_effect=mean_diff(on, plain), cfg1_vs_plain=diff(on1, plain1), comments_on=comments_on,
+                   notes_on=notes_on, infotext_negative=[line for line in info_on.splitlines()
+                                                            if line.startswith("Negative prompt:")],
+                   batch_vs_solo=[diff(x, y) for x, y in zip(images, solo)],
+                   batch_infotext_negative=[[line for line in i.splitlines() if line.startswith("Negative prompt:")]
+                                            for i in infos])
+    finally:
+        shared.opts.lora_ext_negative_prompt_loras = False
+    out["changed_after"] = same_weights(fresh, snapshot())[:3]
+    return out
 
 
 def glue_notes() -> list[str]:

@@ -57,14 +57,14 @@ def main() -> None:
     adapter = adapter_for_pipeline(pipe)
     latent = args.size // 8
     g = torch.Generator().manual_seed(0)
-    rows = 2 * args.images
-    sample = torch.randn(rows, 4, latent, latent, generator=g).to(args.device, dtype)
+    batch_rows = 2 * args.images
+    sample = torch.randn(batch_rows, 4, latent, latent, generator=g).to(args.device, dtype)
     context_dim = unet.config.cross_attention_dim
-    context = torch.randn(rows, 77, context_dim, generator=g).to(args.device, dtype)
+    context = torch.randn(batch_rows, 77, context_dim, generator=g).to(args.device, dtype)
     kwargs = {}
     if args.arch == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 1280).to(args.device, dtype),
-                                       "time_ids": torch.randn(rows, 6).to(args.device, dtype)}
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch_rows, 1280).to(args.device, dtype),
+                                       "time_ids": torch.randn(batch_rows, 6).to(args.device, dtype)}
 
     def call() -> float:
         times = []
@@ -97,7 +97,7 @@ def main() -> None:
         patcher.restore()
         patcher.apply(actives, divert=lambda c: True)
         if args.images > 1:  # one weight per row: image i's rows (conditional, unconditional) get weight (i+1)/images
-            per_row = torch.tensor([(i % args.images + 1) / args.images for i in range(rows)])
+            per_row = torch.tensor([(i % args.images + 1) / args.images for i in range(batch_rows)])
             bypass.set(patcher.diverted, gain_of=lambda c: "rows")
             bypass.set_gain("rows", per_row)
         else:

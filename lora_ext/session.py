@@ -17,6 +17,11 @@ Contract
 - Layers whose weights cannot hold a merge (FP8 storage) take their LoRAs as bypass, always
   (`lora_ext.patch.bypass.needs_bypass`); restoring removes the hooks, the weights were never written.
 - `activate(..., hires=True)`: the hires-fix pass, with the tags' `hr=`/`hrte=`/`hrunet=` weights.
+- `activate(..., per_image=[tags of image 0, ...])`: a batch whose images have different tags. What every image uses
+  the same way is merged; each other use (a *variant*) gets its UNet part as bypass with one weight per row
+  (`batch_rows` per step and `unet_call` before each UNet call tell which image each row is) and its text-encoder
+  part merged at the weight of the image whose text is being encoded (`text_image`). `negative=` does the same for
+  tags taken from the negative prompts, on the unconditional rows and negative encodings only.
 - `Activation.hashes` is the infotext's "Lora hashes" (`lora_ext.formats.infotext`): the applied LoRAs only.
 - `restore()` puts every weight back bit-exactly; `forget_model()` restores and drops every reference to the model.
 - Calls are serialized with a lock (the WebUI's UI and API can both start generations).

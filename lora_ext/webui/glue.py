@@ -123,18 +123,23 @@ def _activate(p: Any, params_list: list[Any]) -> None:
                  act.report.layers_recomputed, act.report.seconds)
 
 
+def _this_batch(p: Any, attr: str) -> list[str]:
+    """The current batch's slice of one of A1111's per-generation lists (`all_prompts`, `all_negative_prompts`, ...)."""
+    size = int(getattr(p, "batch_size", 1) or 1)
+    start = int(getattr(p, "iteration", 0) or 0) * size
+    return list((getattr(p, attr, None) or [])[start:start + size])
+
+
 def _per_image_tags(p: Any, hires: bool) -> list[list[str]] | None:
     """Each image's own LoRA tags when the batch's prompts differ in them (A1111 hands the extra network the first
     prompt's tags only); None when every image has the same ones."""
     from modules import extra_networks
 
-    size = int(getattr(p, "batch_size", 1) or 1)
-    prompts = getattr(p, "all_hr_prompts" if hires else "all_prompts", None)
-    if size < 2 or not prompts:
+    prompts = _this_batch(p, "all_hr_prompts" if hires else "all_prompts")
+    if len(prompts) < 2:
         return None
-    start = int(getattr(p, "iteration", 0) or 0) * size
     tags = []
-    for prompt in prompts[start:start + size]:
+    for prompt in prompts:
         _, found = extra_networks.parse_prompt(prompt)
         tags.append([tag_text(x.items) for kind in ("lora", "lyco") for x in found.get(kind, [])])
     return tags if any(t != tags[0] for t in tags) else None
@@ -166,11 +171,8 @@ def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
     included) leaves them there as plain text for the text encoder; nothing applies them."""
     if getattr(p, "_lora_ext_negative_warned", False):
         return []
-    size = int(getattr(p, "batch_size", 1) or 1)
-    start = int(getattr(p, "iteration", 0) or 0) * size
-    negatives = (getattr(p, "all_hr_negative_prompts" if hires else "all_negative_prompts", None) or [])
     names = []
-    for text in negatives[start:start + size]:
+    for text in _this_batch(p, "all_hr_negative_prompts" if hires else "all_negative_prompts"):
         try:
             _, refs = parse_prompt(text or "")
         except LoraExtError:

@@ -86,9 +86,20 @@ def _us(path: str) -> str:
     return path.replace(".", "_")
 
 
+def is_linear(module: nn.Module) -> bool:
+    """`nn.Linear`, or a linear layer of a host's own operations that is not one: Forge's
+    `backend.operations.ForgeOperations.Linear` is a plain `nn.Module` with `in_features`, `out_features` and a
+    (out, in) `weight` Parameter, computing `F.linear(x, weight, bias)` (on a weight it may cast on the fly)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Linear" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+
+
 def layer_spec(module: nn.Module, weight_shape: tuple[int, ...] | None = None) -> LayerSpec | None:
     """LayerSpec for the module kinds a LoRA can patch; None for others."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return LayerSpec("linear", tuple(weight_shape or module.weight.shape))
     if isinstance(module, nn.Conv2d):
         padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)

@@ -100,7 +100,7 @@ class _Slot:
     backup: Tensor
     max_abs: float
     param_obj: Tensor
-    version: int
+    version: int | None
     signature: tuple = ()
 
     @property
@@ -112,7 +112,15 @@ class _Slot:
         return self.backup.numel() * self.backup.element_size()
 
     def is_current(self) -> bool:
-        return self.param is self.param_obj and self.param_obj._version == self.version
+        return self.param is self.param_obj and (self.version is None or _version_of(self.param_obj) == self.version)
+
+
+def _version_of(t: Tensor) -> int | None:
+    """The tensor's version counter; None for an inference tensor, which has none (Forge loads its weights under
+    `torch.inference_mode()`): for those, only a replaced parameter object is detected."""
+    if t.is_inference():
+        return None
+    return t._version
 
 
 _SlotKey = tuple[int, str]
@@ -121,9 +129,11 @@ _SlotKey = tuple[int, str]
 @contextlib.contextmanager
 def _exact_math() -> Iterator[None]:
     """No gradient tracking and no autocast: a host may call us inside `torch.autocast` (A1111 activates extra
-    networks under `devices.autocast()`), which would silently compute the merge in half precision."""
+    networks under `devices.autocast()`), which would silently compute the merge in half precision. Inference mode:
+    Forge loads its weights as inference tensors, which take in-place writes only there (normal tensors take them
+    too, and writing through `.data` leaves their version counters alone either way)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.inference_mode())
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
@@ -390,13 +400,13 @@ class Patcher:
             if device.type == "cpu" and param.device.type == "cuda":
                 backup = backup.pin_memory()
             max_abs = max_abs_of(param)
-        slot = _Slot(owner, attr, backup, max_abs, param_obj=param, version=param._version)
+        slot = _Slot(owner, attr, backup, max_abs, param_obj=param, version=_version_of(param))
         self._slots[_slot_key(owner, attr)] = slot
         return slot
 
     @staticmethod
     def _restore_slot(slot: _Slot) -> None:
-        with torch.no_grad():
+        with _exact_math():
             slot.param.data.copy_(slot.backup, non_blocking=False)
         slot.signature = ()
 

@@ -46,7 +46,7 @@ class IntegratedCLIP(nn.Module):
 def _forge_linears(root: nn.Module) -> int:
     """Replace every nn.Linear below `root` by a Forge-style Linear holding inference-tensor parameters."""
     swapped = 0
-    for name, module in list(root.named_modules()):
+    for _, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 new = Linear(child.in_features, child.out_features)

@@ -132,3 +132,20 @@ def test_forge_keeps_its_own_lora_and_we_say_so_once(installed, reference, mode)
     assert images == ref["images"]  # pixel for pixel what Forge's built-in gives without lora_ext
     assert 'Lora hashes: "full_lora: ' in ours["infotexts"]["lora"]  # the built-in's infotext
     assert ours["infotexts"]["lora"] == ref["infotexts"]["lora"]
+
+
+def test_our_patcher_on_forges_modules_equals_its_builtin(tmp_path):
+    """Issue 14's first measurement: our key map of Forge's module tree (`lora_ext.patch.forge`) and our patcher,
+    applied in place on Forge's modules, give the image Forge's built-in gives for the same file and weight, restore
+    bit for bit, and leave the next image equal to the base one."""
+    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_patch_probe.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=1500)
+    result_file = tmp_path / "result.json"
+    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result_file.read_text())
+    assert res["ok"], res.get("traceback")
+    assert res["arch"] == "sd1"
+    for row in res["rows"]:
+        assert row["applied"] == row["total"] == 200 and not row["unmatched"], row
+        assert row["ours_vs_builtin"] <= 1 and row["effect"] > 0.5, row
+        assert row["changed_after_restore"] == [] and row["base_again"] == 0, row

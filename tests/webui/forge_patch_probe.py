@@ -1,0 +1,98 @@
+"""Run with Forge's Python (tests/webui/test_forge.py): in-process Forge, our patcher on Forge's own module tree
+against Forge's built-in LoRA for the same files and weight. Writes OUT/result.json.
+
+    $SD_WEBUI_PYTHON tests/webui/forge_patch_probe.py OUT
+
+Order matters in Forge: its built-in restores the weights it patched at its next model load, so ours runs first for
+each file, and a generation without LoRA follows the built-in's. A1111/Forge cache conditionings by prompt text: the
+caches are cleared before every image (our patch is not announced by a tag here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    try:
+        result = run()
+        result["ok"] = True
+    except BaseException:  # noqa: BLE001 - the test reads the traceback
+        result.update(ok=False, traceback=traceback.format_exc())
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    os._exit(0)
+
+
+def run() -> dict:
+    webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
+    sys.path.insert(0, str(REPO))
+    os.chdir(webui)
+    sys.path.insert(0, webui)
+    sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--always-cpu", "--ckpt",
+                os.environ["SD_WEBUI_CKPT"], "--nowebui", "--do-not-download-clip", "--no-download-sd-model"]
+    import numpy as np
+    import torch
+    import webui as _webui  # noqa: F401  (Forge's webui.py initializes Forge on import)
+    from modules import processing, script_callbacks, sd_models, shared
+    from modules_forge import main_entry
+
+    script_callbacks.before_ui_callback()
+    main_entry.refresh_model_loading_parameters()
+    sd_models.forge_model_reload()
+
+    from lora_ext.formats.network import load_lora
+    from lora_ext.patch import ActiveLora, Patcher
+    from lora_ext.patch.forge import adapter_for_forge
+
+    def generate(prompt: str) -> np.ndarray:
+        for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
+            for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+                if isinstance(cls.__dict__.get(attr), list):
+                    setattr(cls, attr, [None, None])
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
+            sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
+        return np.asarray(processing.process_images(p).images[0]).astype(np.int16)
+
+    model = shared.sd_model
+    trees = {"unet": model.forge_objects.unet.model.diffusion_model,
+             "te": model.forge_objects.clip.cond_stage_model}
+    fresh = {name: {k: v.detach().clone() for k, v in tree.state_dict().items()} for name, tree in trees.items()}
+    adapter = adapter_for_forge(model)
+    base = generate("a photo of a cat")
+    rows = []
+    for name in ("full_lora", "full_lora_compvis"):
+        net = load_lora(Path(webui) / "models" / "Lora" / f"{name}.safetensors")
+        patcher = Patcher(adapter)
+        t0 = time.perf_counter()
+        report = patcher.apply([ActiveLora(net, te=0.8, unet=0.8)])
+        apply_s = time.perf_counter() - t0
+        ours = generate("a photo of a cat")
+        t0 = time.perf_counter()
+        patcher.restore()
+        restore_s = time.perf_counter() - t0
+        changed = [k for name_, tree in trees.items() for k, v in tree.state_dict().items()
+                   if not torch.equal(v, fresh[name_][k])]
+        again = generate("a photo of a cat")
+        builtin = generate(f"a photo of a cat <lora:{name}:0.8>")
+        generate("a photo of a cat")  # the built-in restores its weights at this load
+        net_report = report.networks[0]
+        rows.append({"lora": name, "applied": net_report.modules_applied, "total": net_report.modules_total,
+                     "unmatched": net_report.unmatched[:3], "apply_s": apply_s, "restore_s": restore_s,
+                     "ours_vs_builtin": int(np.abs(ours - builtin).max()),
+                     "effect": float(np.abs(builtin - base).mean()), "base_again": int(np.abs(again - base).max()),
+                     "changed_after_restore": changed[:3]})
+    return {"arch": adapter.arch, "targets": len(adapter.targets), "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -63,6 +63,19 @@ def run() -> dict:
             sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
         return np.asarray(processing.process_images(p).images[0]).astype(np.int16)
 
+    from backend.patcher.lora import LoraLoader
+
+    refresh_s = {"t": 0.0}
+    original_refresh = LoraLoader.refresh
+
+    def timed_refresh(self, *args, **kwargs):  # Forge's built-in merges (and restores) here, at model load
+        t0 = time.perf_counter()
+        try:
+            return original_refresh(self, *args, **kwargs)
+        finally:
+            refresh_s["t"] += time.perf_counter() - t0
+
+    LoraLoader.refresh = timed_refresh
     model = shared.sd_model
     trees = {"unet": model.forge_objects.unet.model.diffusion_model,
              "te": model.forge_objects.clip.cond_stage_model}
@@ -83,15 +96,34 @@ def run() -> dict:
         changed = [k for name_, tree in trees.items() for k, v in tree.state_dict().items()
                    if not torch.equal(v, fresh[name_][k])]
         again = generate("a photo of a cat")
+        refresh_s["t"] = 0.0
         builtin = generate(f"a photo of a cat <lora:{name}:0.8>")
+        builtin_apply_s = refresh_s["t"]
+        refresh_s["t"] = 0.0
         generate("a photo of a cat")  # the built-in restores its weights at this load
+        builtin_restore_s = refresh_s["t"]
         net_report = report.networks[0]
         rows.append({"lora": name, "applied": net_report.modules_applied, "total": net_report.modules_total,
                      "unmatched": net_report.unmatched[:3], "apply_s": apply_s, "restore_s": restore_s,
                      "ours_vs_builtin": int(np.abs(ours - builtin).max()),
                      "effect": float(np.abs(builtin - base).mean()), "base_again": int(np.abs(again - base).max()),
-                     "changed_after_restore": changed[:3]})
-    return {"arch": adapter.arch, "targets": len(adapter.targets), "rows": rows}
+                     "changed_after_restore": changed[:3], "builtin_apply_s": builtin_apply_s,
+                     "builtin_restore_s": builtin_restore_s})
+    # switching between the two files: ours (backups kept) and the built-in (its refresh restores, then merges)
+    nets = [load_lora(Path(webui) / "models" / "Lora" / f"{n}.safetensors") for n in ("full_lora", "full_lora_compvis")]
+    patcher = Patcher(adapter)
+    patcher.apply([ActiveLora(nets[0], te=0.8, unet=0.8)])
+    t0 = time.perf_counter()
+    patcher.apply([ActiveLora(nets[1], te=0.8, unet=0.8)])
+    ours_switch = time.perf_counter() - t0
+    patcher.restore()
+    generate("a photo of a cat <lora:full_lora:0.8>")
+    refresh_s["t"] = 0.0
+    generate("a photo of a cat <lora:full_lora_compvis:0.8>")
+    builtin_switch = refresh_s["t"]
+    generate("a photo of a cat")
+    return {"arch": adapter.arch, "targets": len(adapter.targets), "rows": rows,
+            "switch_s": {"ours": ours_switch, "builtin": builtin_switch}}
 
 
 if __name__ == "__main__":

@@ -67,8 +67,10 @@ def run() -> dict:
 
     refresh_s = {"t": 0.0}
     original_refresh = LoraLoader.refresh
+    loaders: set = set()
 
     def timed_refresh(self, *args, **kwargs):  # Forge's built-in merges (and restores) here, at model load
+        loaders.add(self)
         t0 = time.perf_counter()
         try:
             return original_refresh(self, *args, **kwargs)
@@ -89,6 +91,7 @@ def run() -> dict:
         t0 = time.perf_counter()
         report = patcher.apply([ActiveLora(net, te=0.8, unet=0.8)])
         apply_s = time.perf_counter() - t0
+        ours_backup = patcher.backup_bytes
         ours = generate("a photo of a cat")
         t0 = time.perf_counter()
         patcher.restore()
@@ -99,6 +102,7 @@ def run() -> dict:
         refresh_s["t"] = 0.0
         builtin = generate(f"a photo of a cat <lora:{name}:0.8>")
         builtin_apply_s = refresh_s["t"]
+        builtin_backup = sum(w.numel() * w.element_size() for loader in loaders for w in loader.backup.values())
         refresh_s["t"] = 0.0
         generate("a photo of a cat")  # the built-in restores its weights at this load
         builtin_restore_s = refresh_s["t"]
@@ -108,7 +112,8 @@ def run() -> dict:
                      "ours_vs_builtin": int(np.abs(ours - builtin).max()),
                      "effect": float(np.abs(builtin - base).mean()), "base_again": int(np.abs(again - base).max()),
                      "changed_after_restore": changed[:3], "builtin_apply_s": builtin_apply_s,
-                     "builtin_restore_s": builtin_restore_s})
+                     "builtin_restore_s": builtin_restore_s, "backup_mib": {"ours": ours_backup / 2**20,
+                                                                             "builtin": builtin_backup / 2**20}})
     # switching between the two files: ours (backups kept) and the built-in (its refresh restores, then merges)
     nets = [load_lora(Path(webui) / "models" / "Lora" / f"{n}.safetensors") for n in ("full_lora", "full_lora_compvis")]
     patcher = Patcher(adapter)

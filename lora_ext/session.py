@@ -32,9 +32,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 from lora_ext.errors import LoraExtError, LoraFileError, LoraNotFoundError
 from lora_ext.formats.infotext import infotext_name
@@ -107,6 +109,22 @@ class _Variant:
         return next(r for r in self.refs if r is not None)
 
 
+def _uses(loaded: list[_Loaded]) -> list[tuple[tuple, _Loaded]]:
+    """Each tag of one prompt with its key across the images of a batch: the file, its dyn and block weights, and
+    which use of that file it is in the prompt (the same file twice is two uses)."""
+    counts: dict[Path, int] = {}
+    out = []
+    for x in loaded:
+        n = counts[x.path] = counts.get(x.path, -1) + 1
+        out.append(((str(x.path), x.ref.dyn, str(x.ref.lbw), n), x))
+    return out
+
+
+def _add_problems(act: Activation, problems: list[str]) -> None:
+    """Add sentences not said yet (the same missing file in several prompts of a batch is one problem)."""
+    act.problems.extend(p for p in dict.fromkeys(problems) if p not in act.problems)
+
+
 def _same_use(a: LoraRef, b: LoraRef) -> bool:
     """Do two tags for the same file apply it the same way (names and spellings aside)?"""
     return (a.te, a.unet, a.dyn, a.lbw, a.start, a.stop, a.te_schedule, a.unet_schedule, a.hr_te, a.hr_unet) == (
@@ -156,22 +174,23 @@ class LoraSession:
         self._patcher: Patcher | None = None
         self._model: Any = None
         self.last: Activation | None = None
-        self._loaded: list[_Loaded] = []  # the active set
-        self._windowed: list[_Loaded] = []  # the active set when some LoRA's UNet multiplier changes within the pass
         self._step_key: tuple[float, ...] | None = None
         self._bypass = Bypass()
         self.schedule_mode = "auto"  # changing UNet multipliers: "auto" (estimate per generation), "merge", "bypass"
-        self._mode = "merge"  # how the changing multipliers are applied in this pass: "merge" or "bypass"
         self._hires = False
+        self._actives: list[ActiveLora] = []  # the shared set as last applied
+        # the pass's state (`_clear_pass`): active set, how changing multipliers apply, per-image batch layout
+        self._loaded: list[_Loaded] = []
+        self._changing = False  # some active LoRA's UNet multiplier changes within the pass
+        self._mode = "merge"  # how the changing multipliers are applied in this pass: "merge" or "bypass"
         self._variants: list[_Variant] = []  # per-image LoRAs of a mixed batch
-        self._row_map: list[int] = []
+        self._row_map: list[int] = []  # the image of each UNet row of this step, and whether it is unconditional
+        self._row_uncond: list[bool] = []
         self._row_offset = 0
-        self._rows_now: list[int] | None = None
+        self._rows_now: list[int] | None = None  # the rows of the UNet call about to run
+        self._uncond_now: list[bool] | None = None
         self._te_image = 0  # whose text-encoder weights are merged now (per-image batches)
         self._te_negative = False  # ... for its negative prompt
-        self._row_uncond: list[bool] = []
-        self._uncond_now: list[bool] | None = None
-        self._actives: list[ActiveLora] = []  # the shared set as last applied
 
     # ---------------------------------------------------------------------------------------------------- state
 
@@ -195,7 +214,12 @@ class LoraSession:
     def has_windows(self) -> bool:
         """True between `activate` and `restore` when some active LoRA's UNet multiplier changes with the step (a
         start=/stop= window or a schedule): `at_step` has work."""
-        return bool(self._windowed)
+        return self._changing
+
+    @property
+    def model(self) -> Any:
+        """The model object the patcher is bound to (None before the first activation or after `forget_model`)."""
+        return self._model
 
     @property
     def bypass_layers(self) -> int:
@@ -287,24 +311,20 @@ class LoraSession:
                     raise
                 act.problems.append(f"LoRAs not applied: this model is not supported ({err})")
                 return self._finish(act)
-            self._bypass.clear()
+            self._clear_pass()
             self._hires = hires
             self._loaded = loaded
             self._variants = variants
-            self._row_map, self._row_offset, self._rows_now, self._te_image = [], 0, None, 0
-            self._row_uncond, self._uncond_now, self._te_negative = [], None, False
-            self._windowed = loaded if any(_changes(x.ref, hires) for x in loaded) else []
-            self._mode = "merge"
+            self._changing = any(_changes(x.ref, hires) for x in loaded)
             first = self._for_step(0, None)
             self._step_key = self._key(first)
             self._variant_weights(0, None)  # each image's weights; the first image's text-encoder weights merge
             try:
-                if self._windowed:
+                if self._changing:
                     self._mode = self._choose(patcher, loaded, shape or GenerationShape(), act)
                 act.report = self._apply(self._for_step(0, None, unit=self._mode == "bypass"), skip_bad=not strict)
             except LoraExtError:
-                self._windowed = []
-                self._bypass.clear()
+                self._clear_pass()
                 raise
             if self._mode == "bypass":
                 self._set_gains(0, None)
@@ -313,10 +333,9 @@ class LoraSession:
             if fp8:
                 act.notes.append(f"{fp8} layers store their weights in FP8 and take their LoRAs as bypass (merging "
                                  "into FP8 would round the change away)")
-            for x, rep in zip(loaded, act.report.networks, strict=False):
+            accounted = loaded + [_Loaded(v.first, v.path, v.lora) for v in variants]
+            for x, rep in zip(accounted, act.report.networks, strict=True):
                 self._account(act, x, rep)
-            for v, rep in zip(variants, act.report.networks[len(loaded):], strict=True):
-                self._account(act, _Loaded(v.first, v.path, v.lora), rep)
             positive = [v for v in variants if not v.negative]
             if positive:
                 names = ", ".join(v.first.name for v in positive)
@@ -336,15 +355,11 @@ class LoraSession:
         for image, tags in enumerate(negative):
             loaded, one = self.prepare(tags, strict=strict)
             act.refs.extend(one.refs)
-            act.problems.extend(p for p in one.problems if p not in act.problems)
-            counts: dict[Path, int] = {}
-            for x in loaded:
-                n = counts[x.path] = counts.get(x.path, -1) + 1
-                k = (str(x.path), x.ref.dyn, str(x.ref.lbw), n)
+            _add_problems(act, one.problems)
+            for k, x in _uses(loaded):
                 v = found.get(k)
                 if v is None:
-                    unit = ActiveLora(x.lora.network, te=1.0, unet=1.0, dyn=x.lora.dyn,
-                                      block_weights=x.lora.block_weights)
+                    unit = replace(x.lora, te=1.0, unet=1.0)
                     v = found[k] = _Variant(unit, x.path, [None] * len(negative), negative=True)
                     out.append(v)
                 v.refs[image] = x.ref
@@ -354,32 +369,15 @@ class LoraSession:
                        ) -> tuple[list[_Loaded], Activation, list[_Variant]]:
         """Read every image's tags; split them into what all images share and per-image variants."""
         act = Activation()
-        images: list[list[_Loaded]] = []
-        seen_problems: set[str] = set()
+        keyed: list[dict[tuple, _Loaded]] = []
+        order: dict[tuple, None] = {}  # every use, in the order the images first have it
         for tags in per_image:
             loaded, one = self.prepare(tags, strict=strict)
-            images.append(loaded)
             act.refs.extend(one.refs)
-            for problem in one.problems:
-                if problem not in seen_problems:
-                    seen_problems.add(problem)
-                    act.problems.append(problem)
-        # a file's n-th tag in an image (the same file twice is two uses), with its dyn and block weights
-        def key(x: _Loaded, n: int) -> tuple:
-            return (str(x.path), x.ref.dyn, str(x.ref.lbw), n)
-
-        keyed: list[dict[tuple, _Loaded]] = []
-        order: list[tuple] = []
-        for loaded in images:
-            counts: dict[Path, int] = {}
-            mine = {}
-            for x in loaded:
-                n = counts[x.path] = counts.get(x.path, -1) + 1
-                k = key(x, n)
-                mine[k] = x
-                if k not in order:
-                    order.append(k)
+            _add_problems(act, one.problems)
+            mine = dict(_uses(loaded))
             keyed.append(mine)
+            order.update(dict.fromkeys(mine))
         shared: list[_Loaded] = []
         variants: list[_Variant] = []
         for k in order:
@@ -388,9 +386,8 @@ class LoraSession:
             if all(x is not None and _same_use(x.ref, first.ref) for x in uses):
                 shared.append(first)
                 continue
-            unit = ActiveLora(first.lora.network, te=1.0, unet=1.0, dyn=first.lora.dyn,
-                              block_weights=first.lora.block_weights)
-            variants.append(_Variant(unit, first.path, [x.ref if x is not None else None for x in uses]))
+            variants.append(_Variant(replace(first.lora, te=1.0, unet=1.0), first.path,
+                                     [x.ref if x is not None else None for x in uses]))
         return shared, act, variants
 
     def _variant_weights(self, step: int, total: int | None) -> None:
@@ -453,8 +450,6 @@ class LoraSession:
                 self._apply(self._actives, skip_bad=True)
 
     def _select_rows(self, rows: list[int] | None, uncond: list[bool] | None = None) -> None:
-        import torch
-
         self._rows_now, self._uncond_now = rows, uncond
         for i, v in enumerate(self._variants):
             if not v.unet:
@@ -476,8 +471,7 @@ class LoraSession:
         self._actives = list(actives)
         # per-image variants: the text-encoder part merged at the weight of the image being encoded, the UNet part
         # as bypass with one weight per row
-        own = [ActiveLora(v.lora.network, te=v.te[self._te_image] if v.te and (self._te_negative or not v.negative)
-                          else 0.0, unet=1.0, dyn=v.lora.dyn, block_weights=v.lora.block_weights)
+        own = [replace(v.lora, te=v.te[self._te_image] if v.te and (self._te_negative or not v.negative) else 0.0)
                for v in self._variants]
         variant = {id(a): i for i, a in enumerate(own)}
         actives = [*actives, *own]
@@ -504,8 +498,7 @@ class LoraSession:
         keys = [self._key(self._for_step(step, steps)) for step in range(steps)]
         changes = sum(1 for a, b in zip(keys, keys[1:]) if a != b)
         changing = [x for x in loaded if _changes(x.ref, self._hires)]
-        unit = [ActiveLora(x.lora.network, te=0.0, unet=1.0, dyn=x.lora.dyn, block_weights=x.lora.block_weights)
-                for x in changing]
+        unit = [replace(x.lora, te=0.0, unet=1.0) for x in changing]
         try:
             _, _, work, _ = patcher.plan(unit, skip_bad=True)
         except LoraExtError:
@@ -548,8 +541,7 @@ class LoraSession:
             else:
                 unet = unet_multiplier(ref, step, total, self._hires)
             te = ref.te_weight(self._hires)
-            out.append(lora if (te, unet) == (lora.te, lora.unet) else
-                       ActiveLora(lora.network, te=te, unet=unet, dyn=lora.dyn, block_weights=lora.block_weights))
+            out.append(lora if (te, unet) == (lora.te, lora.unet) else replace(lora, te=te, unet=unet))
         return out
 
     @staticmethod
@@ -565,11 +557,11 @@ class LoraSession:
         """Before sampling step `step` (0-based) of `total`: bring the UNet part of changing LoRAs to this step (new
         bypass gains, or a re-merge of the layers whose multiplier changes). No-op (None) when nothing changes."""
         with self._lock:
-            if (not self._windowed and not self._variants) or self._patcher is None:
+            if (not self._changing and not self._variants) or self._patcher is None:
                 return None
             if self._variants:
                 self._variant_weights(step, total)
-            if not self._windowed:
+            if not self._changing:
                 return None
             if self._mode == "bypass":
                 self._set_gains(step, total)
@@ -595,23 +587,22 @@ class LoraSession:
     def restore(self) -> PatchReport | None:
         """Put every weight back (bit-exact). Safe to call at any time, also twice."""
         with self._lock:
-            self._windowed = []
-            self._loaded = []
-            self._variants = []
-            self._rows_now = None
-            self._bypass.clear()
+            self._clear_pass()
             if self._patcher is None:
                 return None
             return self._patcher.restore()
 
+    def _clear_pass(self) -> None:
+        """Forget the pass's active set, per-image state and bypass hooks (the weights are the patcher's business)."""
+        self._bypass.clear()
+        self._loaded, self._variants, self._changing, self._mode = [], [], False, "merge"
+        self._row_map, self._row_uncond, self._row_offset = [], [], 0
+        self._rows_now, self._uncond_now, self._te_image, self._te_negative = None, None, 0, False
+
     def forget_model(self) -> None:
         """Restore the current model's weights and drop every reference to it and its backups."""
         with self._lock:
-            self._bypass.clear()
-            self._loaded = []
-            self._windowed = []
-            self._variants = []
-            self._rows_now = None
+            self._clear_pass()
             if self._patcher is not None:
                 try:
                     self._patcher.release()

@@ -16,8 +16,7 @@ kind); this module only routes it:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +68,7 @@ class _Layer:
         weight = getattr(module, self.target.weight_attr)
         if weight.element_size() == 1 and weight.is_floating_point():  # FP8 storage: the algorithms read it as float
             weight = weight.to(x.dtype if x.is_floating_point() else torch.float32)
-        with _no_grad_unless_training(x):
+        with torch.no_grad():
             for entry in self.entries:
                 gain = self._bypass.gain(entry.gain)
                 c = entry.contribution
@@ -94,15 +93,6 @@ def _per_sample(gain: Tensor, output: Tensor, c: Any) -> Tensor:
             f"{c.target.key} runs a batch of {output.shape[0]}", key=c.module.name,
             hint="the host split the batch differently from the weights it gave (report this as a bug)")
     return gain.to(device=output.device, dtype=output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
-
-
-@contextlib.contextmanager
-def _no_grad_unless_training(x: Tensor) -> Iterator[None]:
-    if x.requires_grad:
-        yield
-        return
-    with torch.no_grad():
-        yield
 
 
 class Bypass:

@@ -245,13 +245,15 @@ class Patcher:
         report, kept, weight_work, bias_work = self.plan(loras, skip_bad=skip_bad)
         self.diverted = []
         if divert is not None:
-            for work_map, collect in ((weight_work, True), (bias_work, False)):
-                for key in list(work_map):
-                    cs = work_map[key]
-                    if collect:
-                        self.diverted += [c for c in cs if divert(c)]
-                    work_map[key] = [c for c in cs if not divert(c)]
-                    if not work_map[key]:
+            chosen = {id(c) for cs in weight_work.values() for c in cs if divert(c)}  # one call per contribution
+            for work_map in (weight_work, bias_work):  # a bias contribution is the same object as its weight's
+                for key, cs in list(work_map.items()):
+                    kept = [c for c in cs if id(c) not in chosen]
+                    if work_map is weight_work:
+                        self.diverted += [c for c in cs if id(c) in chosen]
+                    if kept:
+                        work_map[key] = kept
+                    else:
                         del work_map[key]
             report.layers_bypassed = len({id(c.target.module) for c in self.diverted})
         work = {**{k: ("weight", v) for k, v in weight_work.items()}, **{k: ("bias", v) for k, v in bias_work.items()}}

@@ -27,7 +27,7 @@ import logging
 import re
 from typing import Any
 
-from lora_ext.webui import builtin
+from lora_ext.webui import builtin, host
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def attach(st: Any, p: Any, model: Any, hires: bool, originals: dict[str, list[s
             if blank:
                 images.setdefault(0, blank[0])
     builtin.clear_cond_cache()
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
-    encoder = getattr(model, "conditioner", None) if is_sdxl else getattr(model, "cond_stage_model", None)
+    unet, encoder = host.unet_and_text_encoder(model)
     hooks = []
     if unet is not None:
         hooks.append(unet.register_forward_pre_hook(_unet_hook(session), with_kwargs=True))
@@ -104,11 +103,16 @@ def _unet_hook(session: Any) -> Any:
     return hook
 
 
+def prompt_texts(args: tuple, kwargs: dict) -> Any:
+    """The prompts a text-encoder call (seen by a forward pre-hook) encodes: SD1/SD2's list of texts, or the "txt" of
+    SDXL's conditioner batch; A1111 passes an `SdConditioning` (a list that knows `is_negative_prompt`)."""
+    batch = args[0] if args else next(iter(kwargs.values()), None)
+    return batch.get("txt") if isinstance(batch, dict) else batch
+
+
 def _text_hook(st: Any) -> Any:
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
-        batch = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(batch, dict):  # SDXL's conditioner: {"txt": [...], ...}
-            batch = batch.get("txt")
+        batch = prompt_texts(args, kwargs)
         if not batch or not isinstance(batch[0], str):
             return
         negative = bool(getattr(batch, "is_negative_prompt", False))  # A1111's SdConditioning says which

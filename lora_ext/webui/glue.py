@@ -29,7 +29,7 @@ from lora_ext.errors import LoraExtError
 from lora_ext.formats import infotext
 from lora_ext.library.lookup import find_by_hash
 from lora_ext.patch.bypass import GenerationShape
-from lora_ext.prompt import parse_prompt, tag_text
+from lora_ext.prompt import LoraRef, parse_prompt, tag_text
 from lora_ext.session import Activation, step_of_call
 from lora_ext.webui import batch, builtin, embeddings, host, settings
 from lora_ext.webui.state import GlueState
@@ -96,23 +96,10 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     hires = bool(getattr(p, "is_hr_pass", False))
     per_image = _per_image_tags(p, hires) if host.opt(settings.PER_IMAGE, True) else None
     negative, originals = _take_negative_tags(p, hires) if host.opt(settings.NEGATIVE, False) else (None, {})
-    model = host.processing_model(p)
-    tags = [tag_text(x.items) for x in params]
-    act = st.session.activate(model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image,
-                              negative=negative)
-    if st.session.per_image:
-        batch.attach(st, p, model, hires, originals)
-    else:
-        batch.detach(st)
-    st.generation = (p, tags, per_image, hires, negative)  # for a model switch while sampling (the SDXL refiner)
+    # kept for a model switch while sampling (the SDXL refiner): `_reapply`
+    st.generation = (p, [tag_text(x.items) for x in params], per_image, hires, negative)
     st.sampling = False
-    embeddings.register(st.bundled, act)
-    if host.opt("lora_add_hashes_to_infotext", True):
-        if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
-            p.lora_hashes = {}
-        p.lora_hashes.update(act.hashes)
-        if p.lora_hashes:
-            p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
+    act = _apply_generation(st, host.processing_model(p), originals, fresh_hashes=not hires)
     if not host.opt(settings.NEGATIVE, False):
         act.problems.extend(_negative_prompt_tags(p, hires))
     _show_problems(p, act)
@@ -154,16 +141,21 @@ def _take_negative_tags(p: Any, hires: bool) -> tuple[list[list[str]] | None, di
         return None, {}
     stripped, tags = [], []
     for text in texts:
-        try:
-            rest, refs = parse_prompt(text or "")
-        except LoraExtError:
-            rest, refs = text, []
+        rest, refs = _lora_tags_of(text)
         stripped.append(rest)
         tags.append([r.tag for r in refs])
     if not any(tags):
         return None, {}
     setattr(p, attr, stripped)
     return tags, {attr: list(texts)}
+
+
+def _lora_tags_of(text: str | None) -> tuple[str | None, list[LoraRef]]:
+    """(the text without its LoRA tags, the tags); a text whose tags do not parse stays as it is, without tags."""
+    try:
+        return parse_prompt(text or "")
+    except LoraExtError:
+        return text, []
 
 
 def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
@@ -173,11 +165,7 @@ def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
         return []
     names = []
     for text in _this_batch(p, "all_hr_negative_prompts" if hires else "all_negative_prompts"):
-        try:
-            _, refs = parse_prompt(text or "")
-        except LoraExtError:
-            continue
-        names += [r.name for r in refs if r.name not in names]
+        names += [r.name for r in _lora_tags_of(text)[1] if r.name not in names]
     if not names:
         return []
     p._lora_ext_negative_warned = True
@@ -347,7 +335,7 @@ def _aside(st: Any, p: Any) -> None:
     conditioning without LoRAs. Restore for it, and put the generation's LoRAs back before the new model's next text
     encoder call that is not that one, or its next UNet call, whichever comes first."""
     _release_pending(st)
-    model = getattr(st.session, "_model", None)
+    model = st.session.model
     st.session.restore()
     if model is None:
         return
@@ -358,15 +346,13 @@ def _aside(st: Any, p: Any) -> None:
             _reapply(st, model)
 
     def text_hook(module: Any, args: tuple, kwargs: dict) -> None:
-        batch = args[0] if args else None
-        texts = batch.get("txt") if isinstance(batch, dict) else batch
+        texts = batch.prompt_texts(args, kwargs)
         if type(texts) is list and texts == [""]:  # get_empty_cond's own call (A1111 passes a plain list there)
             return
         again()
 
     hooks = []
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
-    encoder = getattr(model, "conditioner", None) or getattr(model, "cond_stage_model", None)
+    unet, encoder = host.unet_and_text_encoder(model)
     if unet is not None:
         hooks.append(unet.register_forward_pre_hook(lambda *a: again()))
     if encoder is not None and hasattr(encoder, "register_forward_pre_hook"):
@@ -392,17 +378,32 @@ def _on_model_loaded(sd_model: Any) -> None:
         _reapply(st, sd_model)
 
 
-def _reapply(st: Any, sd_model: Any) -> None:
-    """The running generation's LoRAs on a model that took over while it samples."""
+def _apply_generation(st: Any, model: Any, originals: dict[str, list[str]] | None = None, *,
+                      fresh_hashes: bool) -> Activation:
+    """The generation's LoRAs (`st.generation`: processing object, tags, per-image tags, hires, negative tags) on
+    `model`: the session, the per-image hooks, bundled embeddings and the infotext's "Lora hashes" (started afresh,
+    or, for the hires pass and a model switch, added to)."""
     p, tags, per_image, hires, negative = st.generation
-    act = st.session.activate(sd_model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image,
+    act = st.session.activate(model, tags, hires=hires, shape=_shape(p, hires), per_image=per_image,
                               negative=negative)
     if st.session.per_image:
-        batch.attach(st, p, sd_model, hires)
+        batch.attach(st, p, model, hires, originals)
+    else:
+        batch.detach(st)
     embeddings.register(st.bundled, act)
-    if host.opt("lora_add_hashes_to_infotext", True) and act.hashes:
-        p.lora_hashes = {**getattr(p, "lora_hashes", {}), **act.hashes}
-        p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
+    if host.opt("lora_add_hashes_to_infotext", True):
+        if fresh_hashes or not hasattr(p, "lora_hashes"):
+            p.lora_hashes = {}
+        p.lora_hashes.update(act.hashes)
+        if p.lora_hashes:
+            p.extra_generation_params[infotext.FIELD] = infotext.format_lora_hashes(p.lora_hashes)
+    return act
+
+
+def _reapply(st: Any, sd_model: Any) -> None:
+    """The running generation's LoRAs on a model that took over while it samples."""
+    p = st.generation[0]
+    act = _apply_generation(st, sd_model, fresh_hashes=False)
     name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "short_title", "the new model")
     act.problems = [f"on {name}: {text}" for text in act.problems]
     _show_problems(p, act)

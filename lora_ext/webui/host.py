@@ -76,6 +76,16 @@ def tag_handler() -> Any:
     return extra_networks.extra_network_registry.get("lora")
 
 
+def unet_and_text_encoder(model: Any) -> tuple[Any, Any]:
+    """(UNet, the module the prompts go into) of an A1111 model: `model.model.diffusion_model`, and SDXL's
+    `conditioner` or SD1/SD2's `cond_stage_model`; None for a part the object lacks."""
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    encoder = getattr(model, "conditioner", None)
+    if encoder is None:
+        encoder = getattr(model, "cond_stage_model", None)
+    return unet, encoder
+
+
 def lora_dirs() -> list[Path]:
     """The WebUI's LoRA folders: --lora-dir (default models/Lora) and the LyCORIS back-compat folder."""
     from modules import paths, shared

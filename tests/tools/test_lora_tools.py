@@ -193,12 +193,7 @@ def test_convert_round_trips_and_diffusers_loads_it(sd15, tmp_path):
     assert {t.dtype for t in load_tensors(tmp_path / "d3.safetensors").values()} == {torch.float16}
 
     require_diffusers_lora_loader()
-    ref = copy.deepcopy(pipe)
-    before = {k: v.clone() for k, v in ref.unet.state_dict().items()}
-    ref.load_lora_weights(str(tmp_path), weight_name="d3.safetensors", adapter_name="x")
-    ref.fuse_lora(lora_scale=1.0, adapter_names=["x"])
-    ref.unload_lora_weights()
-    after = ref.unet.state_dict()
+    before, after = _fused_by_diffusers(pipe, tmp_path / "d3.safetensors")
     mods = dict(pipe.unet.named_modules())
     n = 0
     for e in e2:
@@ -210,6 +205,16 @@ def test_convert_round_trips_and_diffusers_loads_it(sd15, tmp_path):
         assert float((got - want).abs().max()) < 2e-3 * float(want.abs().max()) + 1e-6, key
         n += 1
     assert n > 5
+
+
+def _fused_by_diffusers(pipe, path):
+    """The UNet state of a copy of `pipe` before and after diffusers' own loader fuses the file (the oracle)."""
+    ref = copy.deepcopy(pipe)
+    before = {k: v.clone() for k, v in ref.unet.state_dict().items()}
+    ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+    ref.fuse_lora(lora_scale=1.0, adapter_names=["x"])
+    ref.unload_lora_weights()
+    return before, ref.unet.state_dict()
 
 
 def test_cli_tools(sd15, tmp_path):
@@ -298,12 +303,7 @@ def test_converted_locon_loads_in_diffusers_like_ours(sd15, tmp_path):
                                 selector("attn_mlp_conv"), seed=2)
     save_safetensors_atomic(tensors, tmp_path / "locon.safetensors")
     convert_lora(tmp_path / "locon.safetensors", tmp_path / "locon_d.safetensors", to="diffusers", model=model)
-    theirs = copy.deepcopy(pipe)
-    before = {k: v.clone() for k, v in theirs.unet.state_dict().items()}
-    theirs.load_lora_weights(str(tmp_path), weight_name="locon_d.safetensors", adapter_name="x")
-    theirs.fuse_lora(lora_scale=1.0, adapter_names=["x"])
-    theirs.unload_lora_weights()
-    after = theirs.unet.state_dict()
+    before, after = _fused_by_diffusers(pipe, tmp_path / "locon_d.safetensors")
     ours = copy.deepcopy(pipe)
     Patcher(adapter_for_pipeline(ours)).apply([ActiveLora(load_lora(tmp_path / "locon.safetensors"))])
     mine = ours.unet.state_dict()

@@ -4,6 +4,7 @@
 #   bash dev.sh test   # ruff + the test suite (CPU, tiny models)
 #   bash dev.sh setup  # only the set-up
 #   bash dev.sh test-webui-stack  # the test suite on A1111 v1.10's package versions, in .venv-webui (no ruff)
+#   bash dev.sh test-forge-stack  # the test suite on Forge's package versions (gradio 4.40, ...), in .venv-forge
 #   bash dev.sh ui     # the app (train, generate, library) on demo_out/ (the demo runs first if needed)
 #   bash dev.sh chromium  # only the system browser for the browser tests (Debian's chromium, via apt-get)
 #   bash dev.sh py ... # run python inside the venv
@@ -26,6 +27,13 @@ WEBUI_PINS="transformers==4.30.2 tokenizers==0.13.3 accelerate==0.21.0 safetenso
 huggingface_hub==0.36.2 diffusers==0.30.3 peft==0.13.2
 gradio==3.41.2 gradio_client==0.5.0 fastapi==0.94.0 starlette==0.26.1 pydantic==1.10.27 httpx==0.24.1 httpcore==0.15.0
 h11==0.12.0 anyio==3.7.1 uvicorn==0.55.0 websockets==11.0.3"
+# Forge (lllyasviel/stable-diffusion-webui-forge at dfdcbab, f2.0.1v1.10.1): its requirements_versions.txt (torch
+# excepted) and what pip resolved beside them in a real Forge venv (gradio_client, starlette, tokenizers, ...).
+FORGE_VENV="${LORA_EXT_FORGE_VENV:-.venv-forge}"
+FORGE_PINS="transformers==4.46.1 tokenizers==0.20.3 accelerate==0.31.0 safetensors==0.4.2 numpy==1.26.2 Pillow==9.5.0
+huggingface_hub==0.26.2 diffusers==0.31.0 peft==0.13.2
+gradio==4.40.0 gradio_client==1.2.0 fastapi==0.104.1 starlette==0.27.0 pydantic==2.8.2 httpx==0.24.1 httpcore==0.15.0
+h11==0.12.0 anyio==3.7.1 uvicorn==0.55.0 websockets==12.0"
 
 # setup_venv DIR [PINS]: create DIR if needed and install lora_ext + test and ui extras + oracles, every install
 # constrained to PINS (newline/space-separated requirements) when given; skipped while DIR's stamp matches this file
@@ -121,6 +129,11 @@ case "$cmd" in
         ensure_chromium
         "$WEBUI_VENV/bin/python" -m pytest -q "$@"
         ;;
+    test-forge-stack)
+        setup_venv "$FORGE_VENV" "$FORGE_PINS"
+        ensure_chromium
+        "$FORGE_VENV/bin/python" -m pytest -q "$@"
+        ;;
     demo)
         setup
         "$PY" -m lora_ext demo --out "${DEMO_OUT:-demo_out}" "$@"
@@ -132,5 +145,5 @@ case "$cmd" in
         "$PY" -m lora_ext ui --models-dir "$out" --lora-dir "$out/Lora" --datasets-dir "$out" "$@"
         ;;
     py) setup; "$PY" "$@" ;;
-    *) echo "usage: bash dev.sh demo|test|test-webui-stack|setup|py ..." >&2; exit 2 ;;
+    *) echo "usage: bash dev.sh demo|test|test-webui-stack|test-forge-stack|setup|py ..." >&2; exit 2 ;;
 esac

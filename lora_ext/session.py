@@ -164,11 +164,13 @@ class LoraSession:
     active set between `activate` and `restore`."""
 
     def __init__(self, adapter_factory: AdapterFactory, resolver: Resolver, *, cache: LoraCache | None = None,
-                 retain_bytes: int | None = None, backup_device: str = "auto") -> None:
+                 retain_bytes: int | None = None, backup_device: str = "auto", follow_moves: bool = False) -> None:
+        """`backup_device`, `follow_moves`: the patcher's (`lora_ext.patch.patcher.Patcher`)."""
         self.adapter_factory = adapter_factory
         self.resolver = resolver
         self.cache = cache or LoraCache()
         self.backup_device = backup_device
+        self.follow_moves = follow_moves
         self._retain_bytes = retain_bytes
         self._lock = threading.RLock()
         self._patcher: Patcher | None = None
@@ -238,7 +240,7 @@ class LoraSession:
                 return self._patcher
             self.forget_model()
             self._patcher = Patcher(self.adapter_factory(model), backup_device=self.backup_device,
-                                    retain_bytes=self._retain_bytes)
+                                    retain_bytes=self._retain_bytes, follow_moves=self.follow_moves)
             self._model = model
             return self._patcher
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,3 +114,19 @@ def test_forge_tree_maps_like_a1111_and_patches_the_same_weights(ldm_unet_cls): 
     forge.patcher.restore()
     after = f_unet.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)  # bit-exact on inference tensors
+
+
+def test_quantized_forge_unet_is_refused_with_what_to_do(ldm_unet_cls):  # noqa: F811
+    """Forge's nf4/fp4/gguf UNets hold packed integer weights: no merge, and their shapes are not the layers' shapes.
+    The session says so (and how to let Forge's built-in apply the tag) instead of failing on shapes."""
+    from lora_ext.session import LoraSession
+
+    _, forge = _trees(ldm_unet_cls)
+    forge.forge_objects.unet.model.storage_dtype = "nf4"
+    with pytest.raises(ValueError, match="quantized \\(nf4\\).*Forge's built-in Lora"):
+        adapter_for_forge(forge)
+    session = LoraSession(adapter_for_forge, resolver=None)
+    act = session.activate(forge, [])
+    assert len(act.problems) == 1 and "this model is not supported" in act.problems[0] and "nf4" in act.problems[0]
+    forge.forge_objects.unet.model.storage_dtype = torch.float8_e4m3fn  # a float dtype: adapted (bypass layers)
+    assert adapter_for_forge(forge).arch == "sd1"

@@ -335,6 +335,52 @@ def test_backups_are_retained_released_and_never_stale(sd15):
     assert_bit_identical(original, snapshot(sd15))
 
 
+def _move_weights(model: torch.nn.Module, paths: list[str]) -> None:
+    """What Forge's memory manager does to a weight it moves (`m.weight = Parameter(m.weight.to(device))`): a new
+    Parameter object with the same values (the device is the CPU here, so a copy stands for the move)."""
+    for path in paths:
+        module = model.get_submodule(path)
+        module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+
+
+def test_follow_moves_restores_weights_the_host_moved_while_merged(sd15):
+    """Forge replaces Parameter objects when it moves weights between devices. With follow_moves, a merged weight that
+    was moved is restored where it is now (bit for bit), a switch re-merges it there, and a moved weight without
+    LoRAs merged is backed up afresh; without follow_moves, the moved merged weights would keep the LoRA for good
+    (their backups are dropped as stale: what A1111 needs when a checkpoint is loaded into the same modules)."""
+    original = snapshot(sd15)
+    entries = make_entries(sd15, "lora", seed=91, components=("unet",))
+    net = parse_lora(to_state_dict(entries, "kohya"), name="moved")
+    paths = [e.path for e in entries]
+    lora = ActiveLora(net, unet=0.8)
+
+    p = Patcher(adapter_for_pipeline(sd15), follow_moves=True)
+    p.apply([lora])
+    merged = snapshot(sd15)
+    _move_weights(sd15.unet, paths)
+    assert_bit_identical(merged, snapshot(sd15))
+    rep = p.apply([ActiveLora(net, unet=0.3)])  # a switch after the move: re-merged into the moved Parameters
+    assert rep.stale_backups == 0 and rep.layers_recomputed == len(entries)
+    _close(snapshot(sd15), expected_state(sd15, entries, te=1.0, unet=0.3, original=original))
+    _move_weights(sd15.unet, paths)
+    rep = p.restore()
+    assert rep.stale_backups == 0 and rep.layers_restored == len(entries)
+    assert_bit_identical(original, snapshot(sd15))
+    _move_weights(sd15.unet, paths)  # moved while nothing is merged: the retained backups are re-taken
+    assert p.restore().stale_backups == len(entries)
+    p.apply([lora])
+    p.restore()
+    assert_bit_identical(original, snapshot(sd15))
+
+    q = Patcher(adapter_for_pipeline(sd15))  # A1111's rule: a replaced Parameter is someone else's weight
+    q.apply([lora])
+    _move_weights(sd15.unet, paths)
+    assert q.restore().stale_backups == len(entries)
+    assert not torch.equal(snapshot(sd15)["unet"][f"{paths[0]}.weight"], original["unet"][f"{paths[0]}.weight"])
+    sd15.unet.load_state_dict(original["unet"])
+    assert_bit_identical(original, snapshot(sd15))
+
+
 def test_fp8_weights_take_the_merge_and_restore_bit_exactly():
     """A1111's "FP8 weight" stores layers as float8_e4m3fn: the merge is computed in fp32 and rounded once into the
     layer's own dtype (what the built-in gives too), and restore gives the original fp8 bits back."""

@@ -8,6 +8,10 @@
   `.transformer` is a transformers CLIP text model: `clip_l` (SD1; SDXL's first encoder), `clip_g` (SDXL's second,
   with projection), `clip_h` (SD2), all in the transformers layout (no fused q/k/v).
 
+Quantized UNets (Forge's `nf4`, `fp4` and `gguf` storage: packed integer weights) are refused with a sentence: their
+weights cannot take a merge and their packed shapes are not the layers' shapes. FP8 storage is a float dtype: those
+layers take LoRAs as bypass (`lora_ext.patch.bypass.needs_bypass`), as on A1111.
+
 The module objects are shared by `forge_objects`, `forge_objects_original` and `forge_objects_after_applying_lora`
 (Forge's ModelPatcher clones share the model), so weights patched in place are the ones every copy computes with.
 """
@@ -45,7 +49,13 @@ def adapter_for_forge(sd_model: Any) -> ModelAdapter:
     """Key map for Forge's `shared.sd_model` (a `ForgeDiffusionEngine` with `forge_objects`)."""
     from lora_ext.models.convert import unet_config_from_ldm
 
-    unet = sd_model.forge_objects.unet.model.diffusion_model
+    kmodel = sd_model.forge_objects.unet.model
+    storage = getattr(kmodel, "storage_dtype", None)
+    if isinstance(storage, str):  # 'nf4', 'fp4', 'gguf': Forge's quantized storage (torch dtypes otherwise)
+        raise ValueError(f"its UNet is stored quantized ({storage}), which lora_ext cannot apply LoRAs to yet; turn "
+                         "off 'lora_ext handles <lora:...> and <lyco:...> prompt tags' in Settings > LoRA (lora_ext) "
+                         "to let Forge's built-in Lora apply them")
+    unet = kmodel.diffusion_model
     arch, parts = forge_text_encoders(sd_model)
     pooled = None
     if arch == "sdxl":

@@ -114,6 +114,17 @@ class _Slot:
     def is_current(self) -> bool:
         return self.param is self.param_obj and (self.version is None or _version_of(self.param_obj) == self.version)
 
+    def moved(self) -> bool:
+        """The parameter object was replaced by one of the same shape and dtype (a host that moves weights between
+        devices by assigning new Parameters, as Forge's memory manager does)."""
+        param = self.param
+        return (param is not self.param_obj and isinstance(param, Tensor) and param.shape == self.param_obj.shape
+                and param.dtype == self.param_obj.dtype)
+
+    def rebind(self) -> None:
+        self.param_obj = self.param
+        self.version = _version_of(self.param_obj)
+
 
 def _version_of(t: Tensor) -> int | None:
     """The tensor's version counter; None for an inference tensor, which has none (Forge loads its weights under
@@ -152,16 +163,22 @@ class Patcher:
     """Merges LoRAs into the weights of the model an adapter describes. Not thread-safe: one patcher per model."""
 
     def __init__(self, adapter: ModelAdapter, *, backup_device: str = "auto", gpu_reserve_bytes: int = 1 << 30,
-                 retain_bytes: int | None = None) -> None:
+                 retain_bytes: int | None = None, follow_moves: bool = False) -> None:
         """backup_device: "auto" (the weight's device when it has room, else CPU), "cpu" or "same".
         retain_bytes: how many bytes of backups of *restored* weights to keep for the next apply (a switch then costs
-        one pass per layer instead of a fresh copy); None = as many as the layers touched, 0 = free on restore."""
+        one pass per layer instead of a fresh copy); None = as many as the layers touched, 0 = free on restore.
+        follow_moves: the host moves weights between devices by replacing their Parameter objects (Forge): a weight
+        with LoRAs merged whose Parameter was replaced by one of the same shape and dtype is the same weight moved
+        (nobody else writes a merged weight there), so it is restored and re-merged where it is now, instead of being
+        dropped as changed by someone else. Weights without LoRAs merged are still dropped when replaced (their
+        backups are re-taken at the next use)."""
         if backup_device not in ("auto", "cpu", "same"):
             raise ValueError("backup_device must be 'auto', 'cpu' or 'same'")
         self.adapter = adapter
         self.backup_device = backup_device
         self.gpu_reserve_bytes = gpu_reserve_bytes
         self.retain_bytes = retain_bytes
+        self.follow_moves = follow_moves
         self._slots: dict[_SlotKey, _Slot] = {}
         self.active: tuple[ActiveLora, ...] = ()
         self.diverted: list[_Contribution] = []  # what the last `apply(..., divert=...)` left to the caller
@@ -356,8 +373,16 @@ class Patcher:
         return report
 
     def _drop_stale(self) -> int:
-        """Forget slots whose parameter someone else replaced or wrote (e.g. a new checkpoint loaded in place)."""
-        stale = [k for k, s in self._slots.items() if not s.is_current()]
+        """Forget slots whose parameter someone else replaced or wrote (e.g. a new checkpoint loaded in place); with
+        `follow_moves`, merged weights the host moved are followed instead."""
+        stale = []
+        for key, slot in self._slots.items():
+            if slot.is_current():
+                continue
+            if self.follow_moves and slot.signature and slot.moved():
+                slot.rebind()
+                continue
+            stale.append(key)
         merged = 0
         for key in stale:
             slot = self._slots.pop(key)

@@ -1,9 +1,10 @@
-"""Living beside A1111's built-in Lora extension: undo what it merged, and drop conditionings it computed, when the
-`<lora:...>` tag changes hands."""
+"""Living beside the WebUI's built-in Lora extension (A1111's `networks`, Forge's `sd_forge_lora`): undo what it merged,
+and drop conditionings it computed, when the `<lora:...>` tag changes hands."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from lora_ext.webui import host
 
@@ -15,6 +16,8 @@ def restore_builtin() -> int:
 
     networks = sys.modules.get("networks")
     model = host.loaded_model()
+    if host.is_forge_model(model):
+        return restore_forge_builtin(model)
     if model is None or networks is None or not hasattr(networks, "network_restore_weights_from_backup"):
         return 0
     from modules import sd_hijack
@@ -36,6 +39,35 @@ def restore_builtin() -> int:
     return restored
 
 
+FORGE_UNAPPLIED = "lora_ext"  # a `current_lora_hash` no set of LoRAs of Forge's built-in has
+
+
+def restore_forge_builtin(model: Any) -> int:
+    """Forge's built-in merges its LoRAs when Forge loads the model for sampling (`LoraLoader.refresh`, which also
+    restores, by putting its backed-up Parameters back) and skips `activate()` when its "already applied" hash
+    matches. When the tag changes hands: make its loaders restore now (their next refresh would otherwise put back
+    weights over ours and leave its LoRAs in our backups), and clear the hash so that it applies its LoRAs afresh when
+    it has the tag again (we publish Forge's unpatched objects while we hold it). Returns the weights restored."""
+    restored = 0
+    objects = getattr(model, "forge_objects_original", None) or model.forge_objects
+    for patcher in (getattr(objects, "unet", None), getattr(getattr(objects, "clip", None), "patcher", None)):
+        loader = getattr(getattr(patcher, "model", None), "lora_loader", None)
+        if loader is None or loader.loaded_hash == str([]):
+            continue
+        restored += len(loader.backup) + len(set(loader.online_backup))
+        loader.refresh({}, offload_device=patcher.offload_device)
+    model.current_lora_hash = FORGE_UNAPPLIED
+    return restored
+
+
+def forget_applied() -> None:
+    """The tag goes back to the built-in: Forge's must apply its LoRAs afresh (we published Forge's unpatched model
+    objects while we held the tag, so its "already applied" hash no longer says what the model samples with)."""
+    model = host.loaded_model()
+    if host.is_forge_model(model):
+        model.current_lora_hash = FORGE_UNAPPLIED
+
+
 def refresh_builtin() -> None:
     """Let the built-in Lora rescan its folders when it is loaded: its cards page and its /sdapi/v1/loras list a file
     that appeared (a LoRA finished by the training tab) without the user pressing refresh."""
@@ -51,5 +83,6 @@ def clear_cond_cache() -> None:
 
     for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
         for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
-            if isinstance(cls.__dict__.get(attr), list):
-                setattr(cls, attr, [None, None])
+            cache = cls.__dict__.get(attr)
+            if isinstance(cache, list):  # [params, conds] in A1111, [params, conds, extra] in Forge
+                setattr(cls, attr, [None] * len(cache))

@@ -1,5 +1,10 @@
 """Bundled textual inversions (`bundle_emb.*`) of the applied LoRAs become WebUI embeddings while they are active, as
-the built-in Lora does; one already loaded from the embeddings folder wins."""
+A1111's built-in Lora does; one already loaded from the embeddings folder wins.
+
+A1111 keeps one embedding database (`sd_hijack.model_hijack.embedding_db`); Forge keeps one per text-processing engine
+of the model (`sd_model.text_processing_engine`, SDXL's `..._l` and `..._g`, each reading its own part of an SDXL
+embedding), with its own loader (`backend.text_processing.textual_inversion`). Forge's built-in ignores bundled
+embeddings; with lora_ext they work there as on A1111 (Forge's infotext names used embeddings in its "TI" field)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ def register(bundled: dict[str, Any], act: Activation) -> None:
     unregister(bundled)
     if not any(n.bundled_embeddings for n in act.networks):
         return
+    model = host.current_model()
+    if host.is_forge_model(model):
+        _register_forge(bundled, act, model)
+        return
     from modules import sd_hijack
     from modules.textual_inversion import textual_inversion
 
@@ -27,15 +36,9 @@ def register(bundled: dict[str, Any], act: Activation) -> None:
                 log.warning('lora_ext: skip bundled embedding "%s" of %s: already loaded from the embeddings folder',
                             emb_name, name)
                 continue
-            data: dict[str, Any] = {}
-            for key, t in tensors.items():
-                head, _, rest = key.partition(".")
-                if head == "string_to_param":
-                    data["string_to_param"] = {rest or "*": t}
-                else:
-                    data[key] = t
             try:
-                emb = textual_inversion.create_embedding_from_data(data, emb_name, filename=f"{net.path}/{emb_name}")
+                emb = textual_inversion.create_embedding_from_data(_embedding_data(tensors), emb_name,
+                                                                   filename=f"{net.path}/{emb_name}")
             except Exception as err:  # the WebUI's own loader: any error means this embedding is unusable
                 log.warning("lora_ext: bundled embedding %s of %s is not usable: %s", emb_name, name, err)
                 continue
@@ -44,18 +47,75 @@ def register(bundled: dict[str, Any], act: Activation) -> None:
                             emb_name, name, emb.shape, db.expected_shape)
                 continue
             emb.shorthash = BundledHash(name)
-            db.register_embedding(emb, host.current_model())
+            db.register_embedding(emb, model)
+            bundled[emb_name] = emb
+
+
+def _embedding_data(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A bundled embedding's tensors in the layout of an embedding file (`string_to_param.*` or SDXL's
+    `clip_l`/`clip_g`), as the WebUIs' loaders take it."""
+    data: dict[str, Any] = {}
+    for key, t in tensors.items():
+        head, _, rest = key.partition(".")
+        if head == "string_to_param":
+            data["string_to_param"] = {rest or "*": t}
+        else:
+            data[key] = t
+    return data
+
+
+def _forge_databases(model: Any) -> list[Any]:
+    """The embedding databases of a Forge model's text-processing engines."""
+    dbs = {}
+    for attr, engine in vars(model).items():
+        db = getattr(engine, "embeddings", None)
+        if attr.startswith("text_processing_engine") and hasattr(db, "word_embeddings"):
+            dbs[id(db)] = db
+    return list(dbs.values())
+
+
+def _register_forge(bundled: dict[str, Any], act: Activation, model: Any) -> None:
+    from backend.text_processing import textual_inversion
+
+    dbs = _forge_databases(model)
+    for name, net in zip(act.applied, act.networks, strict=True):
+        for emb_name, tensors in net.bundled_embeddings.items():
+            if any(emb_name in db.word_embeddings for db in dbs):
+                log.warning('lora_ext: skip bundled embedding "%s" of %s: already loaded from the embeddings folder',
+                            emb_name, name)
+                continue
+            try:
+                emb = textual_inversion.create_embedding_from_data(_embedding_data(tensors), emb_name,
+                                                                   filename=f"{net.path}/{emb_name}")
+            except Exception as err:  # Forge's own loader: any error means this embedding is unusable
+                log.warning("lora_ext: bundled embedding %s of %s is not usable: %s", emb_name, name, err)
+                continue
+            fitting = [db for db in dbs if db.expected_shape in (-1, emb.shape)]
+            if not fitting:
+                log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s)", emb_name,
+                            name, emb.shape)
+                continue
+            for db in fitting:
+                db.register_embedding(emb)
             bundled[emb_name] = emb
 
 
 def unregister(bundled: dict[str, Any]) -> None:
     if not bundled:
         return
+    model = host.current_model()
+    if host.is_forge_model(model):
+        for db in _forge_databases(model):
+            for emb_name in bundled:
+                if emb_name in db.word_embeddings:
+                    db.register_embedding_by_name(None, emb_name)
+        bundled.clear()
+        return
     from modules import sd_hijack
 
     db = sd_hijack.model_hijack.embedding_db
     for emb_name in list(bundled):
-        db.register_embedding_by_name(None, host.current_model(), emb_name)
+        db.register_embedding_by_name(None, model, emb_name)
         del bundled[emb_name]
 
 

@@ -17,7 +17,10 @@ What it registers (`setup()`, called once by `scripts/lora_ext_glue.py`):
 - `on_ui_tabs`: the "LoRA Training" tab, and with --api the training routes (`lora_ext.webui.training`).
 Weights are restored after every generation: in `deactivate`, and, when a generation raises before reaching it, when
 the WebUI closes the processing object (`with closing(p)` in txt2img/img2img and the API).
-In Forge (`host.detect()`) only a start-up notice is registered: the tag, the model and the routes stay Forge's.
+Forge registers the same callbacks; what differs is in `host` (model trees, publishing the applied model, backups) and
+`builtin` (Forge's built-in Lora's loaders). Per-image LoRAs in a batch and negative-prompt LoRAs need A1111's layout of
+the UNet's batch rows and are not applied on Forge yet: there every image gets the first prompt's LoRAs, as with
+Forge's built-in, and the console and the image's comments say so.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from lora_ext.webui.state import GlueState
 
 log = logging.getLogger(__name__)
 
-FORGE_NOTICE = ("lora_ext: Stable Diffusion WebUI Forge detected: <lora:...> tags are left to Forge's built-in Lora; "
-                "lora_ext takes over nothing here until it supports Forge's model runtime")
+FORGE_PER_IMAGE = ("the images of this batch have different LoRA tags: on Forge every image gets the first prompt's "
+                   "LoRAs (as with Forge's built-in); per-image LoRAs work on AUTOMATIC1111 for now")
+FORGE_NEGATIVE = ("LoRA tags in the negative prompt are left as plain text on Forge (the setting that applies them "
+                  "works on AUTOMATIC1111 for now)")
 
 _state: GlueState | None = None
 
@@ -94,13 +99,21 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     st.session.schedule_mode = str(host.opt(settings.SCHEDULE_MODE, "auto"))
     _hook_close(p)
     hires = bool(getattr(p, "is_hr_pass", False))
+    model = host.processing_model(p)
+    forge = host.is_forge_model(model)
     per_image = _per_image_tags(p, hires) if host.opt(settings.PER_IMAGE, True) else None
-    negative, originals = _take_negative_tags(p, hires) if host.opt(settings.NEGATIVE, False) else (None, {})
+    negative_on = host.opt(settings.NEGATIVE, False) and not forge
+    negative, originals = _take_negative_tags(p, hires) if negative_on else (None, {})
+    early = []
+    if forge and per_image is not None:
+        per_image = None
+        early.append(FORGE_PER_IMAGE)
     # kept for a model switch while sampling (the SDXL refiner): `_reapply`
     st.generation = (p, [tag_text(x.items) for x in params], per_image, hires, negative)
     st.sampling = False
-    act = _apply_generation(st, host.processing_model(p), originals, fresh_hashes=not hires)
-    if not host.opt(settings.NEGATIVE, False):
+    act = _apply_generation(st, model, originals, fresh_hashes=not hires)
+    act.problems[:0] = early
+    if not negative_on:
         act.problems.extend(_negative_prompt_tags(p, hires))
     _show_problems(p, act)
     for note in act.notes:
@@ -169,6 +182,8 @@ def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
     if not names:
         return []
     p._lora_ext_negative_warned = True
+    if host.is_forge_model(host.processing_model(p)) and host.opt(settings.NEGATIVE, False):
+        return [FORGE_NEGATIVE]
     return [f"the negative prompt's LoRA tags ({', '.join(names)}) are not applied: like the built-in, the WebUI "
             "passes them to the text encoder as plain text; to weaken a LoRA, give it a lower or negative weight in "
             "the prompt"]
@@ -268,6 +283,7 @@ def _apply_ownership(*_: Any) -> None:
         else:
             if current is st.network:
                 st.session.restore()
+                builtin.forget_applied()
                 if st.previous is not None:
                     _register(st.previous)
                 else:
@@ -391,6 +407,7 @@ def _apply_generation(st: Any, model: Any, originals: dict[str, list[str]] | Non
     else:
         batch.detach(st)
     embeddings.register(st.bundled, act)
+    host.publish(model)
     if host.opt("lora_add_hashes_to_infotext", True):
         if fresh_hashes or not hasattr(p, "lora_hashes"):
             p.lora_hashes = {}
@@ -436,10 +453,6 @@ def _on_script_unloaded() -> None:
         _register(st.previous)
 
 
-def _on_app_started_forge(demo: Any, app: Any) -> None:
-    host.say(FORGE_NOTICE)
-
-
 def _apply_cache_size() -> None:
     state().session.cache.max_bytes = max(0, int(host.opt(settings.CACHE_MB, 2048))) << 20
 
@@ -458,9 +471,6 @@ def setup() -> None:
     global _state
     from modules import script_callbacks
 
-    if host.detect() == host.FORGE:
-        script_callbacks.on_app_started(_on_app_started_forge, name="lora_ext_forge_notice")
-        return
     if _state is None:
         _state = GlueState.create(host.lora_dirs(), host.index_cache_file())
         _state.network = _make_network()

@@ -1,17 +1,20 @@
-"""The WebUI as lora_ext sees it: which WebUI it is (`detect`), and the only accessors of A1111's `modules.*` state
+"""The WebUI as lora_ext sees it: which WebUI it is (`detect`), and the only accessors of the WebUI's `modules.*` state
 that the rest of `lora_ext.webui` uses (loaded model, LoRA folders, settings, console lines). Registration with the
 WebUI (callbacks, extra networks, pages, routes) stays in the glue.
 
-Which WebUI lora_ext was loaded into decides what the glue registers:
+Two WebUIs share the extension API; what differs is the model runtime, and every difference lives here:
 
-- AUTOMATIC1111 v1.10 (`a1111`): the ldm/sgm model tree the patcher adapts; lora_ext owns the `<lora:...>` tag.
-- Stable Diffusion WebUI Forge (`forge`): same extension API, but its own model runtime (`backend/`,
-  `sd_model.forge_objects`, LoRAs published through `forge_objects_after_applying_lora`), which lora_ext does not
-  adapt yet. Until it does, the glue leaves the tag, the model and the REST routes to Forge and says so once at start
-  (taking the tag would break every LoRA there: `AttributeError: 'StableDiffusion' object has no attribute 'model'`).
+- AUTOMATIC1111 v1.10 (`a1111`): the ldm/sgm model tree (`sd_model.model.diffusion_model`, `cond_stage_model` or
+  SDXL's `conditioner`); the weights stay where A1111 put them.
+- Stable Diffusion WebUI Forge (`forge`): its own runtime (`backend/`): the UNet and text encoders live in
+  `sd_model.forge_objects` (`lora_ext.patch.forge`), its memory manager moves weights between devices by replacing
+  Parameter objects (the session follows them and keeps backups on the CPU, as Forge's built-in does), and what an
+  extra network applies must be published in `sd_model.forge_objects_after_applying_lora`, which Forge's
+  `processing.py` takes right after `activate()` (`publish`).
 
-Detection looks for Forge's own top-level packages on the WebUI's import path (`modules_forge`, which Forge's
-`webui.py` imports before any extension loads); nothing is imported to find out.
+The glue asks the model object, not the WebUI, which tree it has (`is_forge_model`): the answer cannot go stale.
+Detection of the WebUI itself looks for Forge's own top-level package on the import path (`modules_forge`, which
+Forge's `webui.py` imports before any extension loads); nothing is imported to find out.
 """
 
 from __future__ import annotations
@@ -76,9 +79,19 @@ def tag_handler() -> Any:
     return extra_networks.extra_network_registry.get("lora")
 
 
+def is_forge_model(model: Any) -> bool:
+    """True for a model object of Forge's runtime (it holds `forge_objects`)."""
+    return model is not None and getattr(model, "forge_objects", None) is not None
+
+
 def unet_and_text_encoder(model: Any) -> tuple[Any, Any]:
-    """(UNet, the module the prompts go into) of an A1111 model: `model.model.diffusion_model`, and SDXL's
-    `conditioner` or SD1/SD2's `cond_stage_model`; None for a part the object lacks."""
+    """(UNet, the module the prompts go into) of a model: A1111's `model.model.diffusion_model`, and SDXL's
+    `conditioner` or SD1/SD2's `cond_stage_model`; Forge's `forge_objects.unet.model.diffusion_model` and
+    `forge_objects.clip.cond_stage_model`; None for a part the object lacks."""
+    if is_forge_model(model):
+        objects = model.forge_objects
+        unet = getattr(getattr(getattr(objects, "unet", None), "model", None), "diffusion_model", None)
+        return unet, getattr(getattr(objects, "clip", None), "cond_stage_model", None)
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     encoder = getattr(model, "conditioner", None)
     if encoder is None:
@@ -114,10 +127,33 @@ def say(message: str) -> None:
 
 def model_adapter(sd_model: Any) -> ModelAdapter:
     """The adapter factory of this host (`lora_ext.session.AdapterFactory`): A1111's ldm (SD1/SD2) and sgm (SDXL)
-    model trees."""
+    model trees, or Forge's."""
+    if is_forge_model(sd_model):
+        from lora_ext.patch.forge import adapter_for_forge
+
+        return adapter_for_forge(sd_model)
     from lora_ext.patch.ldm import adapter_for_ldm
 
     return adapter_for_ldm(sd_model)
+
+
+def session_options() -> dict[str, Any]:
+    """How the session keeps backups in this WebUI (`lora_ext.session.LoraSession` keywords). Forge: backups on the
+    CPU (Forge budgets GPU memory for its own tensors only, and backs its own LoRA weights up on the CPU too), and
+    merged weights followed when its memory manager moves them (new Parameter objects)."""
+    if detect() == FORGE:
+        return {"backup_device": "cpu", "follow_moves": True}
+    return {}
+
+
+def publish(model: Any) -> None:
+    """Make what was just applied the model Forge samples with: Forge's `processing.py` replaces
+    `sd_model.forge_objects` by `forge_objects_after_applying_lora` right after `activate()` (also for the hires
+    pass). Our weights are in place in the modules every copy shares, so the published objects are the current
+    (unpatched by Forge) ones; without this, Forge would sample with whatever its built-in published last. A1111:
+    nothing to do."""
+    if is_forge_model(model):
+        model.forge_objects_after_applying_lora = model.forge_objects.shallow_copy()
 
 
 # ------------------------------------------------------------------------------------------ training (the tab)
@@ -171,21 +207,28 @@ def api_enabled() -> bool:
 
 def release_model() -> Any:
     """Move the WebUI's model off the GPU for a training job (between generations: the WebUI's queue lock is held).
-    Returns the model that was moved (None when none is loaded)."""
+    Returns the model that was moved (None when none is loaded). Forge: its memory manager unloads every model from
+    the GPU (it loads them again by itself at the next generation)."""
     from modules import call_queue, sd_models
 
     with call_queue.queue_lock:
         model = loaded_model()
-        if model is not None:
+        if model is not None and is_forge_model(model):
+            from backend import memory_management
+
+            memory_management.unload_all_models()
+            memory_management.soft_empty_cache(force=True)
+        elif model is not None:
             sd_models.send_model_to_cpu(model)
         return model
 
 
 def restore_model(model: Any) -> None:
-    """Bring a model moved by `release_model` back to the WebUI's device (if it is still the loaded one)."""
+    """Bring a model moved by `release_model` back to the WebUI's device (if it is still the loaded one; Forge loads
+    it at its next generation by itself)."""
     from modules import call_queue, sd_models
 
-    if model is None:
+    if model is None or is_forge_model(model):
         return
     with call_queue.queue_lock:
         if loaded_model() is model:

@@ -37,4 +37,5 @@ class GlueState:
     def create(cls, dirs: list[Path], cache_file: Path | None) -> GlueState:
         """A catalogue over `dirs` and a session on this host's model trees (`host.model_adapter`)."""
         index = LoraIndex(dirs, cache_file=cache_file)
-        return cls(index=index, session=LoraSession(host.model_adapter, IndexResolver(index), cache=LoraCache()))
+        return cls(index=index, session=LoraSession(host.model_adapter, IndexResolver(index), cache=LoraCache(),
+                                                    **host.session_options()))

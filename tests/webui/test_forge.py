@@ -1,24 +1,30 @@
-"""Stable Diffusion WebUI Forge (a harness built with `HOST=forge`, SD_WEBUI_HOST=forge): until lora_ext supports
-Forge's model runtime, an installed lora_ext must leave `<lora:...>` to Forge's built-in and say so once.
+"""Stable Diffusion WebUI Forge (a harness built with `HOST=forge`, SD_WEBUI_HOST=forge): lora_ext installed from its
+URL through Forge's own installer owns `<lora:...>` (and `<lyco:...>`, which Forge lacks) and gives the images Forge's
+built-in gives for every file both read, formats the built-in cannot read, and the base image back after every
+generation.
 
-Installed from its URL through Forge's own installer (clone + install.py) into a temporary `--data-dir`; the images of
-a Forge with lora_ext are compared with those of the same Forge without it (same checkpoint, seed and LoRA): the LoRA
-must change the image exactly as the built-in alone does. Before this, every LoRA image equalled the base image
-(`AttributeError: 'StableDiffusion' object has no attribute 'model'` in lora_ext on every generation)."""
+The reference is the same Forge without lora_ext (its default data dir holds no extension): same checkpoint, seeds,
+prompts. Images are compared as pixels (max difference <= 1 level: both merge in fp32 and round once to the weight's
+dtype, in a different order of additions)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import subprocess
+import sys
 import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from lora_ext.webui.glue import FORGE_NOTICE
 from tests.webui.test_install import _call, _free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,13 +47,29 @@ INSTALL = textwrap.dedent("""
 """)
 VERSIONS = ("import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in ('torch', "
             "'transformers', 'diffusers', 'accelerate', 'safetensors', 'gradio', 'numpy', 'peft', 'pydantic')}))")
-PROMPTS = {"base": "a photo of a cat", "lora": "a photo of a cat <lora:full_lora:0.8>",
-           "compvis": "a photo of a cat <lora:full_lora_compvis:0.8>",
-           "te_only": "a photo of a cat <lora:full_lora:0.8:0>"}
+CAT = "a photo of a cat"
+# generated in both Forges (ours must equal the built-in's), in this order: the last one checks the restore
+SHARED = {"base": CAT, "lora": f"{CAT} <lora:full_lora:0.8>", "compvis": f"{CAT} <lora:full_lora_compvis:0.8>",
+          "te_only": f"{CAT} <lora:full_lora:0.8:0>", "unet_only": f"{CAT} <lora:full_lora:0:0.8>",
+          "multi": f"{CAT} <lora:full_lora:0.5> <lora:full_lora_compvis:-0.3>",
+          "hires": f"{CAT} <lora:full_lora:0.8>", "base_again": CAT}
+# only with lora_ext: Forge has no `lyco` tag, and its built-in skips diffusers/PEFT-named files ("version mismatch")
+OURS_ONLY = {"lyco": f"{CAT} <lyco:full_lora:0.8>", "peft": f"{CAT} <lora:full_lora_peft:0.8>",
+             "base_last": CAT}
+HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+         "hr_second_pass_steps": 1}
 
 
-def _generate_all(mode: str, extra: list[str]) -> dict:
-    """Start Forge (`mode`), generate every prompt of PROMPTS, stop; {images, infotexts, log, status_route}."""
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
+
+
+def _diff(a: str, b: str) -> int:
+    return int(np.abs(_pixels(a) - _pixels(b)).max())
+
+
+def _generate_all(mode: str, extra: list[str], prompts: dict[str, str]) -> dict:
+    """Start Forge (`mode`), generate every prompt, stop; {images, infotexts, log, status_route}."""
     port = _free_port()
     start = os.path.join(os.environ["SD_WEBUI_HARNESS"], "start_webui.sh")
     subprocess.run(["bash", start, mode, port, *extra], check=True, timeout=900, env={**os.environ, "WAIT_S": "600"})
@@ -57,9 +79,10 @@ def _generate_all(mode: str, extra: list[str]) -> dict:
             with urllib.request.urlopen(url + "/", timeout=300) as r:
                 assert r.status == 200
         images, infotexts = {}, {}
-        for key, prompt in PROMPTS.items():
-            out = _call(url, "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64,
-                                                   "seed": 1234, "sampler_name": "Euler", "cfg_scale": 7})
+        for key, prompt in prompts.items():
+            payload = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 1234,
+                       "sampler_name": "Euler", "cfg_scale": 7, **(HIRES if key == "hires" else {})}
+            out = _call(url, "/sdapi/v1/txt2img", payload)
             images[key] = out["images"][0]
             infotexts[key] = json.loads(out["info"])["infotexts"][0]
         try:
@@ -75,8 +98,9 @@ def _generate_all(mode: str, extra: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """A data dir whose extensions/lora_ext was installed by Forge's own installer; (data, rc, output, versions
-    before, versions after)."""
+    """A data dir whose extensions/lora_ext was installed by Forge's own installer, and a models dir with the
+    harness' checkpoint and LoRAs plus `full_lora` converted to diffusers/PEFT names by lora_ext's `convert`;
+    (data, models, rc, output, versions before, versions after)."""
     tmp_path = tmp_path_factory.mktemp("forge-install")
     py = os.environ["SD_WEBUI_PYTHON"]
     data = tmp_path / "data"
@@ -89,24 +113,34 @@ def installed(tmp_path_factory):
     proc = subprocess.run([py, str(script), os.environ["SD_WEBUI_DIR"], str(data), f"file://{tmp_path}/src/lora_ext"],
                           capture_output=True, text=True, timeout=900)
     after = json.loads(subprocess.run([py, "-c", VERSIONS], capture_output=True, text=True, check=True).stdout)
-    return data, proc.returncode, proc.stdout + proc.stderr, before, after
+    harness_models = Path(os.environ["SD_WEBUI_DIR"], "models")
+    models = tmp_path / "models"
+    (models / "Lora").mkdir(parents=True)
+    (models / "Stable-diffusion").symlink_to(harness_models / "Stable-diffusion", target_is_directory=True)
+    (models / "VAE").mkdir()
+    for f in (harness_models / "Lora").glob("*.safetensors"):
+        (models / "Lora" / f.name).symlink_to(f)
+    subprocess.run([sys.executable, "-m", "lora_ext", "convert", str(harness_models / "Lora" / "full_lora.safetensors"),
+                    "--to", "diffusers", "--out", str(models / "Lora" / "full_lora_peft.safetensors")],
+                   check=True, cwd=REPO, capture_output=True, timeout=600)
+    return data, models, proc.returncode, proc.stdout + proc.stderr, before, after
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """reference(mode): the same generations in Forge without lora_ext (its default data dir holds no extension)."""
+    """reference(mode): the SHARED generations in Forge without lora_ext (its default data dir holds no extension)."""
     done: dict[str, dict] = {}
 
     def get(mode: str) -> dict:
         if mode not in done:
-            done[mode] = _generate_all(mode, [])
+            done[mode] = _generate_all(mode, [], SHARED)
         return done[mode]
 
     return get
 
 
 def test_install_from_url_into_forge_changes_no_package(installed):
-    data, rc, out, before, after = installed
+    data, _, rc, out, before, after = installed
     assert rc == 0, out[-4000:]
     assert "INSTALLED: ['lora_ext']" in out, out[-4000:]
     assert "lora_ext:" in out and "ERROR" not in out, out[-4000:]  # install.py ran, found what it needs
@@ -114,24 +148,27 @@ def test_install_from_url_into_forge_changes_no_package(installed):
 
 
 @pytest.mark.parametrize("mode", ["api", "ui"])
-def test_forge_keeps_its_own_lora_and_we_say_so_once(installed, reference, mode):
-    data = installed[0]
-    models = os.path.join(os.environ["SD_WEBUI_DIR"], "models")
-    ours = _generate_all(mode, ["--data-dir", str(data), "--models-dir", models])
+def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed, reference, mode):
+    data, models = installed[:2]
+    ours = _generate_all(mode, ["--data-dir", str(data), "--models-dir", str(models)], {**SHARED, **OURS_ONLY})
     log, ref = ours["log"], reference(mode)
-    ours_lines = [line for line in log.splitlines()
-                  if "lora_ext" in line and "--data-dir" not in line and "GET /lora_ext/status" not in line]
-    assert ours_lines == [FORGE_NOTICE], ours_lines  # one line, and no error or traceback of ours
-    assert "activating extra network" not in log, log[-8000:]
+    assert "lora_ext: <lora:...> and <lyco:...> tags are handled by lora_ext" in log, log[-6000:]
+    assert "[LORA] Loaded" not in log and "activating extra network" not in log, log[-8000:]  # the built-in never ran
     # Forge's own scripts print the same errors with and without lora_ext (UI mode, API calls without script args)
     assert log.count("Traceback") == ref["log"].count("Traceback"), log[-8000:]
-    assert ours["status_route"] == 404  # nothing of ours is mounted on Forge yet
-    images = ours["images"]
-    assert images["lora"] != images["base"] and images["compvis"] != images["base"]
-    assert images["te_only"] != images["base"]
-    assert images == ref["images"]  # pixel for pixel what Forge's built-in gives without lora_ext
-    assert 'Lora hashes: "full_lora: ' in ours["infotexts"]["lora"]  # the built-in's infotext
-    assert ours["infotexts"]["lora"] == ref["infotexts"]["lora"]
+    assert ours["status_route"] == 200  # our REST routes are mounted
+    img, ref_img = ours["images"], ref["images"]
+    report = {k: _diff(img[k], ref_img[k]) for k in SHARED}
+    assert all(d <= 1 for d in report.values()), report  # the built-in's images
+    for key in ("lora", "compvis", "te_only", "unet_only", "multi"):
+        assert _diff(img[key], img["base"]) > 8, key  # each LoRA image is a LoRA image
+    assert img["base_again"] == img["base"] == img["base_last"]  # weights restored after every generation
+    assert img["lyco"] == img["lora"]
+    assert _diff(img["peft"], img["lora"]) <= 1  # a file Forge's built-in skips (image = base with it)
+    for key in ("lora", "multi", "hires"):
+        ours_hashes = re.findall(r'Lora hashes: "[^"]*"', ours["infotexts"][key])
+        assert ours_hashes and ours_hashes == re.findall(r'Lora hashes: "[^"]*"', ref["infotexts"][key]), \
+            (ours["infotexts"][key], ref["infotexts"][key])
 
 
 def test_our_patcher_on_forges_modules_equals_its_builtin(tmp_path):

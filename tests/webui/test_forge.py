@@ -56,8 +56,9 @@ SHARED = {"base": CAT, "lora": f"{CAT} <lora:full_lora:0.8>", "compvis": f"{CAT}
 # only with lora_ext: Forge has no `lyco` tag, and its built-in skips diffusers/PEFT-named files ("version mismatch")
 OURS_ONLY = {"lyco": f"{CAT} <lyco:full_lora:0.8>", "peft": f"{CAT} <lora:full_lora_peft:0.8>",
              "base_last": CAT}
+# Forge's API needs hr_additional_modules (None fails in processing.py) and its hires CFG defaults to 1
 HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6,
-         "hr_second_pass_steps": 1}
+         "hr_second_pass_steps": 1, "hr_additional_modules": ["Use same choices"], "hr_cfg": 7}
 
 
 def _pixels(b64: str) -> np.ndarray:

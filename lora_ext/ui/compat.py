@@ -6,6 +6,7 @@ Checkbox, Dropdown, Button, Markdown, HTML, Gallery, File, State, `gr.update`) h
 - Uploaded files: a tempfile wrapper with `.name` (3.x) or a path string (4+).
 - JavaScript on an event: `_js=` (3.x) or `js=` (4+).
 - The Blocks object of the context we build in (3.x: the tab's Blocks; 4+: the same), for `every`.
+- `blur` on a Number: 3.x and 5+ have it, 4.x (Forge's 4.40) does not (`on_leave` falls back to `change`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def on_load(blocks: Any, fn: Callable[..., Any], outputs: Sequence[Any], inputs:
     """Run `fn` when the page loads (quietly)."""
     kw = {"show_progress": "hidden"} if major() >= 4 else {"show_progress": False}
     return blocks.load(fn, inputs=list(inputs), outputs=list(outputs), **kw)
+
+
+def on_leave(component: Any, fn: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> Any:
+    """Run `fn` when the user leaves `component` (`blur`), or on each change where this gradio's component has no blur
+    event."""
+    event = getattr(component, "blur", None) or component.change
+    return event(fn, inputs=list(inputs), outputs=list(outputs))
 
 
 def js_kwarg(code: str) -> dict[str, str]:

@@ -468,7 +468,7 @@ def build_train_tab(service: TrainService, blocks: Any, *, current_label: str | 
     preview_btn.click(tab.preview, inputs=values, outputs=[preview_md, thumbs, estimate])
     for name in ("train_data_dir", "max_train_epochs", "max_train_steps", "train_batch_size",
                  "gradient_accumulation_steps", "resolution"):
-        inputs[name].blur(tab.estimate, inputs=values, outputs=[estimate])
+        compat.on_leave(inputs[name], tab.estimate, inputs=values, outputs=[estimate])
     inputs["pretrained_model"].change(tab.family, inputs=[inputs["pretrained_model"]], outputs=[family])
     train_btn.click(tab.start, inputs=values, outputs=[message])
     cancel_btn.click(tab.control("cancel"), outputs=[message])

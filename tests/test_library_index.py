@@ -479,6 +479,23 @@ def test_sshs_metadata_is_the_hash_without_reading_the_file(tmp_path):
         assert idx.by_hash("0123456789ab") == e and idx.by_hash("0123") == e and idx.by_hash(sshs) == e
 
 
+def test_forges_rule_hashes_the_whole_file_unless_sshs_is_set(tmp_path):
+    """Forge (f2.0.1) writes the sha256 of the whole file as "Lora hashes" for a safetensors without
+    `sshs_model_hash` (its `hashes.sha256` ignores `use_addnet_hash`; its infotext then differs from A1111's for the
+    same file); `sshs_model_hash` wins there too."""
+    root = tmp_path / "Lora"
+    path = write(root / "x.safetensors", lora_tensors({SD1_TE: (768, 768)}), {"ss_output_name": "X"})
+    sshs = "0123456789abcdef" * 4
+    write(root / "y.safetensors", lora_tensors({SD1_TE: (768, 768)}), {"ss_output_name": "Y", "sshs_model_hash": sshs})
+    idx = LoraIndex([root], addnet_hashes=False)
+    whole = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert whole != hashes.addnet_hash_safetensors(path)
+    assert idx.full_hash(idx.get("X")) == whole and idx.get("X").shorthash == whole[:12]
+    assert hashes.lora_short_hash(path, addnet=False) == whole[:12]
+    assert idx.full_hash(idx.get("Y")) == sshs
+    assert hashes.lora_short_hash(root / "y.safetensors", addnet=False) == sshs[:12]
+
+
 def test_by_hash_unknown_or_ambiguous(tmp_path):
     root = tmp_path / "Lora"
     write(root / "a.safetensors", metadata={"sshs_model_hash": "aa11" + "0" * 60})

@@ -59,13 +59,16 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
         return hashlib.sha256(f.read(LEGACY_HASH_SIZE)).hexdigest()[:8]
 
 
-def lora_short_hash(path: str | os.PathLike[str], metadata: Mapping[str, object] | None = None) -> str:
+def lora_short_hash(path: str | os.PathLike[str], metadata: Mapping[str, object] | None = None, *,
+                    addnet: bool = True) -> str:
     """The 12-character hash A1111 v1.10's Lora extension shows and writes as "Lora hashes".
 
     A1111's rule: for a `.safetensors` file (extension compared case-insensitively) it takes the `sshs_model_hash`
     metadata value when that is non-empty, else the addnet hash (tensor data only); any other file gets the sha256
     of the whole file (its metadata is never read). The result is the first 12 characters. `metadata` is the file's
-    header metadata; when None it is read from the file.
+    header metadata; when None it is read from the file. `addnet=False`: Forge's rule (f2.0.1), the same except that
+    a `.safetensors` file without `sshs_model_hash` gets the sha256 of the whole file too (Forge's `hashes.sha256`
+    ignores its `use_addnet_hash` argument).
     """
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
@@ -75,7 +78,7 @@ def lora_short_hash(path: str | os.PathLike[str], metadata: Mapping[str, object]
     stored = metadata.get("sshs_model_hash")
     if isinstance(stored, str) and stored:
         return stored[:SHORT_HASH_LEN]
-    return addnet_hash_safetensors(p)[:SHORT_HASH_LEN]
+    return (addnet_hash_safetensors(p) if addnet else sha256_file(p))[:SHORT_HASH_LEN]
 
 
 def sshs_hashes_for(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:

@@ -16,6 +16,7 @@ Listing follows AUTOMATIC1111 v1.10's built-in Lora extension (`networks.list_av
   `modelspec.architecture` and the other `ss_base_model_version` values; other kohya `ss_*` metadata -> SD1.
 - shorthash: the first 12 characters of the `sshs_model_hash` metadata if set, else of the "addnet" sha256 of the
   tensor data (`.safetensors`) or the sha256 of the whole file (others), known only once computed (`full_hash`).
+  `addnet_hashes=False` gives Forge's rule instead: the sha256 of the whole file for `.safetensors` too.
 - sidecars next to the file: `<stem>.json` (the card's user metadata: description, sd version, activation text,
   preferred weight, negative text, notes), previews `<stem>.<ext>` before `<stem>.preview.<ext>` for ext in png, jpg,
   jpeg, webp, gif (A1111 checks its extensions in set order; ours is fixed), descriptions `<stem>.txt`,
@@ -213,6 +214,7 @@ class LoraIndex:
         cache_file: str | os.PathLike[str] | None = None,
         include_hidden: bool = True,
         preview_extensions: Sequence[str] = PREVIEW_EXTENSIONS,
+        addnet_hashes: bool = True,
     ) -> None:
         if isinstance(dirs, (str, os.PathLike)):
             dirs = [dirs]
@@ -220,6 +222,7 @@ class LoraIndex:
         self._cache_file = Path(cache_file) if cache_file is not None else None
         self._include_hidden = include_hidden
         self._preview_extensions = tuple(e.lower().lstrip(".") for e in preview_extensions)
+        self.addnet_hashes = addnet_hashes
         self._lock = threading.RLock()
         self._snapshot: _Snapshot | None = None
         self._records: dict[str, FileRecord] = {}
@@ -317,7 +320,8 @@ class LoraIndex:
     # --- hashes ---------------------------------------------------------------------------------------------------
     def full_hash(self, entry: LoraEntry, *, persist: bool = True) -> str:
         """The file's full hash as A1111 uses it: the `sshs_model_hash` metadata when set, else the sha256 of the
-        tensor data (`.safetensors`, the "addnet" hash) or of the whole file (others), lowercase hex.
+        tensor data (`.safetensors`, the "addnet" hash) or of the whole file (others, and every file with
+        `addnet_hashes=False`, Forge's rule), lowercase hex.
 
         Computing reads the whole file (outside the lock); the result is kept for this (size, mtime_ns) of the file,
         shown as the entry's `shorthash` from then on and persisted (`persist=False`: kept in memory until `save()`,
@@ -333,7 +337,7 @@ class LoraIndex:
             if sshs:
                 return sshs
         before = _stat_or_none(key)
-        value = addnet_hash_safetensors(key) if entry.is_safetensors else sha256_file(key)
+        value = addnet_hash_safetensors(key) if entry.is_safetensors and self.addnet_hashes else sha256_file(key)
         after = _stat_or_none(key)
         with self._lock:
             rec = self._records.get(key)

@@ -43,7 +43,7 @@ class IndexResolver:
         """The 12-character hash A1111 writes as "Lora hashes" (computed once per file version, then kept)."""
         entry = self.index.entry_for_path(path)
         if entry is None:
-            return lora_short_hash(path, metadata)
+            return lora_short_hash(path, metadata, addnet=self.index.addnet_hashes)
         return entry.shorthash or self.index.full_hash(entry)[:12]
 
 

@@ -113,10 +113,20 @@ def lora_dirs() -> list[Path]:
 
 
 def index_cache_file() -> Path:
-    """Where the catalogue keeps its header and hash cache (the WebUI's data dir)."""
+    """Where the catalogue keeps its header and hash cache (the WebUI's data dir; Forge's hashes are another kind, see
+    `addnet_hashes`, so it has a file of its own)."""
     from modules import paths
 
-    return Path(paths.data_path) / "cache" / "lora_ext_index.json"
+    name = "lora_ext_index_forge.json" if detect() == FORGE else "lora_ext_index.json"
+    return Path(paths.data_path) / "cache" / name
+
+
+def addnet_hashes() -> bool:
+    """Which hash "Lora hashes" holds, as the WebUI's built-in writes it: A1111's "addnet" hash of a safetensors'
+    tensor data, or (Forge, whose `hashes.sha256` ignores `use_addnet_hash`) the sha256 of the whole file. Either way
+    a `sshs_model_hash` in the file's metadata wins. Writing the built-in's keeps a WebUI's infotexts consistent
+    (pasting, image browsers, Civitai, which reads both kinds)."""
+    return detect() != FORGE
 
 
 def say(message: str) -> None:

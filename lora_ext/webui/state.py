@@ -36,6 +36,6 @@ class GlueState:
     @classmethod
     def create(cls, dirs: list[Path], cache_file: Path | None) -> GlueState:
         """A catalogue over `dirs` and a session on this host's model trees (`host.model_adapter`)."""
-        index = LoraIndex(dirs, cache_file=cache_file)
+        index = LoraIndex(dirs, cache_file=cache_file, addnet_hashes=host.addnet_hashes())
         return cls(index=index, session=LoraSession(host.model_adapter, IndexResolver(index), cache=LoraCache(),
                                                     **host.session_options()))

@@ -56,6 +56,10 @@ SHARED = {"base": CAT, "lora": f"{CAT} <lora:full_lora:0.8>", "compvis": f"{CAT}
 # only with lora_ext: Forge has no `lyco` tag, and its built-in skips diffusers/PEFT-named files ("version mismatch")
 OURS_ONLY = {"lyco": f"{CAT} <lyco:full_lora:0.8>", "peft": f"{CAT} <lora:full_lora_peft:0.8>",
              "base_last": CAT}
+OWN = "lora_ext_handle_lora_tags"
+# then the setting hands the tag to Forge's built-in, which applies a LoRA, and takes it back while that LoRA is merged
+HAND_BACK = [("options_off", {OWN: False}), ("back_lora", f"{CAT} <lora:full_lora:0.8>"), ("options_on", {OWN: True}),
+             ("again_base", CAT), ("again_lora", f"{CAT} <lora:full_lora:0.8>")]
 # Forge's API needs hr_additional_modules (None fails in processing.py) and its hires CFG defaults to 1
 HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6,
          "hr_second_pass_steps": 1, "hr_additional_modules": ["Use same choices"], "hr_cfg": 7}
@@ -69,8 +73,9 @@ def _diff(a: str, b: str) -> int:
     return int(np.abs(_pixels(a) - _pixels(b)).max())
 
 
-def _generate_all(mode: str, extra: list[str], prompts: dict[str, str]) -> dict:
-    """Start Forge (`mode`), generate every prompt, stop; {images, infotexts, log, status_route}."""
+def _generate_all(mode: str, extra: list[str], prompts: dict[str, str], then: list[tuple[str, object]] = ()) -> dict:
+    """Start Forge (`mode`), generate every prompt, then the steps of `then` ((key, prompt) or ("options...", {...})),
+    stop; {images, infotexts, log, log_at (key -> length of the log when its step started), status_route}."""
     port = _free_port()
     start = os.path.join(os.environ["SD_WEBUI_HARNESS"], "start_webui.sh")
     subprocess.run(["bash", start, mode, port, *extra], check=True, timeout=900, env={**os.environ, "WAIT_S": "600"})
@@ -79,8 +84,13 @@ def _generate_all(mode: str, extra: list[str], prompts: dict[str, str]) -> dict:
         if mode == "ui":
             with urllib.request.urlopen(url + "/", timeout=300) as r:
                 assert r.status == 200
-        images, infotexts = {}, {}
-        for key, prompt in prompts.items():
+        log_file = Path(os.environ["HARNESS_DIR"], "logs", f"webui-{port}.log")
+        images, infotexts, log_at = {}, {}, {}
+        for key, prompt in [*prompts.items(), *then]:
+            log_at[key] = len(log_file.read_text(errors="replace"))
+            if key.startswith("options"):
+                _call(url, "/sdapi/v1/options", prompt)
+                continue
             payload = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 1234,
                        "sampler_name": "Euler", "cfg_scale": 7, **(HIRES if key == "hires" else {})}
             out = _call(url, "/sdapi/v1/txt2img", payload)
@@ -94,7 +104,7 @@ def _generate_all(mode: str, extra: list[str], prompts: dict[str, str]) -> dict:
     finally:
         subprocess.run(["bash", start, "stop", port], timeout=300)
     log = Path(os.environ["HARNESS_DIR"], "logs", f"webui-{port}.log").read_text(errors="replace")
-    return {"images": images, "infotexts": infotexts, "log": log, "status_route": status_route}
+    return {"images": images, "infotexts": infotexts, "log": log, "log_at": log_at, "status_route": status_route}
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +161,10 @@ def test_install_from_url_into_forge_changes_no_package(installed):
 @pytest.mark.parametrize("mode", ["api", "ui"])
 def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed, reference, mode):
     data, models = installed[:2]
-    ours = _generate_all(mode, ["--data-dir", str(data), "--models-dir", str(models)], {**SHARED, **OURS_ONLY})
-    log, ref = ours["log"], reference(mode)
+    ours = _generate_all(mode, ["--data-dir", str(data), "--models-dir", str(models)], {**SHARED, **OURS_ONLY},
+                         HAND_BACK)
+    ref = reference(mode)
+    log = ours["log"][:ours["log_at"]["options_off"]]  # until the tag is handed back
     assert "lora_ext: <lora:...> and <lyco:...> tags are handled by lora_ext" in log, log[-6000:]
     assert "[LORA] Loaded" not in log and "activating extra network" not in log, log[-8000:]  # the built-in never ran
     # Forge's own scripts print the same errors with and without lora_ext (UI mode, API calls without script args)
@@ -166,6 +178,14 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
     assert img["base_again"] == img["base"] == img["base_last"]  # weights restored after every generation
     assert _diff(img["lyco"], img["lora"]) == 0  # same pixels (the PNG's infotext has the prompt as typed)
     assert _diff(img["peft"], img["lora"]) <= 1  # a file Forge's built-in skips (image = base with it)
+    # handed back: Forge's built-in applies its LoRA on the weights we restored (its image, bit for bit); taken back
+    # while that LoRA is merged: its weights are restored before ours apply
+    back = ours["log"][ours["log_at"]["options_off"]:ours["log_at"]["options_on"]]
+    assert "tags are handled by extra_networks_lora" in back and "[LORA] Loaded" in back, back[-4000:]
+    assert "tags are handled by lora_ext" in ours["log"][ours["log_at"]["options_on"]:ours["log_at"]["again_base"]]
+    assert _diff(img["back_lora"], ref_img["lora"]) == 0
+    assert img["again_base"] == img["base"]
+    assert _diff(img["again_lora"], img["lora"]) == 0
     for key in ("lora", "multi", "hires"):
         ours_hashes = re.findall(r'Lora hashes: "[^"]*"', ours["infotexts"][key])
         assert ours_hashes and ours_hashes == re.findall(r'Lora hashes: "[^"]*"', ref["infotexts"][key]), \

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +29,7 @@ from PIL import Image
 from tests.webui.test_install import _call, _free_port
 
 REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 FORGE = os.environ.get("SD_WEBUI_HOST") == "forge"
 pytestmark = pytest.mark.skipif(not FORGE, reason="needs a Forge harness (HOST=forge setup.sh; SD_WEBUI_HOST=forge)")
 
@@ -207,3 +209,89 @@ def test_our_patcher_on_forges_modules_equals_its_builtin(tmp_path):
         assert row["applied"] == row["total"] == 200 and not row["unmatched"], row
         assert row["ours_vs_builtin"] <= 1 and row["effect"] > 0.5, row
         assert row["changed_after_restore"] == [] and row["base_again"] == 0, row
+
+
+def _req(url: str, method: str, path: str, payload: dict | None = None) -> tuple[int, object]:
+    req = urllib.request.Request(url + path, method=method, headers={"Content-Type": "application/json"},
+                                 data=None if payload is None else json.dumps(payload).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def _browser_tabs(url: str) -> dict:
+    """Forge's page in chromium: the "LoRA Training" tab with its Train and Tools tabs (screenshots kept)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser.conftest import chromium_path
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    seen = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1700})
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(url + "/", wait_until="domcontentloaded", timeout=180_000)
+            page.wait_for_selector("#txt2img_prompt textarea", timeout=180_000)
+            page.locator("button", has_text="LoRA Training").first.click(timeout=60_000)
+            page.locator("#lora_ext_train_button").wait_for(state="visible", timeout=60_000)
+            seen["model"] = page.locator("#lora_ext_pretrained_model").is_visible()
+            page.screenshot(path=str(SCREENSHOTS / "forge_training_tab.png"), full_page=True)
+            page.locator("#lora_ext_tab_tools-button, button", has_text="Tools").first.click(timeout=60_000)
+            page.wait_for_timeout(1500)
+            seen["tools_text"] = page.locator("#lora_ext_tab_tools").inner_text(timeout=60_000)[:2000]
+            page.screenshot(path=str(SCREENSHOTS / "forge_tools_tab.png"), full_page=True)
+            seen["page_errors"] = errors
+        finally:
+            browser.close()
+    return seen
+
+
+def test_tab_tools_and_training_in_forges_ui(installed):
+    """Forge's UI (gradio 4.40) in a real browser shows the training tab and the tools; a training job started through
+    the REST route on Forge's own checkpoint hands the model off through Forge's memory manager, finishes, and its
+    LoRA works in the next generation while the base image stays the same."""
+    import numpy as np
+
+    from tests.train.test_loop_train import write_images
+
+    data, models = installed[:2]
+    write_images(data / "datasets" / "cats", 4)
+    port = _free_port()
+    start = os.path.join(os.environ["SD_WEBUI_HARNESS"], "start_webui.sh")
+    subprocess.run(["bash", start, "ui", port, "--data-dir", str(data), "--models-dir", str(models)], check=True,
+                   timeout=900, env={**os.environ, "WAIT_S": "600"})
+    url = f"http://127.0.0.1:{port}"
+    gen = {"steps": 2, "width": 64, "height": 64, "seed": 1234, "sampler_name": "Euler", "cfg_scale": 7}
+    try:
+        seen = _browser_tabs(url)
+        base = _call(url, "/sdapi/v1/txt2img", {"prompt": "a photo of sks", **gen})["images"][0]
+        status, job = _req(url, "POST", "/lora_ext/train", {
+            "train_data_dir": "datasets/cats", "output_name": "forge_trained", "resolution": 64,
+            "min_bucket_reso": 64, "max_train_steps": 2, "learning_rate": 1e-2, "network_dim": 4, "preview": False,
+            "seed": 3})
+        assert status == 201, job
+        deadline, view = time.time() + 1500, {}
+        while time.time() < deadline:
+            _, view = _req(url, "GET", f"/lora_ext/jobs/{job['id']}")
+            if view["state"] not in ("queued", "running"):
+                break
+            time.sleep(2)
+        base_after = _call(url, "/sdapi/v1/txt2img", {"prompt": "a photo of sks", **gen})["images"][0]
+        trained = _call(url, "/sdapi/v1/txt2img", {"prompt": "a photo of sks <lora:forge_trained:1>", **gen})
+    finally:
+        subprocess.run(["bash", start, "stop", port], timeout=300)
+    log = Path(os.environ["HARNESS_DIR"], "logs", f"webui-{port}.log").read_text(errors="replace")
+    assert seen["model"] and not seen["page_errors"], seen
+    for word in ("Merge into checkpoint", "Merge LoRAs", "Resize", "Extract", "Convert"):
+        assert word.lower() in seen["tools_text"].lower(), seen["tools_text"]
+    assert view.get("state") == "finished", (view, log[-6000:])
+    assert (models / "Lora" / "forge_trained.safetensors").exists()
+    assert _diff(base_after, base) == 0  # the model Forge reloads after the job is the same model
+    assert np.abs(_pixels(trained["images"][0]) - _pixels(base)).max() > 0
+    assert 'Lora hashes: "forge_trained: ' in json.loads(trained["info"])["infotexts"][0]
+    assert "lora_ext" not in "".join(line for line in log.splitlines() if "Error" in line or "Traceback" in line)

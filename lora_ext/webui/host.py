@@ -170,9 +170,15 @@ def publish(model: Any) -> None:
 
 
 def checkpoint_file() -> str | None:
-    """The file of the WebUI's loaded checkpoint, or None when no model is loaded."""
+    """The file of the WebUI's loaded checkpoint, or None when no model is loaded. Forge loads its model at the first
+    generation, not at start: there the checkpoint selected in its UI counts (what the next generation loads)."""
     model = loaded_model()
     info = getattr(model, "sd_checkpoint_info", None)
+    if info is None and detect() == FORGE:
+        from modules import sd_models
+
+        params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None) or {}
+        info = params.get("checkpoint_info")
     return getattr(info, "filename", None)
 
 

@@ -19,6 +19,15 @@ host's side exact:
   different text-encoder LoRAs in one batch share one conditioning, as A1111 encodes that text once).
 - A1111's conditioning caches are cleared when such a batch starts (their keys hold only the first image's LoRAs),
   and the marked prompts are put back as A1111 had them when sampling starts (the infotext reads `p.prompts`).
+
+Forge (same `processing.py`, prompts and caches) differs in two places, both handled here:
+- its sampler batches the UNet's rows in chunks of one row per image (each AND-part of every image's prompt is a
+  conditional chunk, the negative prompts one unconditional chunk), in an order of its own, and tells the UNet which
+  chunk is which (`transformer_options["cond_or_uncond"]`, a keyword of every UNet call): the UNet pre-hook reads the
+  rows' images and kinds from there (no per-step layout needed);
+- its text encoders are called with token ids, not texts: the texts (with their marks) are seen one step earlier, in
+  the model object's `get_learned_conditioning(texts)`, which the batch wraps on the instance for its duration
+  (A1111's prompt parser calls it once per prompt; the class and every other object are left alone).
 """
 
 from __future__ import annotations
@@ -71,10 +80,14 @@ def attach(st: Any, p: Any, model: Any, hires: bool, originals: dict[str, list[s
                 images.setdefault(0, blank[0])
     builtin.clear_cond_cache()
     unet, encoder = host.unet_and_text_encoder(model)
-    hooks = []
+    forge = host.is_forge_model(model)
+    hooks: list[Any] = []
     if unet is not None:
-        hooks.append(unet.register_forward_pre_hook(_unet_hook(session), with_kwargs=True))
-    if encoder is not None and hasattr(encoder, "register_forward_pre_hook"):
+        hook = _forge_unet_hook(session) if forge else _unet_hook(session)
+        hooks.append(unet.register_forward_pre_hook(hook, with_kwargs=True))
+    if forge:
+        hooks.append(_ConditioningWrap(model, _text_hook(st)))
+    elif encoder is not None and hasattr(encoder, "register_forward_pre_hook"):
         hooks.append(encoder.register_forward_pre_hook(_text_hook(st), with_kwargs=True))
     st.batch_hooks = hooks
 
@@ -103,6 +116,49 @@ def _unet_hook(session: Any) -> Any:
     return hook
 
 
+def _forge_unet_hook(session: Any) -> Any:
+    warned = []
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        if x is None or not hasattr(x, "shape"):
+            return
+        rows = int(x.shape[0])
+        chunks = list((kwargs.get("transformer_options") or {}).get("cond_or_uncond") or [])
+        images = len(session.text_signatures())
+        if not chunks or rows != images * len(chunks):
+            if not warned:
+                warned.append(True)
+                log.warning("lora_ext: Forge ran the UNet on %d rows in chunks %s for %d images; per-image LoRAs "
+                            "follow the first image's for such calls", rows, chunks, images)
+            session.batch_rows([0] * rows)
+        else:  # Forge's chunks: 0 = conditional, 1 = unconditional; one row per image in each
+            session.batch_rows([i for _ in chunks for i in range(images)],
+                               uncond=[kind == 1 for kind in chunks for _ in range(images)])
+        session.unet_call(rows)
+    return hook
+
+
+class _ConditioningWrap:
+    """`model.get_learned_conditioning` wrapped on the instance (Forge): `before(module, (texts,), {})` runs first.
+    `remove()` takes the wrapper away (the class's method shows through again)."""
+
+    def __init__(self, model: Any, before: Any) -> None:
+        self.model = model
+        original = model.get_learned_conditioning
+
+        def get_learned_conditioning(texts: Any, *args: Any, **kwargs: Any) -> Any:
+            before(None, (texts,), {})
+            return original(texts, *args, **kwargs)
+
+        self.wrapper = get_learned_conditioning
+        model.get_learned_conditioning = get_learned_conditioning
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("get_learned_conditioning") is self.wrapper:
+            del self.model.get_learned_conditioning
+
+
 def prompt_texts(args: tuple, kwargs: dict) -> Any:
     """The prompts a text-encoder call (seen by a forward pre-hook) encodes: SD1/SD2's list of texts, or the "txt" of
     SDXL's conditioner batch; A1111 passes an `SdConditioning` (a list that knows `is_negative_prompt`)."""
@@ -127,6 +183,8 @@ def on_step(st: Any, params: Any) -> None:
     if not session.per_image:
         return
     _unmark(st)
+    if host.is_forge_model(session.model):  # Forge: the UNet hook reads each call's rows (`_forge_unet_hook`)
+        return
     images = len(session.text_signatures())
     rows = int(params.x.shape[0])
     cond = params.text_cond

@@ -17,10 +17,8 @@ What it registers (`setup()`, called once by `scripts/lora_ext_glue.py`):
 - `on_ui_tabs`: the "LoRA Training" tab, and with --api the training routes (`lora_ext.webui.training`).
 Weights are restored after every generation: in `deactivate`, and, when a generation raises before reaching it, when
 the WebUI closes the processing object (`with closing(p)` in txt2img/img2img and the API).
-Forge registers the same callbacks; what differs is in `host` (model trees, publishing the applied model, backups) and
-`builtin` (Forge's built-in Lora's loaders). Per-image LoRAs in a batch and negative-prompt LoRAs need A1111's layout of
-the UNet's batch rows and are not applied on Forge yet: there every image gets the first prompt's LoRAs, as with
-Forge's built-in, and the console and the image's comments say so.
+Forge registers the same callbacks; what differs is in `host` (model trees, publishing the applied model, backups,
+hashes), `builtin` (Forge's built-in Lora's loaders) and `batch` (how Forge batches the UNet's rows and encodes texts).
 """
 
 from __future__ import annotations
@@ -39,10 +37,6 @@ from lora_ext.webui.state import GlueState
 
 log = logging.getLogger(__name__)
 
-FORGE_PER_IMAGE = ("the images of this batch have different LoRA tags: on Forge every image gets the first prompt's "
-                   "LoRAs (as with Forge's built-in); per-image LoRAs work on AUTOMATIC1111 for now")
-FORGE_NEGATIVE = ("LoRA tags in the negative prompt are left as plain text on Forge (the setting that applies them "
-                  "works on AUTOMATIC1111 for now)")
 
 _state: GlueState | None = None
 
@@ -99,21 +93,13 @@ def _activate(p: Any, params_list: list[Any]) -> None:
     st.session.schedule_mode = str(host.opt(settings.SCHEDULE_MODE, "auto"))
     _hook_close(p)
     hires = bool(getattr(p, "is_hr_pass", False))
-    model = host.processing_model(p)
-    forge = host.is_forge_model(model)
     per_image = _per_image_tags(p, hires) if host.opt(settings.PER_IMAGE, True) else None
-    negative_on = host.opt(settings.NEGATIVE, False) and not forge
-    negative, originals = _take_negative_tags(p, hires) if negative_on else (None, {})
-    early = []
-    if forge and per_image is not None:
-        per_image = None
-        early.append(FORGE_PER_IMAGE)
+    negative, originals = _take_negative_tags(p, hires) if host.opt(settings.NEGATIVE, False) else (None, {})
     # kept for a model switch while sampling (the SDXL refiner): `_reapply`
     st.generation = (p, [tag_text(x.items) for x in params], per_image, hires, negative)
     st.sampling = False
-    act = _apply_generation(st, model, originals, fresh_hashes=not hires)
-    act.problems[:0] = early
-    if not negative_on:
+    act = _apply_generation(st, host.processing_model(p), originals, fresh_hashes=not hires)
+    if not host.opt(settings.NEGATIVE, False):
         act.problems.extend(_negative_prompt_tags(p, hires))
     _show_problems(p, act)
     for note in act.notes:
@@ -182,8 +168,6 @@ def _negative_prompt_tags(p: Any, hires: bool) -> list[str]:
     if not names:
         return []
     p._lora_ext_negative_warned = True
-    if host.is_forge_model(host.processing_model(p)) and host.opt(settings.NEGATIVE, False):
-        return [FORGE_NEGATIVE]
     return [f"the negative prompt's LoRA tags ({', '.join(names)}) are not applied: like the built-in, the WebUI "
             "passes them to the text encoder as plain text; to weaken a LoRA, give it a lower or negative weight in "
             "the prompt"]

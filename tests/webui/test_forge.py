@@ -299,3 +299,24 @@ def test_tab_tools_and_training_in_forges_ui(installed):
     assert np.abs(_pixels(trained["images"][0]) - _pixels(base)).max() > 0
     assert 'Lora hashes: "forge_trained: ' in json.loads(trained["info"])["infotexts"][0]
     assert "lora_ext" not in "".join(line for line in log.splitlines() if "Error" in line or "Traceback" in line)
+
+
+def test_each_image_of_a_batch_gets_its_own_loras_in_forge(installed, tmp_path):
+    """Per-image LoRAs on Forge (its chunked UNet batches, its token-level text encoders): in-process Forge with
+    lora_ext loaded by Forge's script loader; each image of a 4-image batch (no LoRA, one, two at other weights, AND) equals
+    the same prompt generated alone, plain and with hires fix; with the setting off, the first prompt's LoRAs go to
+    every image as with Forge's built-in."""
+    data, models = installed[:2]
+    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_batch_probe.py"),
+                           str(tmp_path), str(data), str(models)], capture_output=True, text=True, timeout=1800)
+    result_file = tmp_path / "result.json"
+    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result_file.read_text())
+    assert res["ok"], res.get("traceback")
+    assert res["owner"].endswith("glue"), res["owner"]
+    for kind, row in res["rows"].items():
+        assert all(d <= 1 for d in row["batch_vs_solo"]), (kind, row)
+        assert all(e > 1 for e in row["effect"][1:]), (kind, row)  # each LoRA prompt differs from the plain one
+        assert max(row["off_vs_solo"][1:]) > 8, (kind, row)  # the built-in's way: other images lose their LoRAs
+        assert row["base_again"] == 0, (kind, row)
+        assert row["infotext_prompts"] == res["prompts"], (kind, row)  # the marks are gone from the infotext

@@ -1,0 +1,86 @@
+"""Run with Forge's Python (tests/webui/test_forge.py): in-process Forge with lora_ext installed in DATA's extensions
+(its glue loaded by Forge's script loader, the tag taken as at app start), per-image LoRAs in a mixed batch. Writes
+OUT/result.json.
+
+    $SD_WEBUI_PYTHON tests/webui/forge_batch_probe.py OUT DATA MODELS
+
+Each prompt of PROMPTS is generated alone (seed 1234 + its index, batch of one) and then all together in one batch
+(seed 1234: image i gets 1234 + i), plain and with hires fix; with the per-image setting on, each batch image must be
+its solo image; with it off (the built-in's behaviour: every image gets the first prompt's LoRAs) the mixed images
+differ from their solo ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+CAT = "a photo of a cat"
+PROMPTS = [CAT, f"{CAT} <lora:full_lora:0.8>", f"{CAT} <lora:full_lora_compvis:0.5> <lora:full_lora:-0.3>",
+           f"{CAT} <lora:full_lora:0.6> AND a dog"]
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    try:
+        result = run(sys.argv[2], sys.argv[3])
+        result["ok"] = True
+    except BaseException:  # noqa: BLE001 - the test reads the traceback
+        result.update(ok=False, traceback=traceback.format_exc())
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    os._exit(0)
+
+
+def run(data: str, models: str) -> dict:
+    webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
+    os.chdir(webui)
+    sys.path.insert(0, webui)
+    sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--always-cpu", "--ckpt",
+                os.environ["SD_WEBUI_CKPT"], "--nowebui", "--do-not-download-clip", "--no-download-sd-model",
+                "--data-dir", data, "--models-dir", models]
+    import numpy as np
+    import webui as _webui  # noqa: F401  (Forge's webui.py initializes Forge, extensions included, on import)
+    from modules import extra_networks, processing, script_callbacks, sd_models, shared
+    from modules_forge import main_entry
+
+    script_callbacks.before_ui_callback()
+    script_callbacks.app_started_callback(None, None)  # our glue takes the tag here
+    main_entry.refresh_model_loading_parameters()
+    sd_models.forge_model_reload()
+    owner = type(extra_networks.extra_network_registry["lora"]).__module__
+
+    def generate(prompts: list[str], seed: int, hires: bool = False) -> list[np.ndarray]:
+        kw = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=1,
+                  hr_additional_modules=["Use same choices"], hr_cfg=7) if hires else {}
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompts if len(prompts) > 1 else prompts[0], negative_prompt="",
+            steps=2, width=64, height=64, sampler_name="Euler", seed=seed, cfg_scale=7, batch_size=len(prompts),
+            do_not_save_samples=True, do_not_save_grid=True, **kw)
+        processed = processing.process_images(p)
+        p.close()
+        return [np.asarray(im).astype(np.int16) for im in processed.images[:len(prompts)]], processed.infotexts
+
+    rows = {}
+    for hires in (False, True):
+        solo = [generate([prompt], 1234 + i, hires)[0][0] for i, prompt in enumerate(PROMPTS)]
+        shared.opts.set("lora_ext_per_image_loras", True)
+        batch, infotexts = generate(PROMPTS, 1234, hires)
+        shared.opts.set("lora_ext_per_image_loras", False)
+        first_only, _ = generate(PROMPTS, 1234, hires)
+        shared.opts.set("lora_ext_per_image_loras", True)
+        base_again = generate([PROMPTS[0]], 1234, hires)[0][0]
+        rows["hires" if hires else "plain"] = {
+            "batch_vs_solo": [int(np.abs(a - b).max()) for a, b in zip(batch, solo)],
+            "off_vs_solo": [int(np.abs(a - b).max()) for a, b in zip(first_only, solo)],
+            "effect": [float(np.abs(s - solo[0]).mean()) for s in solo],
+            "base_again": int(np.abs(base_again - solo[0]).max()),
+            "infotext_prompts": [t.split("\n")[0] for t in infotexts[:len(PROMPTS)]]}
+    return {"owner": owner, "rows": rows, "prompts": PROMPTS}
+
+
+if __name__ == "__main__":
+    main()

@@ -42,13 +42,14 @@ class _Session:
         self.images = images
         self.rows: list[int] | None = None
         self.per_image = True
+        self.model = None  # the model the session is bound to (an A1111 model in these tests)
 
     def text_signatures(self, negative=False):
         return [(float(i),) for i in range(self.images)]
 
     def batch_rows(self, rows, uncond=None):
         self.rows = list(rows)
-        self.uncond = list(uncond)
+        self.uncond = list(uncond) if uncond is not None else None
 
 
 def test_cfg_row_layout_plain_and_with_and(monkeypatch):
@@ -77,3 +78,36 @@ def test_unmark_restores_the_prompts_a1111_had():
     st = SimpleNamespace(batch_marked=[(p, "prompts", ["a cat", "a cat"])], batch_hooks=[])
     batch.detach(st)
     assert p.prompts == ["a cat", "a cat"] and st.batch_marked == []
+
+
+def test_forge_rows_come_from_each_calls_chunks():
+    """Forge batches the UNet's rows in chunks of one row per image and says which chunk is conditional (0) or
+    unconditional (1) in `transformer_options["cond_or_uncond"]` (backend/sampling/sampling_function.py); the order of
+    the chunks is Forge's own. A call that does not fit that shape gets the first image's LoRAs (and one warning)."""
+    session = _Session(2)
+    calls = []
+    session.unet_call = calls.append
+    hook = batch._forge_unet_hook(session)
+    hook(None, (torch.zeros(6, 4, 8, 8),), {"transformer_options": {"cond_or_uncond": [1, 0, 0]}})
+    assert session.rows == [0, 1, 0, 1, 0, 1] and session.uncond == [True, True] + [False] * 4 and calls == [6]
+    hook(None, (torch.zeros(2, 4, 8, 8),), {"transformer_options": {"cond_or_uncond": [0]}})  # CFG 1: no uncond
+    assert session.rows == [0, 1] and session.uncond == [False, False] and calls == [6, 2]
+    hook(None, (torch.zeros(3, 4, 8, 8),), {"transformer_options": {"cond_or_uncond": [0]}})
+    assert session.rows == [0, 0, 0] and calls == [6, 2, 3]
+
+
+def test_forge_texts_are_seen_where_forge_still_has_them():
+    """Forge's text encoders get token ids; the marked texts pass through the model object's
+    `get_learned_conditioning`, wrapped on that instance only while the batch runs."""
+
+    class Model:
+        def get_learned_conditioning(self, texts):
+            return f"cond of {list(texts)}"
+
+    model, other, seen = Model(), Model(), []
+    wrap = batch._ConditioningWrap(model, lambda module, args, kwargs: seen.append(batch.prompt_texts(args, kwargs)))
+    assert model.get_learned_conditioning(["  a cat"]) == "cond of ['  a cat']" and seen == [["  a cat"]]
+    assert other.get_learned_conditioning(["a dog"]) == "cond of ['a dog']" and len(seen) == 1  # the class untouched
+    wrap.remove()
+    assert "get_learned_conditioning" not in vars(model) and model.get_learned_conditioning(["x"]) == "cond of ['x']"
+    assert len(seen) == 1

@@ -5,9 +5,11 @@ OUT/result.json.
     $SD_WEBUI_PYTHON tests/webui/forge_batch_probe.py OUT DATA MODELS
 
 Each prompt of PROMPTS is generated alone (seed 1234 + its index, batch of one) and then all together in one batch
-(seed 1234: image i gets 1234 + i), plain and with hires fix; with the per-image setting on, each batch image must be
-its solo image; with it off (the built-in's behaviour: every image gets the first prompt's LoRAs) the mixed images
-differ from their solo ones."""
+(seed 1234: image i gets 1234 + i): plain, every prompt with an AND-part, and with hires fix; with the per-image
+setting on, each batch image must be its solo image; with it off (the built-in's behaviour: every image gets the first
+prompt's LoRAs) the mixed images differ from their solo ones. Every prompt of a batch has the same number of
+AND-parts: Forge itself keeps only as many parts per image as the batch's shortest prompt has (its
+`compile_weighted_conditions` zips them), with or without lora_ext."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 CAT = "a photo of a cat"
 PROMPTS = [CAT, f"{CAT} <lora:full_lora:0.8>", f"{CAT} <lora:full_lora_compvis:0.5> <lora:full_lora:-0.3>",
-           f"{CAT} <lora:full_lora:0.6> AND a dog"]
+           f"{CAT} <lora:full_lora:0.6>"]
+RUNS = {"plain": (PROMPTS, False), "and": ([f"{p} AND a dog" for p in PROMPTS], False), "hires": (PROMPTS, True)}
 
 
 def main() -> None:
@@ -65,21 +68,21 @@ def run(data: str, models: str) -> dict:
         return [np.asarray(im).astype(np.int16) for im in processed.images[:len(prompts)]], processed.infotexts
 
     rows = {}
-    for hires in (False, True):
-        solo = [generate([prompt], 1234 + i, hires)[0][0] for i, prompt in enumerate(PROMPTS)]
+    for kind, (prompts, hires) in RUNS.items():
+        solo = [generate([prompt], 1234 + i, hires)[0][0] for i, prompt in enumerate(prompts)]
         shared.opts.set("lora_ext_per_image_loras", True)
-        batch, infotexts = generate(PROMPTS, 1234, hires)
+        batch, infotexts = generate(prompts, 1234, hires)
         shared.opts.set("lora_ext_per_image_loras", False)
-        first_only, _ = generate(PROMPTS, 1234, hires)
+        first_only, _ = generate(prompts, 1234, hires)
         shared.opts.set("lora_ext_per_image_loras", True)
-        base_again = generate([PROMPTS[0]], 1234, hires)[0][0]
-        rows["hires" if hires else "plain"] = {
+        base_again = generate([prompts[0]], 1234, hires)[0][0]
+        rows[kind] = {
             "batch_vs_solo": [int(np.abs(a - b).max()) for a, b in zip(batch, solo)],
             "off_vs_solo": [int(np.abs(a - b).max()) for a, b in zip(first_only, solo)],
             "effect": [float(np.abs(s - solo[0]).mean()) for s in solo],
             "base_again": int(np.abs(base_again - solo[0]).max()),
-            "infotext_prompts": [t.split("\n")[0] for t in infotexts[:len(PROMPTS)]]}
-    return {"owner": owner, "rows": rows, "prompts": PROMPTS}
+            "infotext_prompts": [t.split("\n")[0] for t in infotexts[:len(prompts)]], "prompts": prompts}
+    return {"owner": owner, "rows": rows}
 
 
 if __name__ == "__main__":

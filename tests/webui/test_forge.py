@@ -303,9 +303,9 @@ def test_tab_tools_and_training_in_forges_ui(installed):
 
 def test_each_image_of_a_batch_gets_its_own_loras_in_forge(installed, tmp_path):
     """Per-image LoRAs on Forge (its chunked UNet batches, its token-level text encoders): in-process Forge with
-    lora_ext loaded by Forge's script loader; each image of a 4-image batch (no LoRA, one, two at other weights,
-    AND) equals the same prompt generated alone, plain and with hires fix; with the setting off, the first prompt's
-    LoRAs go to every image as with Forge's built-in."""
+    lora_ext loaded by Forge's script loader; each image of a 4-image batch (no LoRA, one, two at other weights)
+    equals the same prompt generated alone, plain, with an AND-part in every prompt and with hires fix; with the
+    setting off, the first prompt's LoRAs go to every image as with Forge's built-in."""
     data, models = installed[:2]
     proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_batch_probe.py"),
                            str(tmp_path), str(data), str(models)], capture_output=True, text=True, timeout=1800)
@@ -314,9 +314,10 @@ def test_each_image_of_a_batch_gets_its_own_loras_in_forge(installed, tmp_path):
     res = json.loads(result_file.read_text())
     assert res["ok"], res.get("traceback")
     assert res["owner"].endswith("glue"), res["owner"]
+    assert set(res["rows"]) == {"plain", "and", "hires"}
     for kind, row in res["rows"].items():
         assert all(d <= 1 for d in row["batch_vs_solo"]), (kind, row)
         assert all(e > 1 for e in row["effect"][1:]), (kind, row)  # each LoRA prompt differs from the plain one
         assert max(row["off_vs_solo"][1:]) > 8, (kind, row)  # the built-in's way: other images lose their LoRAs
         assert row["base_again"] == 0, (kind, row)
-        assert row["infotext_prompts"] == res["prompts"], (kind, row)  # the marks are gone from the infotext
+        assert row["infotext_prompts"] == row["prompts"], (kind, row)  # the marks are gone from the infotext

@@ -100,11 +100,11 @@ def _run(spec: Mapping[str, Any], events: EventLog) -> int:
     from lora_ext.errors import LoraExtError
 
     tool = TOOLS.get(spec.get("tool"))
-    events.emit("start", run_dir=spec["run_dir"], total_steps=PERMILLE, global_step=0, tool=spec.get("tool"))
-    if tool is None:
-        events.emit("error", message=f"unknown tool {spec.get('tool')!r}; valid: {', '.join(TOOLS)}")
-        return 2
-    try:
+    try:  # a cancel can arrive as soon as the parent has read the start line, before its write has returned here
+        events.emit("start", run_dir=spec["run_dir"], total_steps=PERMILLE, global_step=0, tool=spec.get("tool"))
+        if tool is None:
+            events.emit("error", message=f"unknown tool {spec.get('tool')!r}; valid: {', '.join(TOOLS)}")
+            return 2
         report = tool(spec["args"], _Progress(events))
     except KeyboardInterrupt:
         events.emit("done", status="cancelled", output=None)

@@ -73,7 +73,7 @@ def run(data: str, models: str) -> dict:
         shared.opts.set("lora_ext_per_image_loras", True)
         batch, infotexts = generate(prompts, 1234, hires)
         shared.opts.set("lora_ext_per_image_loras", False)
-        first_only, _ = generate(prompts, 1234, hires)
+        first_only, infotexts_off = generate(prompts, 1234, hires)
         shared.opts.set("lora_ext_per_image_loras", True)
         base_again = generate([prompts[0]], 1234, hires)[0][0]
         rows[kind] = {
@@ -81,7 +81,8 @@ def run(data: str, models: str) -> dict:
             "off_vs_solo": [int(np.abs(a - b).max()) for a, b in zip(first_only, solo)],
             "effect": [float(np.abs(s - solo[0]).mean()) for s in solo],
             "base_again": int(np.abs(base_again - solo[0]).max()),
-            "infotext_prompts": [t.split("\n")[0] for t in infotexts[:len(prompts)]], "prompts": prompts}
+            "infotext_prompts": [t.split("\n")[0] for t in infotexts[:len(prompts)]],
+            "infotext_prompts_off": [t.split("\n")[0] for t in infotexts_off[:len(prompts)]]}
     return {"owner": owner, "rows": rows}
 
 

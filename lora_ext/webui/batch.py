@@ -27,7 +27,11 @@ Forge (same `processing.py`, prompts and caches) differs in two places, both han
   rows' images and kinds from there (no per-step layout needed);
 - its text encoders are called with token ids, not texts: the texts (with their marks) are seen one step earlier, in
   the model object's `get_learned_conditioning(texts)`, which the batch wraps on the instance for its duration
-  (A1111's prompt parser calls it once per prompt; the class and every other object are left alone).
+  (A1111's prompt parser calls it once per prompt; the class and every other object are left alone);
+- it computes the hires pass' conditionings early, in `setup_conds` before the first pass (A1111 does that only in
+  lowvram mode), with the hires tags but without the hires pass' marks, and its `calculate_hr_conds` then keeps them:
+  when the hires pass activates, they are dropped so that it computes them with its own marks (unless the user chose
+  "use the first pass' conditionings for hires", which the early ones are then).
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def attach(st: Any, p: Any, model: Any, hires: bool, originals: dict[str, list[s
     builtin.clear_cond_cache()
     unet, encoder = host.unet_and_text_encoder(model)
     forge = host.is_forge_model(model)
+    if forge and hires and not host.opt("hires_fix_use_firstpass_conds", False):
+        p.hr_c = p.hr_uc = None
     hooks: list[Any] = []
     if unet is not None:
         hook = _forge_unet_hook(session) if forge else _unet_hook(session)

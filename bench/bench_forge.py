@@ -43,8 +43,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.phase:
-        print(json.dumps(phase(args)))
+    if args.phase:  # Forge leaves threads behind: leave without waiting for them, after flushing the result
+        print("\nBENCH_RESULT " + json.dumps(phase(args)), flush=True)  # Forge's progress bars end without newline
         os._exit(0)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "steps": args.steps, "size": args.size, "repeat": args.repeat, "phases": {}}
@@ -53,10 +53,10 @@ def main() -> None:
         for _ in range(args.repeat):  # each run in a fresh Forge process: first use means first use
             proc = subprocess.run([sys.executable, __file__, "--phase", name, "--steps", str(args.steps),
                                    "--size", str(args.size)], capture_output=True, text=True, timeout=1800)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
             if not line:
                 raise SystemExit(f"{name} phase failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            runs.append(json.loads(line[-1]))
+            runs.append(json.loads(line[-1].removeprefix("BENCH_RESULT ")))
         result["phases"][name] = {
             "seconds": {k: statistics.median(r["seconds"][k] for r in runs) for k in SEQUENCE},
             "base_generation_s": statistics.median(r["base_s"] for r in runs),

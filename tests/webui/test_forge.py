@@ -54,10 +54,20 @@ CAT = "a photo of a cat"
 SHARED = {"base": CAT, "lora": f"{CAT} <lora:full_lora:0.8>", "compvis": f"{CAT} <lora:full_lora_compvis:0.8>",
           "te_only": f"{CAT} <lora:full_lora:0.8:0>", "unet_only": f"{CAT} <lora:full_lora:0:0.8>",
           "multi": f"{CAT} <lora:full_lora:0.5> <lora:full_lora_compvis:-0.3>",
+          "loha": f"{CAT} <lora:full_loha:0.8>", "lokr": f"{CAT} <lora:full_lokr:0.8>",
           "hires": f"{CAT} <lora:full_lora:0.8>", "base_again": CAT}
 # only with lora_ext: Forge has no `lyco` tag, and its built-in skips diffusers/PEFT-named files ("version mismatch")
+SKS = "a photo of sks"
+LBW_BASE = ",".join(["1"] + ["0"] * 16)  # lora-block-weight's 17-value SD1 layout: the text encoder only
 OURS_ONLY = {"lyco": f"{CAT} <lyco:full_lora:0.8>", "peft": f"{CAT} <lora:full_lora_peft:0.8>",
-             "base_last": CAT}
+             "lbw_base": f"{CAT} <lora:full_lora:0.8:lbw={LBW_BASE}>", "dyn_full": f"{CAT} <lora:full_lora:0.8:dyn=4>",
+             "late_unet": f"{CAT} <lora:full_lora:0.8:start=1>", "missing": f"{CAT} <lora:no_such_lora:1>",
+             # full_lora_emb: full_lora + a bundled embedding "sks"; sksemb: the same vector as an embedding file
+             "sks_plain": SKS, "bundled": f"{SKS} <lora:full_lora_emb:0.8>",
+             "ti_file": f"{SKS}emb <lora:full_lora:0.8>", "sks_again": SKS,
+             # a generation that fails after its first pass sampled with the LoRA (Forge's API needs
+             # hr_additional_modules for hires), then the base image again: restored after the failure
+             "fail": f"{CAT} <lora:full_lora:0.8>", "base_last": CAT}
 OWN = "lora_ext_handle_lora_tags"
 # then the setting hands the tag to Forge's built-in, which applies a LoRA, and takes it back while that LoRA is merged
 HAND_BACK = [("options_off", {OWN: False}), ("back_lora", f"{CAT} <lora:full_lora:0.8>"), ("options_on", {OWN: True}),
@@ -95,6 +105,14 @@ def _generate_all(mode: str, extra: list[str], prompts: dict[str, str], then: li
                 continue
             payload = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 1234,
                        "sampler_name": "Euler", "cfg_scale": 7, **(HIRES if key == "hires" else {})}
+            if key == "fail":
+                payload.update({k: v for k, v in HIRES.items() if k != "hr_additional_modules"})
+                try:
+                    _call(url, "/sdapi/v1/txt2img", payload)
+                    images[key] = "no error"
+                except urllib.error.HTTPError as err:
+                    images[key] = f"HTTP {err.code}"
+                continue
             out = _call(url, "/sdapi/v1/txt2img", payload)
             images[key] = out["images"][0]
             infotexts[key] = json.loads(out["info"])["infotexts"][0]
@@ -107,6 +125,46 @@ def _generate_all(mode: str, extra: list[str], prompts: dict[str, str], then: li
         subprocess.run(["bash", start, "stop", port], timeout=300)
     log = Path(os.environ["HARNESS_DIR"], "logs", f"webui-{port}.log").read_text(errors="replace")
     return {"images": images, "infotexts": infotexts, "log": log, "log_at": log_at, "status_route": status_route}
+
+
+def _lycoris_files(lora: Path, folder: Path) -> None:
+    """LoHa and LoKr files (LyCORIS key layouts, which Forge's built-in reads too) on the same 200 layers as `lora`:
+    `full_loha` (hada_w1_a/b, hada_w2_a/b, rank 4) and `full_lokr` (lokr_w1 2x2, lokr_w2_a/b rank 4)."""
+    import safetensors.torch
+    import torch
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(11)
+    with safe_open(str(lora), "pt") as f:
+        shapes = {k.removesuffix(".lora_down.weight"): (f.get_slice(k.replace("lora_down", "lora_up")).get_shape()[0],
+                                                        f.get_slice(k).get_shape()[1])
+                  for k in f.keys() if k.endswith(".lora_down.weight")}  # noqa: SIM118
+    loha, lokr = {}, {}
+    for name, (out_f, in_f) in shapes.items():
+        def rnd(*shape: int, std: float) -> torch.Tensor:
+            return torch.randn(*shape, generator=g) * std
+        loha.update({f"{name}.hada_w1_a": rnd(out_f, 4, std=0.22), f"{name}.hada_w1_b": rnd(4, in_f, std=0.22),
+                     f"{name}.hada_w2_a": rnd(out_f, 4, std=0.22), f"{name}.hada_w2_b": rnd(4, in_f, std=0.22),
+                     f"{name}.alpha": torch.tensor(4.0)})
+        lokr.update({f"{name}.lokr_w1": rnd(2, 2, std=1.0), f"{name}.lokr_w2_a": rnd(out_f // 2, 4, std=0.09),
+                     f"{name}.lokr_w2_b": rnd(4, in_f // 2, std=0.09), f"{name}.alpha": torch.tensor(4.0)})
+    safetensors.torch.save_file(loha, str(folder / "full_loha.safetensors"))
+    safetensors.torch.save_file(lokr, str(folder / "full_lokr.safetensors"))
+
+
+def _bundle_embedding(lora: Path, out: Path, embedding_file: Path) -> None:
+    """`lora` plus a bundled textual inversion "sks" (A1111's `bundle_emb.<name>.string_to_param.*` layout) as `out`,
+    and the same vector as a plain embedding file (Forge's own loader reads it) named "sksemb"."""
+    import safetensors.torch
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    vector = torch.randn(1, 768, generator=torch.Generator().manual_seed(7)) * 0.05
+    safetensors.torch.save_file({**tensors, "bundle_emb.sks.string_to_param.*": vector}, str(out), metadata=metadata)
+    embedding_file.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({"emb_params": vector}, str(embedding_file))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +191,9 @@ def installed(tmp_path_factory):
     (models / "VAE").mkdir()
     for f in (harness_models / "Lora").glob("*.safetensors"):
         (models / "Lora" / f.name).symlink_to(f)
+    _bundle_embedding(harness_models / "Lora" / "full_lora.safetensors", models / "Lora" / "full_lora_emb.safetensors",
+                      data / "embeddings" / "sksemb.safetensors")
+    _lycoris_files(harness_models / "Lora" / "full_lora.safetensors", models / "Lora")
     subprocess.run([sys.executable, "-m", "lora_ext", "convert", str(harness_models / "Lora" / "full_lora.safetensors"),
                     "--to", "diffusers", "--out", str(models / "Lora" / "full_lora_peft.safetensors")],
                    check=True, cwd=REPO, capture_output=True, timeout=600)
@@ -140,13 +201,14 @@ def installed(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """reference(mode): the SHARED generations in Forge without lora_ext (its default data dir holds no extension)."""
+def reference(installed):
+    """reference(mode): the SHARED generations in Forge without lora_ext (its default data dir holds no extension),
+    on the same models dir."""
     done: dict[str, dict] = {}
 
     def get(mode: str) -> dict:
         if mode not in done:
-            done[mode] = _generate_all(mode, [], SHARED)
+            done[mode] = _generate_all(mode, ["--models-dir", str(installed[1])], SHARED)
         return done[mode]
 
     return get
@@ -175,11 +237,18 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
     img, ref_img = ours["images"], ref["images"]
     report = {k: _diff(img[k], ref_img[k]) for k in SHARED}
     assert all(d <= 1 for d in report.values()), report  # the built-in's images
-    for key in ("lora", "compvis", "te_only", "unet_only", "multi"):
+    for key in ("lora", "compvis", "te_only", "unet_only", "multi", "loha", "lokr"):
         assert _diff(img[key], img["base"]) > 8, key  # each LoRA image is a LoRA image
     assert img["base_again"] == img["base"] == img["base_last"]  # weights restored after every generation
     assert _diff(img["lyco"], img["lora"]) == 0  # same pixels (the PNG's infotext has the prompt as typed)
     assert _diff(img["peft"], img["lora"]) <= 1  # a file Forge's built-in skips (image = base with it)
+    assert _diff(img["lbw_base"], img["te_only"]) == 0 and _diff(img["dyn_full"], img["lora"]) == 0
+    assert _diff(img["late_unet"], img["lora"]) > 0 and _diff(img["late_unet"], img["te_only"]) > 0  # start=1
+    assert _diff(img["missing"], img["base"]) == 0 and "no_such_lora" in log  # said in the console
+    # the bundled embedding is the same vector Forge's own loader reads from an embedding file, gone afterwards
+    assert _diff(img["bundled"], img["ti_file"]) <= 1 and _diff(img["bundled"], img["lora"]) > 0
+    assert _diff(img["sks_again"], img["sks_plain"]) == 0
+    assert img["fail"] == "HTTP 500"  # and base_last == base above: the failed generation's LoRA was restored
     # handed back: Forge's built-in applies its LoRA on the weights we restored (its image, bit for bit); taken back
     # while that LoRA is merged: its weights are restored before ours apply
     back = ours["log"][ours["log_at"]["options_off"]:ours["log_at"]["options_on"]]

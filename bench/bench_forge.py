@@ -3,9 +3,10 @@
 Each handler runs in its own in-process Forge (`--always-cpu` on a CPU; the harness' full-size SD1.5-shaped random
 checkpoint and its rank-4 LoRAs `full_lora` (A) and `full_lora_compvis` (B), 200 modules each): lora_ext linked into a
 temporary data dir's extensions and owning the tag, or the same with its setting off (Forge's built-in applies the
-tags). What a LoRA costs is measured as a whole generation's wall time minus the median of base generations
-(`--steps` steps at `--size` px), so each handler's work counts wherever it happens (ours: activate + restore; the
-built-in: its merge and restore inside Forge's model load):
+tags). Each handler's work is timed where it happens, per generation (`--steps` steps at `--size` px): ours in the
+glue's activate + deactivate (read, parse, merge, restore); the built-in in its `networks.load_networks` (read,
+parse, patches) + `LoraLoader.refresh` (merge and restore, inside Forge's model load). The whole generation's wall
+time is kept beside it (on a busy 2-core machine it varies by more than the LoRA work):
 - first: the first generation with A (file read and parsed, backups taken);
 - switch: B right after A;
 - back: A right after B;
@@ -59,6 +60,7 @@ def main() -> None:
             runs.append(json.loads(line[-1].removeprefix("BENCH_RESULT ")))
         result["phases"][name] = {
             "seconds": {k: statistics.median(r["seconds"][k] for r in runs) for k in SEQUENCE},
+            "wall_minus_base_s": {k: statistics.median(r["wall_minus_base_s"][k] for r in runs) for k in SEQUENCE},
             "base_generation_s": statistics.median(r["base_s"] for r in runs),
             "rss_growth_mib": statistics.median(r["rss_growth_mib"] for r in runs),
             "backup_mib": runs[-1]["backup_mib"], "runs": runs}
@@ -97,12 +99,36 @@ def phase(args: argparse.Namespace) -> dict:
     main_entry.refresh_model_loading_parameters()
     sd_models.forge_model_reload()
     shared.opts.set("lora_ext_handle_lora_tags", args.phase == "ours")
+    work = {"s": 0.0}
+
+    def timed(owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*a: object, **k: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                work["s"] += time.perf_counter() - t0
+        setattr(owner, name, wrapper)
+
+    if args.phase == "ours":
+        from lora_ext.webui import glue
+
+        timed(glue, "_activate")
+        timed(glue, "_deactivate")
+    else:
+        from backend.patcher.lora import LoraLoader
+
+        timed(sys.modules["networks"], "load_networks")
+        timed(LoraLoader, "refresh")
 
     def generate(prompt: str) -> float:
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=args.steps, width=args.size,
             height=args.size, sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True,
             do_not_save_grid=True)
+        work["s"] = 0.0
         t0 = time.perf_counter()
         processing.process_images(p)
         p.close()
@@ -113,8 +139,10 @@ def phase(args: argparse.Namespace) -> dict:
     generate(cat)
     base = statistics.median(generate(cat) for _ in range(3))
     rss0 = _rss_mib()
-    timed = {key: generate(prompt) - base
-             for key, prompt in zip(SEQUENCE, [a, b, a, a, cat], strict=True)}
+    wall, seconds = {}, {}
+    for key, prompt in zip(SEQUENCE, [a, b, a, a, cat], strict=True):
+        wall[key] = generate(prompt) - base
+        seconds[key] = work["s"]
     if args.phase == "ours":
         from lora_ext.webui import glue
 
@@ -125,7 +153,8 @@ def phase(args: argparse.Namespace) -> dict:
         loaders = [model.forge_objects.unet.model.lora_loader, model.forge_objects.clip.cond_stage_model.lora_loader]
         generate(a)  # its backups are held while its LoRA is merged
         backup = sum(w.numel() * w.element_size() for ld in loaders for w in ld.backup.values())
-    return {"seconds": timed, "base_s": base, "rss_growth_mib": _rss_mib() - rss0, "backup_mib": backup / 2**20}
+    return {"seconds": seconds, "wall_minus_base_s": wall, "base_s": base, "rss_growth_mib": _rss_mib() - rss0,
+            "backup_mib": backup / 2**20}
 
 
 if __name__ == "__main__":

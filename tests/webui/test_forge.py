@@ -392,3 +392,42 @@ def test_each_image_of_a_batch_gets_its_own_loras_in_forge(installed, tmp_path):
         # the marks are gone: each image's infotext prompt is what Forge writes without per-image LoRAs
         assert row["infotext_prompts"] == row["infotext_prompts_off"], (kind, row)
         assert not any(t.startswith(" ") for t in row["infotext_prompts"]), (kind, row)
+
+
+def test_our_key_map_of_forges_trees_is_forges_own_sd1_sd2_sdxl(tmp_path):
+    """Forge's module classes in tiny SD1, SD2 and SDXL shapes: every LoRA key Forge's built-in maps to a weight (kohya,
+    compvis, diffusers and LyCORIS names) that ours maps too goes to the same weight, and every kohya key Forge maps
+    ours maps, except two SDXL aliases Forge inherits from ComfyUI that A1111 (our reference) does not read:
+    `lora_te_*` for SDXL's first encoder (kohya writes `lora_te1_*`) and `lora_unet_class_embedding_*` for its
+    `label_emb` (diffusers calls it `add_embedding`)."""
+    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_keymap_probe.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    result_file = tmp_path / "result.json"
+    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result_file.read_text())
+    assert res["ok"], res.get("traceback")
+    for arch, row in res["rows"].items():
+        assert row["arch"] == arch and row["n_differ"] == 0, row
+        assert row["same"] > 1900 and row["attention_kohya"] >= 280, row
+        if arch == "sdxl":
+            assert all(k.startswith(("lora_te_text_model_", "lora_unet_class_embedding_")) for k, _ in row["missing"])
+            assert row["n_missing"] == 14, row  # 12 text-encoder layers of the tiny model + 2
+        else:
+            assert row["n_missing"] == 0, row
+
+
+def test_fp8_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
+    """Forge's "Diffusion in Low Bits: float8-e4m3fn": our LoRA on the FP8 UNet is at least as near the full-precision
+    effect as the built-in's merge into FP8 weights, leaves the stored weights as they were, and the base image
+    afterwards is the FP8 base image."""
+    data, models = installed[:2]
+    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_fp8_probe.py"),
+                           str(tmp_path), str(data), str(models)], capture_output=True, text=True, timeout=1800)
+    result_file = tmp_path / "result.json"
+    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result_file.read_text())
+    assert res["ok"], res.get("traceback")
+    assert "float8" in res["storage"] and res["fp8_weights"] > 100, res
+    assert res["ours_effect"] > 0.5 * res["effect32"], res  # the LoRA does act on the FP8 UNet
+    assert res["ours_error"] <= res["builtin_error"], res
+    assert res["weights_unchanged"] and res["ours_base_again"] == 0, res

@@ -9,6 +9,7 @@ embeddings; with lora_ext they work there as on A1111 (Forge's infotext names us
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from lora_ext.session import Activation
@@ -24,31 +25,50 @@ def register(bundled: dict[str, Any], act: Activation) -> None:
         return
     model = host.current_model()
     if host.is_forge_model(model):
-        _register_forge(bundled, act, model)
+        from backend.text_processing import textual_inversion
+
+        dbs = _forge_databases(model)
+        for name, emb in _created(act, textual_inversion.create_embedding_from_data,
+                                  lambda n: any(n in db.word_embeddings for db in dbs)):
+            fitting = [db for db in dbs if db.expected_shape in (-1, emb.shape)]
+            if not fitting:
+                log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s)", emb.name,
+                            name, emb.shape)
+                continue
+            for db in fitting:
+                db.register_embedding(emb)
+            bundled[emb.name] = emb
         return
     from modules import sd_hijack
     from modules.textual_inversion import textual_inversion
 
     db = sd_hijack.model_hijack.embedding_db
+    for name, emb in _created(act, textual_inversion.create_embedding_from_data, db.word_embeddings.__contains__):
+        if db.expected_shape not in (-1, emb.shape):
+            log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s, model %s)",
+                        emb.name, name, emb.shape, db.expected_shape)
+            continue
+        emb.shorthash = BundledHash(name)
+        db.register_embedding(emb, model)
+        bundled[emb.name] = emb
+
+
+def _created(act: Activation, create: Any, loaded: Any) -> Iterator[tuple[str, Any]]:
+    """(LoRA name, the WebUI's Embedding made by `create` from a bundled embedding) for each bundled embedding of
+    `act`'s LoRAs that `loaded(name)` does not already know (one from the embeddings folder wins) and the WebUI's
+    loader accepts."""
     for name, net in zip(act.applied, act.networks, strict=True):
         for emb_name, tensors in net.bundled_embeddings.items():
-            if emb_name in db.word_embeddings:
+            if loaded(emb_name):
                 log.warning('lora_ext: skip bundled embedding "%s" of %s: already loaded from the embeddings folder',
                             emb_name, name)
                 continue
             try:
-                emb = textual_inversion.create_embedding_from_data(_embedding_data(tensors), emb_name,
-                                                                   filename=f"{net.path}/{emb_name}")
+                emb = create(_embedding_data(tensors), emb_name, filename=f"{net.path}/{emb_name}")
             except Exception as err:  # the WebUI's own loader: any error means this embedding is unusable
                 log.warning("lora_ext: bundled embedding %s of %s is not usable: %s", emb_name, name, err)
                 continue
-            if db.expected_shape not in (-1, emb.shape):
-                log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s, model %s)",
-                            emb_name, name, emb.shape, db.expected_shape)
-                continue
-            emb.shorthash = BundledHash(name)
-            db.register_embedding(emb, model)
-            bundled[emb_name] = emb
+            yield name, emb
 
 
 def _embedding_data(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -72,32 +92,6 @@ def _forge_databases(model: Any) -> list[Any]:
         if attr.startswith("text_processing_engine") and hasattr(db, "word_embeddings"):
             dbs[id(db)] = db
     return list(dbs.values())
-
-
-def _register_forge(bundled: dict[str, Any], act: Activation, model: Any) -> None:
-    from backend.text_processing import textual_inversion
-
-    dbs = _forge_databases(model)
-    for name, net in zip(act.applied, act.networks, strict=True):
-        for emb_name, tensors in net.bundled_embeddings.items():
-            if any(emb_name in db.word_embeddings for db in dbs):
-                log.warning('lora_ext: skip bundled embedding "%s" of %s: already loaded from the embeddings folder',
-                            emb_name, name)
-                continue
-            try:
-                emb = textual_inversion.create_embedding_from_data(_embedding_data(tensors), emb_name,
-                                                                   filename=f"{net.path}/{emb_name}")
-            except Exception as err:  # Forge's own loader: any error means this embedding is unusable
-                log.warning("lora_ext: bundled embedding %s of %s is not usable: %s", emb_name, name, err)
-                continue
-            fitting = [db for db in dbs if db.expected_shape in (-1, emb.shape)]
-            if not fitting:
-                log.warning("lora_ext: bundled embedding %s of %s does not fit this model (width %s)", emb_name,
-                            name, emb.shape)
-                continue
-            for db in fitting:
-                db.register_embedding(emb)
-            bundled[emb_name] = emb
 
 
 def unregister(bundled: dict[str, Any]) -> None:

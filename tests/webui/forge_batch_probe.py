@@ -13,11 +13,7 @@ AND-parts: Forge itself keeps only as many parts per image as the batch's shorte
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import traceback
-from pathlib import Path
+from forge_inprocess import probe_main, start_forge
 
 CAT = "a photo of a cat"
 PROMPTS = [CAT, f"{CAT} <lora:full_lora:0.8>", f"{CAT} <lora:full_lora_compvis:0.5> <lora:full_lora:-0.3>",
@@ -25,35 +21,11 @@ PROMPTS = [CAT, f"{CAT} <lora:full_lora:0.8>", f"{CAT} <lora:full_lora_compvis:0
 RUNS = {"plain": (PROMPTS, False), "and": ([f"{p} AND a dog" for p in PROMPTS], False), "hires": (PROMPTS, True)}
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {}
-    try:
-        result = run(sys.argv[2], sys.argv[3])
-        result["ok"] = True
-    except BaseException:  # noqa: BLE001 - the test reads the traceback
-        result.update(ok=False, traceback=traceback.format_exc())
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    os._exit(0)
-
-
 def run(data: str, models: str) -> dict:
-    webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
-    os.chdir(webui)
-    sys.path.insert(0, webui)
-    sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--always-cpu", "--ckpt",
-                os.environ["SD_WEBUI_CKPT"], "--nowebui", "--do-not-download-clip", "--no-download-sd-model",
-                "--data-dir", data, "--models-dir", models]
+    start_forge(data, models)
     import numpy as np
-    import webui as _webui  # noqa: F401  (Forge's webui.py initializes Forge, extensions included, on import)
-    from modules import extra_networks, processing, script_callbacks, sd_models, shared
-    from modules_forge import main_entry
+    from modules import extra_networks, processing, shared
 
-    script_callbacks.before_ui_callback()
-    script_callbacks.app_started_callback(None, None)  # our glue takes the tag here
-    main_entry.refresh_model_loading_parameters()
-    sd_models.forge_model_reload()
     owner = type(extra_networks.extra_network_registry["lora"]).__module__
 
     def generate(prompts: list[str], seed: int, hires: bool = False) -> list[np.ndarray]:
@@ -87,4 +59,4 @@ def run(data: str, models: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(run)

@@ -10,43 +10,17 @@ Forge's built-in merges into the FP8 weights (rounded to 3 mantissa bits) and re
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import traceback
-from pathlib import Path
+from forge_inprocess import probe_main, start_forge
 
 PROMPT, LORA = "a photo of a cat", "a photo of a cat <lora:full_lora:0.8>"
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {}
-    try:
-        result = run(sys.argv[2], sys.argv[3])
-        result["ok"] = True
-    except BaseException:  # noqa: BLE001 - the test reads the traceback
-        result.update(ok=False, traceback=traceback.format_exc())
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    os._exit(0)
-
-
 def run(data: str, models: str) -> dict:
-    webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
-    os.chdir(webui)
-    sys.path.insert(0, webui)
-    sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--always-cpu", "--ckpt",
-                os.environ["SD_WEBUI_CKPT"], "--nowebui", "--do-not-download-clip", "--no-download-sd-model",
-                "--data-dir", data, "--models-dir", models]
+    start_forge(data, models)
     import numpy as np
     import torch
-    import webui as _webui  # noqa: F401  (Forge's webui.py initializes Forge, extensions included, on import)
-    from modules import processing, script_callbacks, sd_models, shared
+    from modules import processing, sd_models, shared
     from modules_forge import main_entry
-
-    script_callbacks.before_ui_callback()
-    script_callbacks.app_started_callback(None, None)
 
     def load(storage: str) -> None:
         shared.opts.set("forge_unet_storage_dtype", storage)
@@ -96,4 +70,4 @@ def run(data: str, models: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(run)

@@ -10,14 +10,11 @@ Writes OUT/result.json.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
-from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[2]
+from forge_inprocess import REPO, forge_argv, probe_main
+
 CLIP = {"clip_l": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, hidden_act="quick_gelu"),
         "clip_h": dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, hidden_act="gelu"),
         "clip_g": dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, hidden_act="gelu")}
@@ -35,24 +32,9 @@ UNET = {
 ENCODERS = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {}
-    try:
-        result = run()
-        result["ok"] = True
-    except BaseException:  # noqa: BLE001 - the test reads the traceback
-        result.update(ok=False, traceback=traceback.format_exc())
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    os._exit(0)
-
-
 def run() -> dict:
-    webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
-    sys.path[:0] = [webui, os.path.join(webui, "packages_3rdparty"), str(REPO)]  # gguf lives there
-    os.chdir(webui)
-    sys.argv = ["webui.py", "--always-cpu"]  # Forge's memory manager reads its device flags at import
+    forge_argv()  # Forge's memory manager reads its device flags at import
+    sys.path.insert(0, str(REPO))  # lora_ext from this checkout
     import torch
     from backend.nn.clip import IntegratedCLIP
     from backend.nn.unet import IntegratedUNet2DConditionModel
@@ -105,4 +87,4 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(run)

@@ -9,45 +9,21 @@ caches are cleared before every image (our patch is not announced by a tag here)
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def main() -> None:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {}
-    try:
-        result = run()
-        result["ok"] = True
-    except BaseException:  # noqa: BLE001 - the test reads the traceback
-        result.update(ok=False, traceback=traceback.format_exc())
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    os._exit(0)
+from forge_inprocess import REPO, probe_main, start_forge
 
 
 def run() -> dict:
     webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
+    start_forge(app_started=False)  # no extension: the built-in handles its tags, ours is called directly
     sys.path.insert(0, str(REPO))
-    os.chdir(webui)
-    sys.path.insert(0, webui)
-    sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--always-cpu", "--ckpt",
-                os.environ["SD_WEBUI_CKPT"], "--nowebui", "--do-not-download-clip", "--no-download-sd-model"]
     import numpy as np
     import torch
-    import webui as _webui  # noqa: F401  (Forge's webui.py initializes Forge on import)
-    from modules import processing, script_callbacks, sd_models, shared
-    from modules_forge import main_entry
-
-    script_callbacks.before_ui_callback()
-    main_entry.refresh_model_loading_parameters()
-    sd_models.forge_model_reload()
+    from modules import processing, shared
 
     from lora_ext.formats.network import load_lora
     from lora_ext.patch import ActiveLora, Patcher
@@ -132,4 +108,4 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(run)

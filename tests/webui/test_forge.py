@@ -265,16 +265,22 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
             (ours["infotexts"][key], ref["infotexts"][key])
 
 
-def test_our_patcher_on_forges_modules_equals_its_builtin(tmp_path):
-    """Issue 14's first measurement: our key map of Forge's module tree (`lora_ext.patch.forge`) and our patcher,
-    applied in place on Forge's modules, give the image Forge's built-in gives for the same file and weight, restore
-    bit for bit, and leave the next image equal to the base one."""
-    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_patch_probe.py"),
-                           str(tmp_path)], capture_output=True, text=True, timeout=1500)
+def _probe(script: str, tmp_path: Path, *args: object, timeout: int = 1800) -> dict:
+    """Run tests/webui/SCRIPT with Forge's Python (an in-process Forge, see forge_inprocess.py); its result.json."""
+    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / script), str(tmp_path),
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout)
     result_file = tmp_path / "result.json"
     assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(result_file.read_text())
     assert res["ok"], res.get("traceback")
+    return res
+
+
+def test_our_patcher_on_forges_modules_equals_its_builtin(tmp_path):
+    """Issue 14's first measurement: our key map of Forge's module tree (`lora_ext.patch.forge`) and our patcher,
+    applied in place on Forge's modules, give the image Forge's built-in gives for the same file and weight, restore
+    bit for bit, and leave the next image equal to the base one."""
+    res = _probe("forge_patch_probe.py", tmp_path, timeout=1500)
     assert res["arch"] == "sd1"
     for row in res["rows"]:
         assert row["applied"] == row["total"] == 200 and not row["unmatched"], row
@@ -378,12 +384,7 @@ def test_each_image_of_a_batch_gets_its_own_loras_in_forge(installed, tmp_path):
     equals the same prompt generated alone, plain, with an AND-part in every prompt and with hires fix; with the
     setting off, the first prompt's LoRAs go to every image as with Forge's built-in."""
     data, models = installed[:2]
-    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_batch_probe.py"),
-                           str(tmp_path), str(data), str(models)], capture_output=True, text=True, timeout=1800)
-    result_file = tmp_path / "result.json"
-    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(result_file.read_text())
-    assert res["ok"], res.get("traceback")
+    res = _probe("forge_batch_probe.py", tmp_path, data, models, timeout=1800)
     assert res["owner"].endswith("glue"), res["owner"]
     assert set(res["rows"]) == {"plain", "and", "hires"}
     for kind, row in res["rows"].items():
@@ -402,12 +403,7 @@ def test_our_key_map_of_forges_trees_is_forges_own_sd1_sd2_sdxl(tmp_path):
     ours maps, except two SDXL aliases Forge inherits from ComfyUI that A1111 (our reference) does not read:
     `lora_te_*` for SDXL's first encoder (kohya writes `lora_te1_*`) and `lora_unet_class_embedding_*` for its
     `label_emb` (diffusers calls it `add_embedding`)."""
-    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_keymap_probe.py"),
-                           str(tmp_path)], capture_output=True, text=True, timeout=900)
-    result_file = tmp_path / "result.json"
-    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(result_file.read_text())
-    assert res["ok"], res.get("traceback")
+    res = _probe("forge_keymap_probe.py", tmp_path, timeout=900)
     for arch, row in res["rows"].items():
         assert row["arch"] == arch and row["n_differ"] == 0, row
         assert row["same"] > 1900 and row["attention_kohya"] >= 280, row
@@ -423,12 +419,7 @@ def test_fp8_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     effect as the built-in's merge into FP8 weights, leaves the stored weights as they were, and the base image
     afterwards is the FP8 base image."""
     data, models = installed[:2]
-    proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / "forge_fp8_probe.py"),
-                           str(tmp_path), str(data), str(models)], capture_output=True, text=True, timeout=1800)
-    result_file = tmp_path / "result.json"
-    assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(result_file.read_text())
-    assert res["ok"], res.get("traceback")
+    res = _probe("forge_fp8_probe.py", tmp_path, data, models, timeout=1800)
     assert "float8" in res["storage"] and res["fp8_weights"] > 100, res
     assert res["ours_effect"] > 0.5 * res["effect32"], res  # the LoRA does act on the FP8 UNet
     assert res["ours_error"] <= res["builtin_error"], res

@@ -1,0 +1,57 @@
+"""What the in-process Forge probes share (run with Forge's Python, `$SD_WEBUI_PYTHON tests/webui/forge_*_probe.py OUT
+...`): the result file protocol the tests read, and starting Forge in this process as its `webui.py` does.
+
+Forge needs `--always-cpu` in `sys.argv` before any of its modules is imported (its memory manager reads the device
+flags at import); `import webui` runs `initialize_forge()` and the WebUI's initialisation (extensions of the data dir
+included); the model is loaded at the first generation unless `load_model` is asked for."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def probe_main(run: Callable[..., dict]) -> None:
+    """`run(*sys.argv[2:])` -> OUT/result.json (`ok`, or `ok: false` and the traceback); then leave at once (Forge
+    keeps threads alive)."""
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    try:
+        result = run(*sys.argv[2:])
+        result["ok"] = True
+    except BaseException:  # noqa: BLE001 - the test reads the traceback
+        result.update(ok=False, traceback=traceback.format_exc())
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    os._exit(0)
+
+
+def forge_argv(*extra: str) -> None:
+    """cd into the Forge tree, put it (and its vendored packages) on the import path, and set Forge's flags."""
+    webui = os.path.abspath(os.environ["SD_WEBUI_DIR"])
+    os.chdir(webui)
+    sys.path[:0] = [webui, os.path.join(webui, "packages_3rdparty")]
+    sys.argv = ["webui.py", "--always-cpu", *extra]
+
+
+def start_forge(data: str | None = None, models: str | None = None, *, app_started: bool = True) -> None:
+    """Forge in this process with the harness checkpoint (`--data-dir DATA --models-dir MODELS` when given: the
+    extensions of DATA load), the app-started callbacks run (our glue takes the tag there) and the model loaded."""
+    dirs = ["--data-dir", data, "--models-dir", models] if data else []
+    forge_argv("--skip-prepare-environment", "--skip-torch-cuda-test", "--ckpt", os.environ["SD_WEBUI_CKPT"],
+               "--nowebui", "--do-not-download-clip", "--no-download-sd-model", *dirs)
+    import webui as _webui  # noqa: F401  (Forge's webui.py initializes Forge on import)
+    from modules import script_callbacks, sd_models
+    from modules_forge import main_entry
+
+    script_callbacks.before_ui_callback()
+    if app_started:
+        script_callbacks.app_started_callback(None, None)
+    main_entry.refresh_model_loading_parameters()
+    sd_models.forge_model_reload()

@@ -59,6 +59,14 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
         return hashlib.sha256(f.read(LEGACY_HASH_SIZE)).hexdigest()[:8]
 
 
+def lora_content_hash(path: str | os.PathLike[str], *, addnet: bool = True) -> str:
+    """The full hash of a LoRA file when its metadata names none: the addnet hash (tensor data only) of a
+    `.safetensors` file (extension compared case-insensitively), the sha256 of the whole file otherwise and, with
+    `addnet=False` (Forge's rule), for every file."""
+    is_safetensors = Path(path).suffix.lower() == ".safetensors"
+    return addnet_hash_safetensors(path) if addnet and is_safetensors else sha256_file(path)
+
+
 def lora_short_hash(path: str | os.PathLike[str], metadata: Mapping[str, object] | None = None, *,
                     addnet: bool = True) -> str:
     """The 12-character hash A1111 v1.10's Lora extension shows and writes as "Lora hashes".
@@ -78,7 +86,7 @@ def lora_short_hash(path: str | os.PathLike[str], metadata: Mapping[str, object]
     stored = metadata.get("sshs_model_hash")
     if isinstance(stored, str) and stored:
         return stored[:SHORT_HASH_LEN]
-    return (addnet_hash_safetensors(p) if addnet else sha256_file(p))[:SHORT_HASH_LEN]
+    return lora_content_hash(p, addnet=addnet)[:SHORT_HASH_LEN]
 
 
 def sshs_hashes_for(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lora_ext.errors import LoraFileError
-from lora_ext.formats.hashes import SHORT_HASH_LEN, addnet_hash_safetensors, sha256_file
+from lora_ext.formats.hashes import SHORT_HASH_LEN, lora_content_hash
 from lora_ext.formats.safetensors_io import read_metadata
 from lora_ext.library.cache import SD_VERSIONS, FileRecord, SidecarRecord, load_cache, save_cache
 from lora_ext.library.scan import (
@@ -337,7 +337,7 @@ class LoraIndex:
             if sshs:
                 return sshs
         before = _stat_or_none(key)
-        value = addnet_hash_safetensors(key) if entry.is_safetensors and self.addnet_hashes else sha256_file(key)
+        value = lora_content_hash(key, addnet=self.addnet_hashes)
         after = _stat_or_none(key)
         with self._lock:
             rec = self._records.get(key)

@@ -112,6 +112,9 @@ ensure_chromium() {
 setup() { setup_venv "$VENV"; }
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# pytest-xdist: one worker per core (LORA_EXT_TEST_WORKERS=0 runs in one process, e.g. to debug); the real-WebUI tests
+# share one worker (tests/webui/conftest.py), so only one WebUI server runs at a time.
+PYTEST_PAR=(-n "${LORA_EXT_TEST_WORKERS:-auto}" --dist loadgroup)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
 
 cmd="${1:-test}"; shift || true
@@ -122,17 +125,17 @@ case "$cmd" in
         setup
         ensure_chromium
         "$PY" -m ruff check lora_ext tests scripts bench tools install.py
-        "$PY" -m pytest -q "$@"
+        "$PY" -m pytest -q "${PYTEST_PAR[@]}" "$@"
         ;;
     test-webui-stack)
         setup_venv "$WEBUI_VENV" "$WEBUI_PINS"
         ensure_chromium
-        "$WEBUI_VENV/bin/python" -m pytest -q "$@"
+        "$WEBUI_VENV/bin/python" -m pytest -q "${PYTEST_PAR[@]}" "$@"
         ;;
     test-forge-stack)
         setup_venv "$FORGE_VENV" "$FORGE_PINS"
         ensure_chromium
-        "$FORGE_VENV/bin/python" -m pytest -q "$@"
+        "$FORGE_VENV/bin/python" -m pytest -q "${PYTEST_PAR[@]}" "$@"
         ;;
     demo)
         setup

@@ -45,6 +45,7 @@ from lora_ext.patch.bypass import Bypass, GenerationShape, can_bypass, estimate_
 from lora_ext.patch.cache import LoraCache
 from lora_ext.patch.keymap import ModelAdapter
 from lora_ext.patch.patcher import ActiveLora, Patcher
+from lora_ext.patch.quant import quantized
 from lora_ext.patch.report import NetworkReport, PatchReport
 from lora_ext.prompt import LoraRef, parse_tag
 
@@ -331,10 +332,15 @@ class LoraSession:
             if self._mode == "bypass":
                 self._set_gains(0, None)
             act.mode = self._mode
-            fp8 = len({id(c.target.module) for c in patcher.diverted if needs_bypass(c.target)})
+            stored = {id(c.target.module): c.target for c in patcher.diverted if needs_bypass(c.target)}.values()
+            packed = sum(1 for t in stored if quantized(getattr(t.module, t.weight_attr)) is not None)
+            fp8 = len(stored) - packed
             if fp8:
                 act.notes.append(f"{fp8} layers store their weights in FP8 and take their LoRAs as bypass (merging "
                                  "into FP8 would round the change away)")
+            if packed:
+                act.notes.append(f"{packed} layers store their weights quantized and take their LoRAs as bypass "
+                                 "(a quantized weight cannot take a merge)")
             accounted = loaded + [_Loaded(v.first, v.path, v.lora) for v in variants]
             for x, rep in zip(accounted, act.report.networks, strict=True):
                 self._account(act, x, rep)

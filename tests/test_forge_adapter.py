@@ -14,15 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lora_ext.errors import ModelLoadError
 from lora_ext.formats.network import parse_lora
+from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.models.convert import unet_diffusers_to_ldm
 from lora_ext.patch import ActiveLora, Patcher
 from lora_ext.patch.forge import adapter_for_forge
 from lora_ext.patch.keymap import is_linear
 from lora_ext.patch.ldm import adapter_for_ldm
+from lora_ext.patch.quant import dequantize, logical_shape, quantized
 from lora_ext.patch.synth import SynthSpec, make_lora_tensors
 from lora_ext.patch.targets import selector
+from lora_ext.prompt import parse_tag
+from lora_ext.session import LoraSession
 from tests.test_layouts_convert import CLIP_L, LDM_UNET, ldm_unet_cls, randomise, tiny_unet  # noqa: F401
+from tests.test_session import DictResolver
 
 
 class Linear(nn.Module):
@@ -116,17 +122,171 @@ def test_forge_tree_maps_like_a1111_and_patches_the_same_weights(ldm_unet_cls): 
     assert all(torch.equal(after[k], before[k]) for k in before)  # bit-exact on inference tensors
 
 
-def test_quantized_forge_unet_is_refused_with_what_to_do(ldm_unet_cls):  # noqa: F811
-    """Forge's nf4/fp4/gguf UNets hold packed integer weights: no merge, and their shapes are not the layers' shapes.
-    The session says so (and how to let Forge's built-in apply the tag) instead of failing on shapes."""
-    from lora_ext.session import LoraSession
+class Q8_0:
+    """A GGUF block format as Forge's `ParameterGGUF.gguf_cls` offers it, dequantizing with llama.cpp's own gguf-py
+    (the reference implementation of the format, not Forge's or ours)."""
 
+    baked_calls = 0
+
+    @classmethod
+    def bake(cls, parameter) -> None:
+        cls.baked_calls += 1
+        parameter.baked = True
+
+    @classmethod
+    def dequantize_pytorch(cls, parameter) -> torch.Tensor:
+        gguf = pytest.importorskip("gguf")
+        out = gguf.quants.dequantize(parameter.data.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        return torch.from_numpy(out).reshape(parameter.real_shape)
+
+
+class GGUFWeight(nn.Parameter):
+    """Forge's ParameterGGUF as lora_ext sees it: packed Q8_0 blocks as data, `gguf_cls`, and the real shape as
+    `.shape`."""
+
+    def __new__(cls, packed: torch.Tensor, shape: torch.Size) -> GGUFWeight:
+        param = super().__new__(cls, packed, requires_grad=False)
+        param.real_shape, param.gguf_cls, param.baked = torch.Size(shape), Q8_0, False
+        return param
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.real_shape
+
+
+class GGUFLinear(nn.Module):
+    """Forge's `ForgeOperationsGGUF.Linear`: no in/out features, a GGUF weight dequantized in forward."""
+
+    def __init__(self, weight: GGUFWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.gguf_cls.dequantize_pytorch(self.weight).to(x.dtype), self.bias)
+
+
+GGUFLinear.__name__ = "Linear"
+
+
+def _quantize(root: nn.Module, kind: str) -> tuple[int, dict[str, torch.Tensor]]:
+    """Replace root's Forge-style linear layers of the transformer blocks by quantized ones (GGUF Q8_0 packed with
+    gguf-py, or bitsandbytes' NF4 `Linear4bit`); returns their count and each one's dequantized weight (what the layer
+    computes with), by module path."""
+    gguf = pytest.importorskip("gguf")
+    count, dequantized = 0, {}
+    for path, module in list(root.named_modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not Linear or ".transformer_blocks." not in f"{path}.{name}":
+                continue
+            w = child.weight.detach().float()
+            if kind == "gguf":
+                packed = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                new = GGUFLinear(GGUFWeight(torch.from_numpy(packed), w.shape), child.bias)
+                deq = Q8_0.dequantize_pytorch(new.weight)
+            else:
+                bnb = pytest.importorskip("bitsandbytes")
+                new = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=child.bias is not None, quant_type="nf4",
+                                        compute_dtype=torch.float32)
+                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    new.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                new = new.to("cpu")  # bitsandbytes packs the weight when it is moved to its device
+                deq = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state).float()
+            setattr(module, name, new)
+            dequantized[f"{path}.{name}"] = deq
+            count += 1
+    return count, dequantized
+
+
+@pytest.mark.parametrize("kind", ["gguf", "bnb4"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_quantized_forge_unet_takes_loras_as_bypass(ldm_unet_cls, kind, dora, tmp_path):  # noqa: F811
+    """Forge's GGUF and NF4 UNets: their packed linear weights cannot take a merge, so the session applies LoRAs
+    to them as bypass (the layers' own dequantizing forward plus the LoRA path) and merges the rest. The UNet's
+    output equals that of the same UNet with float weights equal to the dequantized ones and the LoRA merged in
+    float (the reference a merge-capable host computes); the packed weights are never written; restore is exact."""
     _, forge = _trees(ldm_unet_cls)
-    forge.forge_objects.unet.model.storage_dtype = "nf4"
-    with pytest.raises(ValueError, match="quantized \\(nf4\\).*Forge's built-in Lora"):
-        adapter_for_forge(forge)
-    session = LoraSession(adapter_for_forge, resolver=None)
-    act = session.activate(forge, [])
-    assert len(act.problems) == 1 and "this model is not supported" in act.problems[0] and "nf4" in act.problems[0]
-    forge.forge_objects.unet.model.storage_dtype = torch.float8_e4m3fn  # a float dtype: adapted (bypass layers)
-    assert adapter_for_forge(forge).arch == "sd1"
+    _, reference = _trees(ldm_unet_cls)
+    f_unet = forge.forge_objects.unet.model.diffusion_model
+    r_unet = reference.forge_objects.unet.model.diffusion_model
+    count, dequantized = _quantize(f_unet, kind)
+    assert count > 10
+    for path, weight in dequantized.items():  # the reference computes with exactly the dequantized values
+        r_unet.get_submodule(path).weight = nn.Parameter(weight.clone(), requires_grad=False)
+    packed = {k: v.detach().clone() for k, v in f_unet.state_dict().items()}
+
+    adapter = adapter_for_forge(forge)
+    assert set(adapter.targets) == set(adapter_for_forge(reference).targets)  # every quantized layer is a target
+    tensors = make_lora_tensors(adapter, SynthSpec(rank=4, dora=dora), select=selector("attn_mlp_conv"), seed=7)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([10.0, 500.0])
+    ctx = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = f_unet(x, t, context=ctx)
+    path = tmp_path / "q.safetensors"
+    save_safetensors_atomic(tensors, path)
+    session = LoraSession(adapter_for_forge, DictResolver({"q": path}))
+    act = session.activate(forge, [parse_tag("<lora:q:0.8>")])
+    assert not act.problems, act.problems
+    assert any(f"{count} layers store their weights quantized" in note for note in act.notes), act.notes
+    rep = act.report.networks[0]
+    assert rep.modules_applied == len(tensors_modules(tensors)) and not rep.unmatched
+    with torch.no_grad():
+        ours = f_unet(x, t, context=ctx)
+    assert all(torch.equal(v, packed[k]) for k, v in f_unet.state_dict().items() if k in packed and "transformer_"
+               in k and v.dtype == torch.uint8)  # packed weights never written
+
+    r_patcher = Patcher(adapter_for_forge(reference))
+    r_patcher.apply([ActiveLora(parse_lora(tensors, name="q"), te=0.8, unet=0.8)])
+    with torch.no_grad():
+        expected = r_unet(x, t, context=ctx)
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the LoRA changes the output
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+    session.activate(forge, [])
+    after = f_unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in packed.items())
+    with torch.no_grad():
+        assert torch.equal(f_unet(x, t, context=ctx), plain)
+
+
+def tensors_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
+    return {k.split(".", 1)[0] for k in tensors}
+
+
+def test_patcher_refuses_to_merge_into_a_quantized_weight(ldm_unet_cls):  # noqa: F811
+    """Without a divert (a caller that does not route quantized layers to bypass), the patcher raises a typed error
+    naming the layer instead of writing into packed data, and leaves every weight as it was."""
+    _, forge = _trees(ldm_unet_cls)
+    f_unet = forge.forge_objects.unet.model.diffusion_model
+    _quantize(f_unet, "gguf")
+    adapter = adapter_for_forge(forge)
+    net = parse_lora(make_lora_tensors(adapter, SynthSpec(rank=4), select=selector("attn_mlp_conv"), seed=7),
+                     name="q")
+    before = {k: v.detach().clone() for k, v in f_unet.state_dict().items()}
+    with pytest.raises(ModelLoadError, match=r"unet:.*stores its weight quantized \(gguf\).*bypass"):
+        Patcher(adapter).apply([ActiveLora(net)])
+    assert all(torch.equal(v, before[k]) for k, v in f_unet.state_dict().items())
+
+
+def test_quantized_layer_helpers():
+    """`lora_ext.patch.quant` reads the logical shape and dequantizes the two packed kinds (against their own
+    libraries' dequantizers); a float tensor is neither."""
+    gguf = pytest.importorskip("gguf")
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    g = GGUFWeight(torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)), w.shape)
+    assert quantized(g) == "gguf" and logical_shape(g) == (8, 64) and tuple(g.data.shape) == (8, 68)
+    calls = Q8_0.baked_calls
+    out = dequantize(g, torch.float16)
+    assert Q8_0.baked_calls == calls + 1 and g.baked  # baked once, as Forge does before its first forward
+    ref = gguf.quants.dequantize(g.data.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert out.dtype == torch.float16 and torch.equal(out, torch.from_numpy(ref).half())
+    dequantize(g, torch.float32)
+    assert Q8_0.baked_calls == calls + 1
+    assert quantized(w) is None and logical_shape(w) == (8, 64)
+    bnb = pytest.importorskip("bitsandbytes")
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to("cpu")
+    assert quantized(p) == "bnb4" and logical_shape(p) == (8, 64) and tuple(p.shape) != (8, 64)
+    torch.testing.assert_close(dequantize(p, torch.float32), bnb.functional.dequantize_4bit(p.data, p.quant_state),
+                               rtol=0, atol=0)

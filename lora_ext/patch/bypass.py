@@ -2,9 +2,9 @@
 
 The patcher merges (zero per-step cost, see `lora_ext.patch.patcher`). Bypass serves where one merge per generation
 cannot: multipliers that change every step (weight schedules), weights that cannot hold the merged result (FP8
-storage: the delta would be rounded away), and, later, different LoRAs per image of a batch. The math is each
-algorithm's own `Algorithm.bypass` (tested equal to the merged layer's forward for every algorithm, dtype and layer
-kind); this module only routes it:
+storage: the delta would be rounded away; quantized weights, `lora_ext.patch.quant`, which cannot take a merge at
+all), and different LoRAs per image of a batch. The math is each algorithm's own `Algorithm.bypass` (tested equal to
+the merged layer's forward for every algorithm, dtype and layer kind); this module only routes it:
 
 - a forward hook on the layer *instance* (`Module.register_forward_hook`): no `torch.nn` class is patched, no attention
   function swapped, no weight written, so the original weights stay bit-exact by construction and `clear()` (removing
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lora_ext.errors import ShapeMismatchError
 from lora_ext.patch.keymap import Target
+from lora_ext.patch.quant import dequantize, quantized
 
 Gain = float | Tensor
 """A multiplier on top of a contribution's own: a number, or a 1-D tensor with one value per sample of the batch."""
@@ -38,8 +39,11 @@ def can_bypass(target: Target) -> bool:
 
 def needs_bypass(target: Target) -> bool:
     """Whether merging into the weight would lose the delta: FP8 storage (A1111's "FP8 weight"), whose 3 mantissa bits
-    round a LoRA's small change away. Such layers get their LoRAs as bypass."""
+    round a LoRA's small change away, or a quantized weight (`lora_ext.patch.quant`: Forge's GGUF and 4-bit), which
+    cannot take a merge at all. Such layers get their LoRAs as bypass."""
     weight = getattr(target.module, target.weight_attr)
+    if quantized(weight) is not None:
+        return can_bypass(target)
     return weight.is_floating_point() and weight.element_size() == 1 and can_bypass(target)
 
 
@@ -66,7 +70,13 @@ class _Layer:
             return None
         extra = None
         weight = getattr(module, self.target.weight_attr)
-        if weight.element_size() == 1 and weight.is_floating_point():  # FP8 storage: the algorithms read it as float
+        if quantized(weight) is not None:  # packed: dequantized only for the algorithms that read its values
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            if any(e.contribution.module.algorithm.needs_current_weight for e in self.entries):
+                weight = dequantize(weight, dtype)
+            else:  # the shape is all they check: a zero-stride stand-in costs nothing
+                weight = torch.zeros((), dtype=dtype, device=x.device).expand(self.target.spec.weight_shape)
+        elif weight.element_size() == 1 and weight.is_floating_point():  # FP8 storage: read as float
             weight = weight.to(x.dtype if x.is_floating_point() else torch.float32)
         with torch.no_grad():
             for entry in self.entries:

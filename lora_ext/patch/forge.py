@@ -8,9 +8,10 @@
   `.transformer` is a transformers CLIP text model: `clip_l` (SD1; SDXL's first encoder), `clip_g` (SDXL's second,
   with projection), `clip_h` (SD2), all in the transformers layout (no fused q/k/v).
 
-Quantized UNets (Forge's `nf4`, `fp4` and `gguf` storage: packed integer weights) are refused with a sentence: their
-weights cannot take a merge and their packed shapes are not the layers' shapes. FP8 storage is a float dtype: those
-layers take LoRAs as bypass (`lora_ext.patch.bypass.needs_bypass`), as on A1111.
+Quantized UNets (Forge's GGUF files and its `nf4`/`fp4` storage: packed weights, `lora_ext.patch.quant`) take
+their LoRAs as bypass on the quantized layers (the weights are never written; the layers that Forge keeps in float,
+such as the convs of a GGUF UNet, are merged as usual). FP8 storage is a float dtype: those layers take LoRAs as
+bypass too (`lora_ext.patch.bypass.needs_bypass`), as on A1111.
 
 The module objects are shared by `forge_objects`, `forge_objects_original` and `forge_objects_after_applying_lora`
 (Forge's ModelPatcher clones share the model), so weights patched in place are the ones every copy computes with.
@@ -23,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from lora_ext.patch.keymap import ModelAdapter, TextEncoderPart, build_adapter
+from lora_ext.patch.quant import shape_view
 
 
 def forge_text_encoders(sd_model: Any) -> tuple[str, list[TextEncoderPart]]:
@@ -49,18 +51,14 @@ def adapter_for_forge(sd_model: Any) -> ModelAdapter:
     """Key map for Forge's `shared.sd_model` (a `ForgeDiffusionEngine` with `forge_objects`)."""
     from lora_ext.models.convert import unet_config_from_ldm
 
-    kmodel = sd_model.forge_objects.unet.model
-    storage = getattr(kmodel, "storage_dtype", None)
-    if isinstance(storage, str):  # 'nf4', 'fp4', 'gguf': Forge's quantized storage (torch dtypes otherwise)
-        raise ValueError(f"its UNet is stored quantized ({storage}), which lora_ext cannot apply LoRAs to yet; turn "
-                         "off 'lora_ext handles <lora:...> and <lyco:...> prompt tags' in Settings > LoRA (lora_ext) "
-                         "to let Forge's built-in Lora apply them")
-    unet = kmodel.diffusion_model
+    unet = sd_model.forge_objects.unet.model.diffusion_model
     arch, parts = forge_text_encoders(sd_model)
     pooled = None
     if arch == "sdxl":
         proj = getattr(parts[1].module, "text_projection", None)
         pooled = int(proj.weight.shape[0]) if isinstance(proj, nn.Module) else None
-    # head counts do not change module names: any valid value works here
-    config = unet_config_from_ldm(unet.state_dict(), heads=1, addition_pooled_dim=pooled)
+    # shapes only, of the parameters (a quantized UNet's packed weights read as their layers' shapes; the quantization
+    # state a 4-bit layer adds to its state dict is left out); head counts do not change module names: any valid value
+    # works here
+    config = unet_config_from_ldm(shape_view(dict(unet.named_parameters())), heads=1, addition_pooled_dim=pooled)
     return build_adapter(arch, unet, config, "ldm", parts)

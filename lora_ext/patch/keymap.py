@@ -20,6 +20,7 @@ from torch import nn
 
 from lora_ext.formats.algorithms.base import LayerSpec
 from lora_ext.formats.layouts import clip_hf_to_openclip, hf_clip_module_path, ldm_unet_block, unet_module_map
+from lora_ext.patch.quant import logical_shape, quantized
 
 COMPONENTS = ("unet", "te1", "te2")
 # how tools write a target's module name: kohya with diffusers paths (SD1/SD2 sd-scripts), kohya with compvis/ldm
@@ -89,18 +90,23 @@ def _us(path: str) -> str:
 def is_linear(module: nn.Module) -> bool:
     """`nn.Linear`, or a linear layer of a host's own operations that is not one: Forge's
     `backend.operations.ForgeOperations.Linear` is a plain `nn.Module` with `in_features`, `out_features` and a
-    (out, in) `weight` Parameter, computing `F.linear(x, weight, bias)` (on a weight it may cast on the fly)."""
+    (out, in) `weight` Parameter, computing `F.linear(x, weight, bias)` (on a weight it may cast on the fly); its 4-bit
+    and GGUF variants hold a quantized weight (`lora_ext.patch.quant`), the GGUF one without `in_features`."""
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Linear" and isinstance(weight, nn.Parameter) and weight.dim() == 2
-            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+    if type(module).__name__ != "Linear" or not isinstance(weight, nn.Parameter):
+        return False
+    shape = logical_shape(weight)
+    if not hasattr(module, "in_features"):  # Forge's GGUF Linear keeps only its (quantized) weight and bias
+        return len(shape) == 2 and quantized(weight) is not None
+    return shape == (getattr(module, "out_features", None), getattr(module, "in_features", None))
 
 
 def layer_spec(module: nn.Module, weight_shape: tuple[int, ...] | None = None) -> LayerSpec | None:
     """LayerSpec for the module kinds a LoRA can patch; None for others."""
     if is_linear(module):
-        return LayerSpec("linear", tuple(weight_shape or module.weight.shape))
+        return LayerSpec("linear", tuple(weight_shape or logical_shape(module.weight)))
     if isinstance(module, nn.Conv2d):
         padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         return LayerSpec("conv", tuple(module.weight.shape), stride=tuple(module.stride), padding=padding,

@@ -39,12 +39,14 @@ from lora_ext.errors import (
     ArchitectureMismatchError,
     LoraExtError,
     LoraFileError,
+    ModelLoadError,
     NonFiniteWeightError,
     ShapeMismatchError,
 )
 from lora_ext.formats.algorithms.base import LowRank
 from lora_ext.formats.network import LoraModule, LoraNetwork
 from lora_ext.patch.keymap import ModelAdapter, Target
+from lora_ext.patch.quant import quantized
 from lora_ext.patch.report import NetworkReport, PatchReport, target_group
 
 log = logging.getLogger(__name__)
@@ -327,6 +329,10 @@ class Patcher:
                 continue
             target = contribs[0].target
             attr = target.weight_attr if what == "weight" else target.bias_attr
+            kind = quantized(getattr(target.module, attr))
+            if kind is not None:  # callers divert these (`bypass.needs_bypass`); merging would corrupt the packing
+                raise ModelLoadError(f"the layer {target.key} stores its {attr} quantized ({kind}): a LoRA cannot be "
+                                     "merged into it, only applied as bypass (lora_ext.patch.bypass)")
             slot = slot or self._backup(target.module, attr)
             slot.signature = _WRITING
             if what == "weight":

@@ -27,6 +27,9 @@ def pytest_collection_modifyitems(config, items):
         path = str(item.fspath).replace(os.sep, "/")
         if "tests/webui" not in path:
             continue
+        # under pytest-xdist (`bash dev.sh test` runs `-n auto --dist loadgroup`): every real-WebUI test on one worker,
+        # so that one WebUI server runs at a time (each needs GBs; A1111's and Forge's never side by side)
+        item.add_marker(pytest.mark.xdist_group("real-webui"))
         if not WEBUI:
             item.add_marker(skip)
         elif (HOST == "forge") != path.endswith(FORGE_TESTS):

@@ -53,12 +53,34 @@ def write_gguf(ckpt: str, folder: str) -> tuple[str, str, int]:
     return unet_path, rest_path, q8
 
 
+def int_shapes() -> None:
+    """Forge f2.0.1's GGUF reader gives shapes of numpy.uint64 numbers, which its SD1/SDXL UNet constructor cannot take
+    on numpy 1.26 (`uint64 // int` is a float64: "empty(): argument 'size' ... got numpy.float64"; the same report:
+    city96/ComfyUI-GGUF#260, Haoming02/sd-webui-forge-classic#653), so such files do not load in that Forge at all.
+    The probe casts them to ints after Forge reads the file (as later forks do); nothing else of Forge is changed."""
+    import torch
+    from backend import loader
+
+    read = loader.load_torch_file
+
+    def load_torch_file(*args, **kwargs):
+        sd = read(*args, **kwargs)
+        for value in sd.values():
+            if hasattr(value, "real_shape"):
+                value.real_shape = torch.Size(int(n) for n in value.real_shape)
+        return sd
+
+    loader.load_torch_file = load_torch_file
+
+
 def run(data: str, models: str) -> dict:
     start_forge(data, models)
     import numpy as np
     import torch
     from modules import processing, sd_models, shared
     from modules_forge import main_entry
+
+    int_shapes()
 
     def load(storage: str, checkpoint: str | None = None, modules: list[str] | None = None) -> None:
         shared.opts.set("forge_unet_storage_dtype", storage)

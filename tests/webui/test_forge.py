@@ -431,7 +431,8 @@ def test_gguf_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     module): ours applies the LoRA as bypass on the packed layers. Its image is that of Forge's built-in in its exact
     "fp16 LoRA" mode (dequantize and merge in every forward) within a level or so, nearer the full-precision effect than
     the built-in's default (merging re-quantizes the weights), the packed weights are never written and the base
-    image comes back bit for bit."""
+    image comes back bit for bit. (Forge f2.0.1 cannot load SD1/SDXL GGUF files by itself: see int_shapes in the
+    probe.)"""
     data, models = installed[:2]
     own = tmp_path / "models"
     (own / "Stable-diffusion").mkdir(parents=True)
@@ -441,7 +442,7 @@ def test_gguf_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     res = _probe("forge_gguf_probe.py", tmp_path, data, own, timeout=1800)
     assert res["storage"] == "gguf" and res["packed_params"] == res["q8_tensors_written"] > 100, res
     assert res["ours_effect"] > 0.5 * res["effect32"], res  # the LoRA does act on the GGUF UNet
-    assert res["ours_vs_online_mean"] < 0.05 * res["effect32"], res
+    assert res["ours_vs_online_max"] <= 1, res  # the exact reference: at most one level apart (measured: 1)
     assert res["ours_error"] <= res["baked_error"], res
     assert res["ours_same_under_fp16_lora_setting"] == 0, res  # Forge's LoRA mode setting does not touch ours
     assert res["weights_unchanged"] and res["ours_base_again"] == 0, res

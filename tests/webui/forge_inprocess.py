@@ -55,3 +55,14 @@ def start_forge(data: str | None = None, models: str | None = None, *, app_start
         script_callbacks.app_started_callback(None, None)
     main_entry.refresh_model_loading_parameters()
     sd_models.forge_model_reload()
+
+
+def forget_conditionings() -> None:
+    """Empty the WebUI's conditioning caches (keyed by prompt text and the parsed tags, not by who applies them), so
+    that two handlers given the same prompt in one process each encode it."""
+    from modules import processing
+
+    for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
+        for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            if isinstance(cls.__dict__.get(attr), list):
+                setattr(cls, attr, [None, None])

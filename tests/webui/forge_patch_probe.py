@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from forge_inprocess import REPO, probe_main, start_forge
+from forge_inprocess import REPO, forget_conditionings, probe_main, start_forge
 
 
 def run() -> dict:
@@ -30,10 +30,7 @@ def run() -> dict:
     from lora_ext.patch.forge import adapter_for_forge
 
     def generate(prompt: str) -> np.ndarray:
-        for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
-            for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
-                if isinstance(cls.__dict__.get(attr), list):
-                    setattr(cls, attr, [None, None])
+        forget_conditionings()
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
             sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)

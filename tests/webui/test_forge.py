@@ -265,10 +265,12 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
             (ours["infotexts"][key], ref["infotexts"][key])
 
 
-def _probe(script: str, tmp_path: Path, *args: object, timeout: int = 1800) -> dict:
-    """Run tests/webui/SCRIPT with Forge's Python (an in-process Forge, see forge_inprocess.py); its result.json."""
+def _probe(script: str, tmp_path: Path, *args: object, timeout: int = 1800, env: dict | None = None) -> dict:
+    """Run tests/webui/SCRIPT with Forge's Python (an in-process Forge, see forge_inprocess.py), `env` added to the
+    environment; its result.json."""
     proc = subprocess.run([os.environ["SD_WEBUI_PYTHON"], str(REPO / "tests" / "webui" / script), str(tmp_path),
-                           *map(str, args)], capture_output=True, text=True, timeout=timeout)
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     result_file = tmp_path / "result.json"
     assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(result_file.read_text())
@@ -446,3 +448,30 @@ def test_gguf_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     assert res["ours_error"] <= res["baked_error"], res
     assert res["ours_same_under_fp16_lora_setting"] == 0, res  # Forge's LoRA mode setting does not touch ours
     assert res["weights_unchanged"] and res["ours_base_again"] == 0, res
+
+
+def test_sdxl_in_forge_gives_the_builtins_images(installed, tmp_path):
+    """A full-size SDXL-shaped checkpoint in Forge (two text encoders, `clip_l` and `clip_g`): ours gives the built-in's
+    image (max difference 1 level) for a kohya SDXL LoRA at 0.8, text encoders only and UNet only, with the same "Lora
+    hashes", and the base image after it bit for bit. The checkpoint (6.9 GB) is built once per run, or reused from
+    LORA_EXT_FORGE_SDXL_DIR (sdxl.safetensors + sdxl_lora.safetensors, made by tests/webui/make_full_sdxl.py)."""
+    data = installed[0]
+    cache = Path(os.environ.get("LORA_EXT_FORGE_SDXL_DIR") or tmp_path / "sdxl")
+    ckpt, lora = cache / "sdxl.safetensors", cache / "sdxl_lora.safetensors"
+    if not (ckpt.exists() and lora.exists()):
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(REPO / "tests" / "webui" / "make_full_sdxl.py"), str(ckpt), str(lora)],
+                       check=True, cwd=REPO, timeout=1800)
+    models = tmp_path / "models"
+    for sub in ("Stable-diffusion", "Lora", "VAE"):
+        (models / sub).mkdir(parents=True)
+    (models / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
+    (models / "Lora" / lora.name).symlink_to(lora)
+    res = _probe("forge_sdxl_probe.py", tmp_path, data, models, lora.stem, timeout=2400,
+                 env={"SD_WEBUI_CKPT": str(ckpt)})
+    assert "XL" in res["model_class"] and res["encoders"] == ["clip_g", "clip_l"], res
+    for key, row in res["rows"].items():
+        assert row["builtin_effect"] > 2, (key, row)  # the LoRA visibly changes the image
+        assert row["ours_vs_builtin"] <= 1, (key, row)
+        assert row["ours_hashes"] == row["builtin_hashes"] and lora.stem in row["ours_hashes"], (key, row)
+    assert res["ours_base_again"] == 0, res

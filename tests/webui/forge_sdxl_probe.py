@@ -1,0 +1,57 @@
+"""Run with Forge's Python (tests/webui/test_forge.py) with SD_WEBUI_CKPT naming a full-size SDXL-shaped checkpoint
+(tests/webui/make_full_sdxl.py): an SDXL model in Forge, lora_ext loaded by Forge's script loader, against Forge's
+built-in in the same process (the setting hands the tag over). Writes OUT/result.json.
+
+    SD_WEBUI_CKPT=CKPT $SD_WEBUI_PYTHON tests/webui/forge_sdxl_probe.py OUT DATA MODELS LORA_NAME
+
+For the LoRA at 0.8, text encoders only and UNet only: ours and the built-in's images (max difference), the effect
+(mean difference to the base image), "Lora hashes"; the base image after ours (bit for bit) and after the built-in."""
+
+from __future__ import annotations
+
+from forge_inprocess import forget_conditionings, probe_main, start_forge
+
+PROMPT = "a photo of a cat"
+
+
+def run(data: str, models: str, name: str) -> dict:
+    start_forge(data, models)
+    import numpy as np
+    from modules import processing, shared
+
+    def generate(prompt: str) -> tuple[np.ndarray, str]:
+        forget_conditionings()
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
+            sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
+        res = processing.process_images(p)
+        hashes = str(p.extra_generation_params.get("Lora hashes", ""))
+        p.close()
+        return np.asarray(res.images[0]).astype(np.int16), hashes
+
+    model = shared.sd_model
+    arch = type(model).__name__
+    encoders = sorted(dict(model.forge_objects.clip.cond_stage_model.named_children()))
+    tags = {"both": f"<lora:{name}:0.8>", "te": f"<lora:{name}:0.8:0>", "unet": f"<lora:{name}:0:0.8>"}
+    rows: dict = {}
+    shared.opts.set("lora_ext_handle_lora_tags", True)
+    base, _ = generate(PROMPT)
+    for key, tag in tags.items():
+        ours, hashes = generate(f"{PROMPT} {tag}")
+        rows[key] = {"ours_hashes": hashes, "ours_effect": float(np.abs(ours - base).mean())}
+        rows[key]["_ours"] = ours
+    ours_base_again = int(np.abs(generate(PROMPT)[0] - base).max())
+    shared.opts.set("lora_ext_handle_lora_tags", False)
+    for key, tag in tags.items():
+        builtin, hashes = generate(f"{PROMPT} {tag}")
+        ours = rows[key].pop("_ours")
+        rows[key].update(builtin_hashes=hashes, builtin_effect=float(np.abs(builtin - base).mean()),
+                         ours_vs_builtin=int(np.abs(ours - builtin).max()))
+    builtin_base_again = int(np.abs(generate(PROMPT)[0] - base).max())
+    shared.opts.set("lora_ext_handle_lora_tags", True)
+    return {"model_class": arch, "encoders": encoders, "rows": rows, "ours_base_again": ours_base_again,
+            "builtin_base_again": builtin_base_again}
+
+
+if __name__ == "__main__":
+    probe_main(run)

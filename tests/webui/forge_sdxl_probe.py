@@ -29,6 +29,7 @@ def run(data: str, models: str, name: str) -> dict:
         p.close()
         return np.asarray(res.images[0]).astype(np.int16), hashes
 
+    shared.opts.set("live_previews_enable", False)  # else SDXL needs vaeapprox-sdxl.pt, downloaded from GitHub
     model = shared.sd_model
     arch = type(model).__name__
     encoders = sorted(dict(model.forge_objects.clip.cond_stage_model.named_children()))

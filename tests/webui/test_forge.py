@@ -450,26 +450,30 @@ def test_gguf_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     assert res["weights_unchanged"] and res["ours_base_again"] == 0, res
 
 
-def test_sdxl_in_forge_gives_the_builtins_images(installed, tmp_path):
-    """A full-size SDXL-shaped checkpoint in Forge (two text encoders, `clip_l` and `clip_g`): ours gives the built-in's
-    image (max difference 1 level) for a kohya SDXL LoRA at 0.8, text encoders only and UNet only, with the same "Lora
-    hashes", and the base image after it bit for bit. The checkpoint (6.9 GB) is built once per run, or reused from
-    LORA_EXT_FORGE_SDXL_DIR (sdxl.safetensors + sdxl_lora.safetensors, made by tests/webui/make_full_sdxl.py)."""
+@pytest.mark.parametrize("arch", ["sdxl", "sd2"])
+def test_sdxl_and_sd2_in_forge_give_the_builtins_images(installed, tmp_path, arch):
+    """A full-size SDXL-shaped checkpoint (two text encoders, `clip_l` and `clip_g`) and an SD2-shaped one (`clip_h`) in
+    Forge: ours gives the built-in's image (max difference 1 level) for a kohya LoRA at 0.8, text encoders only and
+    UNet only, with the same "Lora hashes", and the base image after it bit for bit. The checkpoint (SDXL 6.9 GB, SD2
+    2.6 GB) is built once per run, or reused from LORA_EXT_FORGE_FULL_DIR/ARCH (ARCH.safetensors +
+    ARCH_lora.safetensors, made by tests/webui/make_full_ckpt.py)."""
     data = installed[0]
-    cache = Path(os.environ.get("LORA_EXT_FORGE_SDXL_DIR") or tmp_path / "sdxl")
-    ckpt, lora = cache / "sdxl.safetensors", cache / "sdxl_lora.safetensors"
+    root = os.environ.get("LORA_EXT_FORGE_FULL_DIR")
+    cache = Path(root) / arch if root else tmp_path / arch
+    ckpt, lora = cache / f"{arch}.safetensors", cache / f"{arch}_lora.safetensors"
     if not (ckpt.exists() and lora.exists()):
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(REPO / "tests" / "webui" / "make_full_sdxl.py"), str(ckpt), str(lora)],
-                       check=True, cwd=REPO, timeout=1800)
+        subprocess.run([sys.executable, str(REPO / "tests" / "webui" / "make_full_ckpt.py"), arch, str(ckpt),
+                        str(lora)], check=True, cwd=REPO, timeout=1800)
     models = tmp_path / "models"
     for sub in ("Stable-diffusion", "Lora", "VAE"):
         (models / sub).mkdir(parents=True)
     (models / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
     (models / "Lora" / lora.name).symlink_to(lora)
-    res = _probe("forge_sdxl_probe.py", tmp_path, data, models, lora.stem, timeout=2400,
+    res = _probe("forge_full_probe.py", tmp_path, data, models, lora.stem, timeout=2400,
                  env={"SD_WEBUI_CKPT": str(ckpt)})
-    assert "XL" in res["model_class"] and res["encoders"] == ["clip_g", "clip_l"], res
+    expected = {"sdxl": ("StableDiffusionXL", ["clip_g", "clip_l"]), "sd2": ("StableDiffusion2", ["clip_h"])}
+    assert (res["model_class"], res["encoders"]) == expected[arch], res
     for key, row in res["rows"].items():
         assert row["builtin_effect"] > 2, (key, row)  # the LoRA visibly changes the image
         assert row["ours_vs_builtin"] <= 1, (key, row)

@@ -1,8 +1,8 @@
-"""Run with Forge's Python (tests/webui/test_forge.py) with SD_WEBUI_CKPT naming a full-size SDXL-shaped checkpoint
-(tests/webui/make_full_sdxl.py): an SDXL model in Forge, lora_ext loaded by Forge's script loader, against Forge's
-built-in in the same process (the setting hands the tag over). Writes OUT/result.json.
+"""Run with Forge's Python (tests/webui/test_forge.py) with SD_WEBUI_CKPT naming a full-size SDXL- or SD2-shaped
+checkpoint (tests/webui/make_full_ckpt.py): lora_ext loaded by Forge's script loader, against Forge's built-in in the
+same process (the setting hands the tag over). Writes OUT/result.json.
 
-    SD_WEBUI_CKPT=CKPT $SD_WEBUI_PYTHON tests/webui/forge_sdxl_probe.py OUT DATA MODELS LORA_NAME
+    SD_WEBUI_CKPT=CKPT $SD_WEBUI_PYTHON tests/webui/forge_full_probe.py OUT DATA MODELS LORA_NAME
 
 For the LoRA at 0.8, text encoders only and UNet only: ours and the built-in's images (max difference), the effect
 (mean difference to the base image), "Lora hashes"; the base image after ours (bit for bit) and after the built-in."""

@@ -339,8 +339,8 @@ class LoraSession:
                 act.notes.append(f"{fp8} layers store their weights in FP8 and take their LoRAs as bypass (merging "
                                  "into FP8 would round the change away)")
             if packed:
-                act.notes.append(f"{packed} layers store their weights quantized and take their LoRAs as bypass "
-                                 "(a quantized weight cannot take a merge)")
+                act.notes.append(f"{packed} layers hold quantized (GGUF or 4-bit) weights and take their LoRAs as "
+                                 "bypass (such a weight cannot take a merge)")
             accounted = loaded + [_Loaded(v.first, v.path, v.lora) for v in variants]
             for x, rep in zip(accounted, act.report.networks, strict=True):
                 self._account(act, x, rep)

@@ -144,9 +144,9 @@ class GGUFWeight(nn.Parameter):
     """Forge's ParameterGGUF as lora_ext sees it: packed Q8_0 blocks as data, `gguf_cls`, and the real shape as
     `.shape`."""
 
-    def __new__(cls, packed: torch.Tensor, shape: torch.Size) -> GGUFWeight:
+    def __new__(cls, packed: torch.Tensor, shape: torch.Size, gguf_cls: type | None = Q8_0) -> GGUFWeight:
         param = super().__new__(cls, packed, requires_grad=False)
-        param.real_shape, param.gguf_cls, param.baked = torch.Size(shape), Q8_0, False
+        param.real_shape, param.gguf_cls, param.baked = torch.Size(shape), gguf_cls, False
         return param
 
     @property
@@ -163,7 +163,12 @@ class GGUFLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.gguf_cls.dequantize_pytorch(self.weight).to(x.dtype), self.bias)
+        cls = getattr(self.weight, "gguf_cls", None)
+        if cls is None and self.weight.dtype != x.dtype:
+            # as Forge does with a GGUF weight stored as F16/F32: replaced by a plain Parameter in x's dtype, once
+            self.weight = nn.Parameter(self.weight.data.to(x.dtype), requires_grad=False)
+        weight = self.weight if cls is None else cls.dequantize_pytorch(self.weight)
+        return F.linear(x, weight.to(x.dtype), self.bias)
 
 
 GGUFLinear.__name__ = "Linear"
@@ -180,7 +185,10 @@ def _quantize(root: nn.Module, kind: str) -> tuple[int, dict[str, torch.Tensor]]
             if type(child) is not Linear or ".transformer_blocks." not in f"{path}.{name}":
                 continue
             w = child.weight.detach().float()
-            if kind == "gguf":
+            if kind == "gguf" and ".ff." in f"{path}.{name}":  # kept in F16 in the GGUF file, as small layers often are
+                new = GGUFLinear(GGUFWeight(w.half(), w.shape, gguf_cls=None), child.bias)
+                deq = w.half().float()
+            elif kind == "gguf":
                 packed = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
                 new = GGUFLinear(GGUFWeight(torch.from_numpy(packed), w.shape), child.bias)
                 deq = Q8_0.dequantize_pytorch(new.weight)
@@ -205,13 +213,17 @@ def test_quantized_forge_unet_takes_loras_as_bypass(ldm_unet_cls, kind, dora, tm
     """Forge's GGUF and NF4 UNets: their packed linear weights cannot take a merge, so the session applies LoRAs
     to them as bypass (the layers' own dequantizing forward plus the LoRA path) and merges the rest. The UNet's
     output equals that of the same UNet with float weights equal to the dequantized ones and the LoRA merged in
-    float (the reference a merge-capable host computes); the packed weights are never written; restore is exact."""
+    float (the reference a merge-capable host computes); the packed weights are never written; restore is exact.
+    The LoRA is applied before the UNet's first forward, where Forge replaces a GGUF file's F16 weights by fp32
+    Parameters (the FF layers here): bypass there too, so nothing of the LoRA stays in the replaced weights."""
     _, forge = _trees(ldm_unet_cls)
     _, reference = _trees(ldm_unet_cls)
+    _, untouched = _trees(ldm_unet_cls)
     f_unet = forge.forge_objects.unet.model.diffusion_model
     r_unet = reference.forge_objects.unet.model.diffusion_model
+    u_unet = untouched.forge_objects.unet.model.diffusion_model
     count, dequantized = _quantize(f_unet, kind)
-    assert count > 10
+    assert count > 10 and _quantize(u_unet, kind)[0] == count
     for path, weight in dequantized.items():  # the reference computes with exactly the dequantized values
         r_unet.get_submodule(path).weight = nn.Parameter(weight.clone(), requires_grad=False)
     packed = {k: v.detach().clone() for k, v in f_unet.state_dict().items()}
@@ -223,13 +235,13 @@ def test_quantized_forge_unet_takes_loras_as_bypass(ldm_unet_cls, kind, dora, tm
     t = torch.tensor([10.0, 500.0])
     ctx = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        plain = f_unet(x, t, context=ctx)
+        plain = u_unet(x, t, context=ctx)  # the same quantized UNet; f_unet runs its first forward with the LoRA
     path = tmp_path / "q.safetensors"
     save_safetensors_atomic(tensors, path)
     session = LoraSession(adapter_for_forge, DictResolver({"q": path}))
     act = session.activate(forge, [parse_tag("<lora:q:0.8>")])
     assert not act.problems, act.problems
-    assert any(f"{count} layers store their weights quantized" in note for note in act.notes), act.notes
+    assert any(f"{count} layers hold quantized (GGUF or 4-bit) weights" in note for note in act.notes), act.notes
     rep = act.report.networks[0]
     assert rep.modules_applied == len(tensors_modules(tensors)) and not rep.unmatched
     with torch.no_grad():

@@ -5,7 +5,10 @@ f2.0.1v1.10.1) are recognised by what the parameter object carries, never by imp
 
 - GGUF (`backend.operations_gguf.ParameterGGUF`, llama.cpp's block formats Q8_0, Q4_0, Q5_K, ...): the parameter has a
   `gguf_cls` (the block format, with `bake` and `dequantize_pytorch`) and reports its logical shape as `.shape`
-  (`real_shape`); its data are the packed blocks. A GGUF tensor stored as F16/F32 has `gguf_cls` None: a float weight.
+  (`real_shape`); its data are the packed blocks. A GGUF tensor stored as F16/F32 has `gguf_cls` None: float data,
+  but Forge replaces such a parameter by a plain one in the input's dtype at the layer's first forward, which a merge
+  cannot follow (the new Parameter would carry the merged values and no backup would match it); it counts as "gguf"
+  here too.
 - bitsandbytes 4-bit (`Params4bit`, Forge's nf4/fp4): the parameter has `bnb_quantized` True and a `quant_state` with
   the logical shape; `bitsandbytes.functional.dequantize_4bit` unpacks it.
 
@@ -25,8 +28,9 @@ from torch import Tensor
 
 
 def quantized(weight: Any) -> str | None:
-    """"gguf" or "bnb4" for a packed weight, None for a float (or other plain) tensor."""
-    if getattr(weight, "gguf_cls", None) is not None:
+    """"gguf" (a GGUF parameter, packed or not) or "bnb4" for a weight that cannot take a merge, None for a plain
+    tensor."""
+    if hasattr(weight, "gguf_cls"):
         return "gguf"
     if getattr(weight, "bnb_quantized", False) and getattr(weight, "quant_state", None) is not None:
         return "bnb4"
@@ -45,7 +49,9 @@ def dequantize(weight: Any, dtype: torch.dtype) -> Tensor:
     changed, except that a GGUF weight is first put in the block layout its host computes with, as the host does before
     its first forward)."""
     kind = quantized(weight)
-    if kind == "gguf":
+    if kind == "gguf" and weight.gguf_cls is None:  # stored as F16/F32
+        out = weight.data
+    elif kind == "gguf":
         cls = weight.gguf_cls
         if not getattr(weight, "baked", True):
             cls.bake(weight)

@@ -45,9 +45,9 @@ def logical_shape(weight: Any) -> tuple[int, ...]:
 
 
 def dequantize(weight: Any, dtype: torch.dtype) -> Tensor:
-    """The weight as a float tensor of its logical shape, in `dtype`, on its device (a copy; the weight is not
-    changed, except that a GGUF weight is first put in the block layout its host computes with, as the host does before
-    its first forward)."""
+    """The weight as a float tensor of its logical shape, in `dtype`, on its device, to be read only (it may share
+    memory with an unpacked weight already in `dtype`). The weight is not changed, except that a packed GGUF weight is
+    first put in the block layout its host computes with ("baked"), as the host does before its first forward."""
     kind = quantized(weight)
     if kind == "gguf" and weight.gguf_cls is None:  # stored as F16/F32
         out = weight.data

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -479,3 +480,19 @@ def test_sdxl_and_sd2_in_forge_give_the_builtins_images(installed, tmp_path, arc
         assert row["ours_vs_builtin"] <= 1, (key, row)
         assert row["ours_hashes"] == row["builtin_hashes"] and lora.stem in row["ours_hashes"], (key, row)
     assert res["ours_base_again"] == 0, res
+
+
+def test_infotext_paste_and_sd_lora_in_forge(installed, tmp_path):
+    """Pasting an infotext in Forge names the local file with the hash it records (a renamed file is found; Forge's
+    hash is the whole file's), and "Add network to prompt" (`sd_lora`) adds its LoRA at the default multiplier."""
+    data, models = installed[:2]
+    own = tmp_path / "models"
+    (own / "Lora").mkdir(parents=True)
+    (own / "Stable-diffusion").symlink_to(models / "Stable-diffusion", target_is_directory=True)
+    for name in ("full_lora", "full_lora_compvis"):
+        shutil.copyfile(models / "Lora" / f"{name}.safetensors", own / "Lora" / f"{name}.safetensors")
+    res = _probe("forge_paste_probe.py", tmp_path, data, own, timeout=1800)
+    assert res["hashes"] and res["hashes"].startswith("full_lora: "), res
+    assert res["pasted"] == "a photo of a cat <lora:renamed_copy:0.8>", res
+    assert res["sd_lora_diff"] == 0 and res["sd_lora_effect"] > 2, res
+    assert res["sd_lora_hashes"] and "full_lora_compvis: " in res["sd_lora_hashes"], res

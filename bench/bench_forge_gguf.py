@@ -68,14 +68,13 @@ def main() -> None:
 def phase(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO / "tests" / "webui"))
     from forge_gguf_probe import int_shapes, write_gguf
-    from forge_inprocess import start_forge
+    from forge_inprocess import load_model, start_forge, txt2img
 
     data = Path(tempfile.mkdtemp(prefix="lora_ext_bench_gguf_data_"))
     (data / "extensions").mkdir()
     (data / "extensions" / "lora_ext").symlink_to(REPO, target_is_directory=True)
     start_forge(str(data), args.models)
-    from modules import processing, sd_models, shared
-    from modules_forge import main_entry
+    from modules import shared
 
     int_shapes()
     unet_file = Path(args.models, "Stable-diffusion", "sd15-unet-q8_0.gguf")
@@ -83,23 +82,12 @@ def phase(args: argparse.Namespace) -> dict:
     if not unet_file.exists():
         write_gguf(os.environ["SD_WEBUI_CKPT"], args.models)
     storage, ours = MODES[args.phase]
-    shared.opts.set("forge_unet_storage_dtype", storage)
-    sd_models.list_models()
-    info = next(i for i in sd_models.checkpoints_list.values() if i.filename == str(unet_file))
-    shared.opts.set("sd_model_checkpoint", info.title)
-    shared.opts.set("forge_additional_modules", [str(rest_file)])
-    main_entry.refresh_model_loading_parameters()
-    sd_models.forge_model_reload()
+    load_model(storage, unet_file, [rest_file])
     shared.opts.set("lora_ext_handle_lora_tags", ours)
 
     def generate(prompt: str, steps: int) -> float:
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=args.size,
-            height=args.size, sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True,
-            do_not_save_grid=True)
         t0 = time.perf_counter()
-        processing.process_images(p)
-        p.close()
+        txt2img(prompt, steps=steps, size=args.size, forget=False)  # conditionings cached as in normal use
         return time.perf_counter() - t0
 
     cat = "a photo of a cat"

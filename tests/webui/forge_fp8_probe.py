@@ -10,7 +10,7 @@ Forge's built-in merges into the FP8 weights (rounded to 3 mantissa bits) and re
 
 from __future__ import annotations
 
-from forge_inprocess import probe_main, start_forge
+from forge_inprocess import load_model, probe_main, start_forge, txt2img
 
 PROMPT, LORA = "a photo of a cat", "a photo of a cat <lora:full_lora:0.8>"
 
@@ -19,29 +19,18 @@ def run(data: str, models: str) -> dict:
     start_forge(data, models)
     import numpy as np
     import torch
-    from modules import processing, sd_models, shared
-    from modules_forge import main_entry
-
-    def load(storage: str) -> None:
-        shared.opts.set("forge_unet_storage_dtype", storage)
-        main_entry.refresh_model_loading_parameters()
-        sd_models.forge_model_reload()
+    from modules import shared
 
     def generate(prompt: str) -> np.ndarray:
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
-            sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
-        images = processing.process_images(p).images
-        p.close()
-        return np.asarray(images[0]).astype(np.float64)
+        return txt2img(prompt)[0]
 
     def unet_weights() -> dict:
         unet = shared.sd_model.forge_objects.unet.model.diffusion_model
         return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
-    load("Automatic")
+    load_model("Automatic")
     base32, lora32 = generate(PROMPT), generate(LORA)
-    load("float8-e4m3fn")
+    load_model("float8-e4m3fn")
     storage = str(shared.sd_model.forge_objects.unet.model.storage_dtype)
     before = unet_weights()
     shared.opts.set("lora_ext_handle_lora_tags", True)

@@ -9,7 +9,7 @@ For the LoRA at 0.8, text encoders only and UNet only: ours and the built-in's i
 
 from __future__ import annotations
 
-from forge_inprocess import forget_conditionings, probe_main, start_forge
+from forge_inprocess import probe_main, start_forge, txt2img
 
 PROMPT = "a photo of a cat"
 
@@ -17,17 +17,11 @@ PROMPT = "a photo of a cat"
 def run(data: str, models: str, name: str) -> dict:
     start_forge(data, models)
     import numpy as np
-    from modules import processing, shared
+    from modules import infotext_utils, shared
 
     def generate(prompt: str) -> tuple[np.ndarray, str]:
-        forget_conditionings()
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
-            sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
-        res = processing.process_images(p)
-        hashes = str(p.extra_generation_params.get("Lora hashes", ""))
-        p.close()
-        return np.asarray(res.images[0]).astype(np.int16), hashes
+        image, info = txt2img(prompt)
+        return image, str(infotext_utils.parse_generation_parameters(info).get("Lora hashes", ""))
 
     shared.opts.set("live_previews_enable", False)  # else SDXL needs vaeapprox-sdxl.pt, downloaded from GitHub
     model = shared.sd_model

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from forge_inprocess import probe_main, start_forge
+from forge_inprocess import load_model, probe_main, start_forge, txt2img
 
 PROMPT, LORA = "a photo of a cat", "a photo of a cat <lora:full_lora:0.8>"
 
@@ -77,28 +77,12 @@ def run(data: str, models: str) -> dict:
     start_forge(data, models)
     import numpy as np
     import torch
-    from modules import processing, sd_models, shared
-    from modules_forge import main_entry
+    from modules import shared
 
     int_shapes()
 
-    def load(storage: str, checkpoint: str | None = None, modules: list[str] | None = None) -> None:
-        shared.opts.set("forge_unet_storage_dtype", storage)
-        if checkpoint is not None:
-            sd_models.list_models()
-            info = next(i for i in sd_models.checkpoints_list.values() if i.filename == checkpoint)
-            shared.opts.set("sd_model_checkpoint", info.title)
-            shared.opts.set("forge_additional_modules", modules or [])
-        main_entry.refresh_model_loading_parameters()
-        sd_models.forge_model_reload()
-
     def generate(prompt: str) -> np.ndarray:
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
-            sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
-        images = processing.process_images(p).images
-        p.close()
-        return np.asarray(images[0]).astype(np.float64)
+        return txt2img(prompt)[0]
 
     def unet_params() -> dict:
         unet = shared.sd_model.forge_objects.unet.model.diffusion_model
@@ -107,7 +91,7 @@ def run(data: str, models: str) -> dict:
     base32, lora32 = generate(PROMPT), generate(LORA)
     unet_file, rest_file, q8 = write_gguf(os.environ["SD_WEBUI_CKPT"], models)
 
-    load("Automatic", unet_file, [rest_file])
+    load_model("Automatic", unet_file, [rest_file])
     unet = shared.sd_model.forge_objects.unet.model
     storage = str(unet.storage_dtype)
     shared.opts.set("lora_ext_handle_lora_tags", True)
@@ -120,7 +104,7 @@ def run(data: str, models: str) -> dict:
     shared.opts.set("lora_ext_handle_lora_tags", False)
     baked = generate(LORA)
     baked_after = generate(PROMPT)
-    load("Automatic (fp16 LoRA)")
+    load_model("Automatic (fp16 LoRA)")
     online = generate(LORA)
     online_base = generate(PROMPT)
     shared.opts.set("lora_ext_handle_lora_tags", True)

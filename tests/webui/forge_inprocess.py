@@ -66,3 +66,35 @@ def forget_conditionings() -> None:
         for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
             if isinstance(cls.__dict__.get(attr), list):
                 setattr(cls, attr, [None, None])
+
+
+def txt2img(prompt: str, *, steps: int = 2, size: int = 64, forget: bool = True):
+    """One image of the loaded model (Euler, seed 1234, CFG 7, `steps` steps at `size` px): (its pixels as a float64
+    array, its infotext). `forget`: recompute the conditionings (see `forget_conditionings`)."""
+    import numpy as np
+    from modules import processing, shared
+
+    if forget:
+        forget_conditionings()
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
+        sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
+    res = processing.process_images(p)
+    p.close()
+    return np.asarray(res.images[0]).astype(np.float64), res.infotexts[0]
+
+
+def load_model(storage: str, checkpoint: str | None = None, modules: list[str] | None = None) -> None:
+    """(Re)load the model as Forge's top bar would: "Diffusion in Low Bits" = `storage`; with `checkpoint` (a file in
+    the models folder), that checkpoint and the "VAE / Text Encoder" `modules`."""
+    from modules import sd_models, shared
+    from modules_forge import main_entry
+
+    shared.opts.set("forge_unet_storage_dtype", storage)
+    if checkpoint is not None:
+        sd_models.list_models()
+        info = next(i for i in sd_models.checkpoints_list.values() if i.filename == str(checkpoint))
+        shared.opts.set("sd_model_checkpoint", info.title)
+        shared.opts.set("forge_additional_modules", [str(m) for m in modules or []])
+    main_entry.refresh_model_loading_parameters()
+    sd_models.forge_model_reload()

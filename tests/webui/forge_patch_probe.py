@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from forge_inprocess import REPO, forget_conditionings, probe_main, start_forge
+from forge_inprocess import REPO, probe_main, start_forge, txt2img
 
 
 def run() -> dict:
@@ -23,18 +23,14 @@ def run() -> dict:
     sys.path.insert(0, str(REPO))
     import numpy as np
     import torch
-    from modules import processing, shared
+    from modules import shared
 
     from lora_ext.formats.network import load_lora
     from lora_ext.patch import ActiveLora, Patcher
     from lora_ext.patch.forge import adapter_for_forge
 
     def generate(prompt: str) -> np.ndarray:
-        forget_conditionings()
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=2, width=64, height=64,
-            sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
-        return np.asarray(processing.process_images(p).images[0]).astype(np.int16)
+        return txt2img(prompt)[0]
 
     from backend.patcher.lora import LoraLoader
 

@@ -1,0 +1,56 @@
+"""Run with Forge's Python (tests/webui/test_forge.py): pasting an infotext and the "Add network to prompt" setting
+(`sd_lora`) in Forge with lora_ext owning the tag. Writes OUT/result.json.
+
+    $SD_WEBUI_PYTHON tests/webui/forge_paste_probe.py OUT DATA MODELS
+
+MODELS/Lora must be a writable folder holding copies of the harness' `full_lora` and `full_lora_compvis`.
+- Paste: an image made with `full_lora` names it in its prompt and its "Lora hashes"; the file is then renamed (same
+  bytes: Forge's hash is the whole file's sha256). Pasting that infotext (Forge's `parse_generation_parameters`, which
+  runs every `infotext_pasted` hook) must name the renamed file.
+- `sd_lora`: with it set to `full_lora_compvis`, a prompt without tags gives the image of the same prompt with
+  `<lora:full_lora_compvis:DEFAULT>` (DEFAULT: the "default multiplier" setting), and "Lora hashes" name it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from forge_inprocess import probe_main, start_forge, txt2img
+
+PROMPT = "a photo of a cat"
+
+
+def run(data: str, models: str) -> dict:
+    start_forge(data, models)
+    import numpy as np
+    from modules import infotext_utils, shared
+
+    from lora_ext.webui import glue
+
+    generate = txt2img
+
+    def paste(info: str) -> str:
+        params = infotext_utils.parse_generation_parameters(info)
+        return params["Prompt"]
+
+    lora_dir = os.path.join(models, "Lora")
+    shared.opts.set("lora_ext_handle_lora_tags", True)
+    _, info = generate(f"{PROMPT} <lora:full_lora:0.8>")
+    hashes = infotext_utils.parse_generation_parameters(info).get("Lora hashes")
+    shutil.copyfile(os.path.join(lora_dir, "full_lora.safetensors"), os.path.join(lora_dir, "renamed_copy.safetensors"))
+    os.unlink(os.path.join(lora_dir, "full_lora.safetensors"))
+    glue.state().index.refresh()
+    pasted = paste(info)
+
+    shared.opts.set("sd_lora", "full_lora_compvis")
+    with_default, info_default = generate(PROMPT)
+    shared.opts.set("sd_lora", "None")
+    explicit, _ = generate(f"{PROMPT} <lora:full_lora_compvis:{shared.opts.extra_networks_default_multiplier}>")
+    base, _ = generate(PROMPT)
+    return {"hashes": hashes, "pasted": pasted, "sd_lora_diff": int(np.abs(with_default - explicit).max()),
+            "sd_lora_effect": float(np.abs(with_default - base).mean()),
+            "sd_lora_hashes": infotext_utils.parse_generation_parameters(info_default).get("Lora hashes")}
+
+
+if __name__ == "__main__":
+    probe_main(run)

@@ -68,9 +68,10 @@ def forget_conditionings() -> None:
                 setattr(cls, attr, [None, None])
 
 
-def txt2img(prompt: str, *, steps: int = 2, size: int = 64, forget: bool = True):
-    """One image of the loaded model (Euler, seed 1234, CFG 7, `steps` steps at `size` px): (its pixels as a float64
-    array, its infotext). `forget`: recompute the conditionings (see `forget_conditionings`)."""
+def txt2img(prompt: str, *, steps: int = 2, size: int = 64, forget: bool = True, **kw):
+    """One image of the loaded model (Euler, seed 1234, CFG 7, `steps` steps at `size` px; `kw`: more arguments of
+    the processing object): (its pixels as a float64 array, its infotext). `forget`: recompute the conditionings (see
+    `forget_conditionings`)."""
     import numpy as np
     from modules import processing, shared
 
@@ -78,7 +79,7 @@ def txt2img(prompt: str, *, steps: int = 2, size: int = 64, forget: bool = True)
         forget_conditionings()
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
-        sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
+        sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True, **kw)
     res = processing.process_images(p)
     p.close()
     return np.asarray(res.images[0]).astype(np.float64), res.infotexts[0]

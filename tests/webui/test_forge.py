@@ -496,3 +496,22 @@ def test_infotext_paste_and_sd_lora_in_forge(installed, tmp_path):
     assert res["pasted"] == "a photo of a cat <lora:renamed_copy:0.8>", res
     assert res["sd_lora_diff"] == 0 and res["sd_lora_effect"] > 2, res
     assert res["sd_lora_hashes"] and "full_lora_compvis: " in res["sd_lora_hashes"], res
+
+
+def test_loras_follow_the_refiner_in_forge(installed, tmp_path):
+    """The refiner taking over mid-generation in Forge (the model reloaded at the switch): the LoRA is in the UNet at
+    every step, before and after the switch; the image equals the same generation without a refiner (the refiner is a
+    copy of the base) and the built-in's; the base image afterwards is the base image."""
+    data, models = installed[:2]
+    own = tmp_path / "models"
+    (own / "Stable-diffusion").mkdir(parents=True)
+    (own / "Lora").symlink_to(models / "Lora", target_is_directory=True)
+    ckpt = Path(os.environ["SD_WEBUI_CKPT"])
+    (own / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
+    res = _probe("forge_refiner_probe.py", tmp_path, data, own, timeout=1800)
+    assert res["models_at_step"] and res["models_at_step"][-1] == res["refiner"], res  # the refiner did take over
+    assert len(set(res["models_at_step"])) == 2 and res["infotext_refiner"], res
+    assert all(res["merged_at_step"]), res  # on the base model and on the refiner
+    assert res["refiner_itself"] <= 1 and res["effect"] > 2, res
+    assert res["vs_no_refiner"] <= 1 and res["vs_builtin"] <= 1, res
+    assert res["base_again"] == 0 and res["hashes"], res

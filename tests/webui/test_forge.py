@@ -509,7 +509,7 @@ def test_loras_follow_the_refiner_in_forge(installed, tmp_path):
     ckpt = Path(os.environ["SD_WEBUI_CKPT"])
     (own / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
     res = _probe("forge_refiner_probe.py", tmp_path, data, own, timeout=1800)
-    assert res["models_at_step"] and res["models_at_step"][-1] == res["refiner"], res  # the refiner did take over
+    assert res["models_at_step"] and res["models_at_step"][-1].startswith(res["refiner"]), res  # it did take over
     assert len(set(res["models_at_step"])) == 2 and res["infotext_refiner"], res
     assert all(res["merged_at_step"]), res  # on the base model and on the refiner
     assert res["refiner_itself"] <= 1 and res["effect"] > 2, res

@@ -232,10 +232,11 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
     log = ours["log"][:ours["log_at"]["options_off"]]  # until the tag is handed back
     assert "lora_ext: <lora:...> and <lyco:...> tags are handled by lora_ext" in log, log[-6000:]
     assert "[LORA] Loaded" not in log and "activating extra network" not in log, log[-8000:]  # the built-in never ran
-    # Forge's own scripts print the same errors with and without lora_ext (UI mode, API calls without script args),
-    # until the generation made to fail on purpose
+    # no traceback until the generation made to fail on purpose, except Forge's own scripts failing on script
+    # arguments missing from an API call (UI mode: they print these with and without lora_ext when the first request
+    # comes before the UI's default script arguments exist; seen in either run, depending on timing)
     before_fail = ours["log"][:ours["log_at"]["fail"]]
-    assert before_fail.count("Traceback") == ref["log"].count("Traceback"), before_fail[-8000:]
+    assert _unexplained_tracebacks(before_fail) == 0 == _unexplained_tracebacks(ref["log"]), before_fail[-8000:]
     assert ours["status_route"] == 200  # our REST routes are mounted
     img, ref_img = ours["images"], ref["images"]
     report = {k: _diff(img[k], ref_img[k]) for k in SHARED}
@@ -264,6 +265,12 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
         ours_hashes = re.findall(r'Lora hashes: "[^"]*"', ours["infotexts"][key])
         assert ours_hashes and ours_hashes == re.findall(r'Lora hashes: "[^"]*"', ref["infotexts"][key]), \
             (ours["infotexts"][key], ref["infotexts"][key])
+
+
+def _unexplained_tracebacks(log: str) -> int:
+    """Tracebacks in a Forge log other than its built-in scripts' "ValueError: not enough values to unpack" (their
+    script arguments missing from an API call)."""
+    return log.count("Traceback") - log.count("ValueError: not enough values to unpack")
 
 
 def _probe(script: str, tmp_path: Path, *args: object, timeout: int = 1800, env: dict | None = None) -> dict:

@@ -45,8 +45,8 @@ def run(data: str, models: str, name: str) -> dict:
     builtin_base_again = int(np.abs(generate(PROMPT)[0] - base).max())
     shared.opts.set("lora_ext_handle_lora_tags", True)
     return {"base_mean": float(base.mean()), "base_std": float(base.std()),
-            "base_saturated": float(((base <= 0) | (base >= 255)).mean()), "model_class": arch, "encoders": encoders, "rows": rows, "ours_base_again": ours_base_again,
-            "builtin_base_again": builtin_base_again}
+            "base_saturated": float(((base <= 0) | (base >= 255)).mean()), "model_class": arch, "encoders": encoders,
+            "rows": rows, "ours_base_again": ours_base_again, "builtin_base_again": builtin_base_again}
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def run(data: str, models: str) -> dict:
     shared.opts.set("sd_lora", "None")
     explicit, _ = generate(f"{PROMPT} <lora:full_lora_compvis:{shared.opts.extra_networks_default_multiplier}>")
     base, _ = generate(PROMPT)
-    return {"info": info, "hashes": hashes, "pasted": pasted, "sd_lora_diff": int(np.abs(with_default - explicit).max()),
+    return {"info": info, "hashes": hashes, "pasted": pasted,
+            "sd_lora_diff": int(np.abs(with_default - explicit).max()),
             "sd_lora_effect": float(np.abs(with_default - base).mean()),
             "sd_lora_hashes": infotext_utils.parse_generation_parameters(info_default).get("Lora hashes")}
 

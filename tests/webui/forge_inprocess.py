@@ -70,8 +70,9 @@ def forget_conditionings() -> None:
 
 def txt2img(prompt: str, *, steps: int = 2, size: int = 64, forget: bool = True, **kw):
     """One image of the loaded model (Euler, seed 1234, CFG 7, `steps` steps at `size` px; `kw`: more arguments of
-    the processing object): (its pixels as a float64 array, its infotext). `forget`: recompute the conditionings (see
-    `forget_conditionings`)."""
+    the processing object): (its pixels as a float64 array, its infotext as a UI or API generation writes it: the
+    prompt as typed; a processing object without scripts, as here, leaves the tags out of its per-image infotexts).
+    `forget`: recompute the conditionings (see `forget_conditionings`)."""
     import numpy as np
     from modules import processing, shared
 
@@ -81,8 +82,9 @@ def txt2img(prompt: str, *, steps: int = 2, size: int = 64, forget: bool = True,
         sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=steps, width=size, height=size,
         sampler_name="Euler", seed=1234, cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True, **kw)
     res = processing.process_images(p)
+    info = res.infotext(p, 0)
     p.close()
-    return np.asarray(res.images[0]).astype(np.float64), res.infotexts[0]
+    return np.asarray(res.images[0]).astype(np.float64), info
 
 
 def load_model(storage: str, checkpoint: str | None = None, modules: list[str] | None = None) -> None:

@@ -1,16 +1,15 @@
-"""A full-size SDXL- or SD2-shaped random checkpoint and a LoRA for it, for the real-Forge SDXL and SD2 tests (Forge
-recognises a model by its real shapes, so the tiny models of the A1111 harness do not load there). Run with the
-project's Python:
+"""A full-size SDXL-shaped random checkpoint and a LoRA for it, for the real-Forge SDXL test (Forge recognises a model
+by its real shapes, so the tiny SDXL of the A1111 harness does not load there). Run with the project's Python:
 
-    python tests/webui/make_full_ckpt.py sdxl|sd2 CKPT LORA
+    python tests/webui/make_full_ckpt.py sdxl CKPT LORA
 
-The UNet, VAE and text encoder(s) are built from the configs Forge ships (`$SD_WEBUI_DIR/backend/huggingface/
-stabilityai/stable-diffusion-xl-base-1.0`, `.../stable-diffusion-2-1`) with random fp16 weights (torch's default
-initialisation, seeded), written in the SGM/LDM single-file layout by `lora_ext.models.convert` (SDXL 6.9 GB, SD2
-2.6 GB). The LoRA (rank 4, kohya's names: SDXL `lora_unet_<compvis path>`, `lora_te1_`, `lora_te2_`; SD2
-`lora_unet_<diffusers path>`, `lora_te_`) covers the UNet's cross-attention key/value projections and every
-text-encoder layer kohya trains: enough to change the image, small enough that the backups of two handlers fit beside
-the fp32 SDXL model in 24 GB.
+The UNet, VAE and both text encoders are built from the configs Forge ships
+(`$SD_WEBUI_DIR/backend/huggingface/stabilityai/stable-diffusion-xl-base-1.0`) with random fp16 weights (torch's
+default initialisation, seeded), written in the SGM single-file layout by `lora_ext.models.convert` (6.9 GB). The LoRA
+(rank 4, kohya's SDXL names: `lora_unet_<compvis path>`, `lora_te1_`, `lora_te2_`) covers the UNet's cross-attention
+key/value projections and every text-encoder layer kohya trains: enough to change the image, small enough that the
+backups of two handlers fit beside the fp32 model in 24 GB. (SD2 built the same way draws black images in Forge:
+default initialisation is not enough there; not offered.)
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from lora_ext.models.convert import diffusers_to_single_file
 from lora_ext.patch.keymap import adapter_for_pipeline
 from lora_ext.patch.synth import SynthSpec, make_lora_tensors
 
-REPOS = {"sdxl": "stable-diffusion-xl-base-1.0", "sd2": "stable-diffusion-2-1"}
+REPOS = {"sdxl": "stable-diffusion-xl-base-1.0"}
 
 
 def main(arch: str, ckpt: str, lora: str) -> None:
@@ -45,12 +44,10 @@ def main(arch: str, ckpt: str, lora: str) -> None:
     torch.set_default_dtype(torch.float16)  # built in fp16 directly: SDXL 6.9 GB instead of 14
     unet = UNet2DConditionModel.from_config(read("unet"))
     vae = AutoencoderKL.from_config(read("vae"))
-    encoders = [CLIPTextModel(CLIPTextConfig(**read("text_encoder")))]
-    if arch == "sdxl":
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**read("text_encoder_2"))))
+    encoders = [CLIPTextModel(CLIPTextConfig(**read("text_encoder"))),
+                CLIPTextModelWithProjection(CLIPTextConfig(**read("text_encoder_2")))]
     torch.set_default_dtype(torch.float32)
-    adapter = adapter_for_pipeline(SimpleNamespace(unet=unet, text_encoder=encoders[0],
-                                                   text_encoder_2=encoders[1] if arch == "sdxl" else None))
+    adapter = adapter_for_pipeline(SimpleNamespace(unet=unet, text_encoder=encoders[0], text_encoder_2=encoders[1]))
 
     def select(target) -> bool:
         return target.component != "unet" or target.key.endswith(("attn2.to_k", "attn2.to_v"))

@@ -458,13 +458,14 @@ def test_gguf_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     assert res["weights_unchanged"] and res["ours_base_again"] == 0, res
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd2"])
-def test_sdxl_and_sd2_in_forge_give_the_builtins_images(installed, tmp_path, arch):
-    """A full-size SDXL-shaped checkpoint (two text encoders, `clip_l` and `clip_g`) and an SD2-shaped one (`clip_h`) in
-    Forge: ours gives the built-in's image (max difference 1 level) for a kohya LoRA at 0.8, text encoders only and
-    UNet only, with the same "Lora hashes", and the base image after it bit for bit. The checkpoint (SDXL 6.9 GB, SD2
-    2.6 GB) is built once per run, or reused from LORA_EXT_FORGE_FULL_DIR/ARCH (ARCH.safetensors +
-    ARCH_lora.safetensors, made by tests/webui/make_full_ckpt.py)."""
+@pytest.mark.parametrize("arch", ["sdxl"])
+def test_sdxl_in_forge_gives_the_builtins_images(installed, tmp_path, arch):
+    """A full-size SDXL-shaped checkpoint in Forge (two text encoders, `clip_l` and `clip_g`): ours gives the built-in's
+    image (max difference 1 level) for a kohya LoRA at 0.8, text encoders only and UNet only, with the same "Lora
+    hashes", and the base image after it bit for bit. The checkpoint (6.9 GB) is built once per run, or reused from
+    LORA_EXT_FORGE_FULL_DIR/ARCH (ARCH.safetensors + ARCH_lora.safetensors, made by tests/webui/make_full_ckpt.py).
+    (An SD2-shaped random checkpoint built the same way draws black images in Forge, where no LoRA can show: not
+    used.)"""
     data = installed[0]
     root = os.environ.get("LORA_EXT_FORGE_FULL_DIR")
     cache = Path(root) / arch if root else tmp_path / arch
@@ -480,8 +481,8 @@ def test_sdxl_and_sd2_in_forge_give_the_builtins_images(installed, tmp_path, arc
     (models / "Lora" / lora.name).symlink_to(lora)
     res = _probe("forge_full_probe.py", tmp_path, data, models, lora.stem, timeout=2400,
                  env={"SD_WEBUI_CKPT": str(ckpt)})
-    expected = {"sdxl": ("StableDiffusionXL", ["clip_g", "clip_l"]), "sd2": ("StableDiffusion2", ["clip_h"])}
-    assert (res["model_class"], res["encoders"]) == expected[arch], res
+    assert (res["model_class"], res["encoders"]) == ("StableDiffusionXL", ["clip_g", "clip_l"]), res
+    assert res["base_saturated"] < 0.5, res  # an image, not a black or white square
     for key, row in res["rows"].items():
         assert row["builtin_effect"] > 2, (key, row)  # the LoRA visibly changes the image
         assert row["ours_vs_builtin"] <= 1, (key, row)

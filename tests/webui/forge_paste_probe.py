@@ -5,8 +5,8 @@
 
 MODELS/Lora must be a writable folder holding copies of the harness' `full_lora` and `full_lora_compvis`.
 - Paste: an image made with `full_lora` names it in its prompt and its "Lora hashes"; the file is then renamed (same
-  bytes: Forge's hash is the whole file's sha256). Pasting that infotext (Forge's `parse_generation_parameters`, which
-  runs every `infotext_pasted` hook) must name the renamed file.
+  bytes: Forge's hash is the whole file's sha256). Pasting that infotext (as the UI's paste button does: parse, then
+  every `infotext_pasted` hook, Forge's built-in's included) must name the renamed file.
 - `sd_lora`: with it set to `full_lora_compvis`, a prompt without tags gives the image of the same prompt with
   `<lora:full_lora_compvis:DEFAULT>` (DEFAULT: the "default multiplier" setting), and "Lora hashes" name it."""
 
@@ -23,14 +23,15 @@ PROMPT = "a photo of a cat"
 def run(data: str, models: str) -> dict:
     start_forge(data, models)
     import numpy as np
-    from modules import infotext_utils, shared
+    from modules import infotext_utils, script_callbacks, shared
 
     from lora_ext.webui import glue
 
     generate = txt2img
 
-    def paste(info: str) -> str:
+    def paste(info: str) -> str:  # what the UI's paste button does (infotext_utils.connect_paste)
         params = infotext_utils.parse_generation_parameters(info)
+        script_callbacks.infotext_pasted_callback(info, params)
         return params["Prompt"]
 
     lora_dir = os.path.join(models, "Lora")

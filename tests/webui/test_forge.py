@@ -501,7 +501,9 @@ def test_infotext_paste_and_sd_lora_in_forge(installed, tmp_path):
         shutil.copyfile(models / "Lora" / f"{name}.safetensors", own / "Lora" / f"{name}.safetensors")
     res = _probe("forge_paste_probe.py", tmp_path, data, own, timeout=1800)
     assert res["hashes"] and res["hashes"].startswith("full_lora: "), res
-    assert res["pasted"] == "a photo of a cat <lora:renamed_copy:0.8>", res
+    assert res["pasted"] == "a photo of a cat <lora:renamed_copy:0.8>", res  # preferred name: Filename
+    assert res["pasted_alias"] == "a photo of a cat <lora:full_lora:0.8>", res  # the file's alias (its metadata)
+    assert res["pasted_alias_vs_original"] == 0, res
     assert res["sd_lora_diff"] == 0 and res["sd_lora_effect"] > 2, res
     assert res["sd_lora_hashes"] and "full_lora_compvis: " in res["sd_lora_hashes"], res
 

@@ -9,8 +9,8 @@
   with projection), `clip_h` (SD2), all in the transformers layout (no fused q/k/v).
 
 Quantized UNets (Forge's GGUF files and its `nf4`/`fp4` storage: packed weights, `lora_ext.patch.quant`) take
-their LoRAs as bypass on the quantized layers (the weights are never written; the layers that Forge keeps in float,
-such as the convs of a GGUF UNet, are merged as usual). FP8 storage is a float dtype: those layers take LoRAs as
+their LoRAs as bypass on the layers holding such weights (never written; GGUF parameters stored as F16/F32 included);
+layers with plain float Parameters are merged as usual. FP8 storage is a float dtype: those layers take LoRAs as
 bypass too (`lora_ext.patch.bypass.needs_bypass`), as on A1111.
 
 The module objects are shared by `forge_objects`, `forge_objects_original` and `forge_objects_after_applying_lora`

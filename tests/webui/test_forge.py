@@ -267,6 +267,17 @@ def test_lora_ext_owns_the_tag_in_forge_and_gives_the_builtins_images(installed,
             (ours["infotexts"][key], ref["infotexts"][key])
 
 
+def _checkpoints_writable(tmp_path: Path, models: Path) -> Path:
+    """A models dir whose Stable-diffusion folder the probe may write into (it holds a link to the harness checkpoint),
+    with the LoRAs of `models`."""
+    own = tmp_path / "models"
+    (own / "Stable-diffusion").mkdir(parents=True)
+    (own / "Lora").symlink_to(models / "Lora", target_is_directory=True)
+    ckpt = Path(os.environ["SD_WEBUI_CKPT"])
+    (own / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
+    return own
+
+
 def _unexplained_tracebacks(log: str) -> int:
     """Tracebacks in a Forge log other than its built-in scripts' "ValueError: not enough values to unpack" (their
     script arguments missing from an API call)."""
@@ -444,11 +455,7 @@ def test_gguf_unet_in_forge_takes_loras_as_bypass(installed, tmp_path):
     image comes back bit for bit. (Forge f2.0.1 cannot load SD1/SDXL GGUF files by itself: see int_shapes in the
     probe.)"""
     data, models = installed[:2]
-    own = tmp_path / "models"
-    (own / "Stable-diffusion").mkdir(parents=True)
-    (own / "Lora").symlink_to(models / "Lora", target_is_directory=True)
-    ckpt = Path(os.environ["SD_WEBUI_CKPT"])
-    (own / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
+    own = _checkpoints_writable(tmp_path, models)
     res = _probe("forge_gguf_probe.py", tmp_path, data, own, timeout=1800)
     assert res["storage"] == "gguf" and res["packed_params"] == res["q8_tensors_written"] > 100, res
     assert res["ours_effect"] > 0.5 * res["effect32"], res  # the LoRA does act on the GGUF UNet
@@ -513,11 +520,7 @@ def test_loras_follow_the_refiner_in_forge(installed, tmp_path):
     every step, before and after the switch; the image equals the same generation without a refiner (the refiner is a
     copy of the base) and the built-in's; the base image afterwards is the base image."""
     data, models = installed[:2]
-    own = tmp_path / "models"
-    (own / "Stable-diffusion").mkdir(parents=True)
-    (own / "Lora").symlink_to(models / "Lora", target_is_directory=True)
-    ckpt = Path(os.environ["SD_WEBUI_CKPT"])
-    (own / "Stable-diffusion" / ckpt.name).symlink_to(ckpt)
+    own = _checkpoints_writable(tmp_path, models)
     res = _probe("forge_refiner_probe.py", tmp_path, data, own, timeout=1800)
     assert res["models_at_step"] and res["models_at_step"][-1].startswith(res["refiner"]), res  # it did take over
     assert len(set(res["models_at_step"])) == 2 and res["infotext_refiner"], res

@@ -3,8 +3,11 @@
     python tools/make_shapes_model.py                 # -> lora_ext/data/shapes (fp16 diffusers folder + recipe.json)
     python tools/make_shapes_model.py --out DIR --work DIR --threads 2
 
-Stages are cached in --work (vae-<digest>.pt, unet_te-<digest>.pt, named by the recipe fields they depend on), so
-an interrupted run resumes at the stage it was in. The same recipe, torch build and thread count give the same bytes;
+Stages are cached in --work (vae-<digest>.pt, unet_te-<digest>.pt, vae_dec-<digest>.pt, named by the recipe fields
+they depend on), so an interrupted run resumes at the stage it was in. `--stages-from DIR` takes the first three
+stages' results from a shipped folder instead (its fp16 weights): the last stage starts from fp16-rounded weights
+and the UNet and text encoder ship in fp16, so the result is the same bytes as a run from scratch.
+The same recipe, torch build and thread count give the same bytes;
 the folder digest is printed and stored in recipe.json (the test suite checks the shipped folder against it). Then
 the judge measures the model (bench/RESULTS.md).
 """
@@ -29,14 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (part of what fixes the numbers)")
     ap.add_argument("--recipe", default=None, help="JSON object overriding recipe fields (experiments)")
     ap.add_argument("--no-eval", action="store_true", help="skip the judge's measurement")
+    ap.add_argument("--stages-from", default=None,
+                    help="a shipped folder whose VAE, UNet and text encoder stand for stages 1-3 (run stage 4 only)")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from lora_ext.shapes import evaluate, model, recipe
 
     r = recipe.Recipe(**json.loads(args.recipe)) if args.recipe else recipe.Recipe()
@@ -52,6 +54,60 @@ def main(argv: list[str] | None = None) -> int:
     # one seeded stream: the VAE learns on its first train_images images, the UNet on its first unet_images
     images, scenes, _ = recipe.training_set(r, max(r.train_images, r.unet_images))
     log(f"training set: {len(images)} images (VAE: the first {r.train_images})")
+    if args.stages_from:
+        vae, unet, te, earlier = _stages_from(Path(args.stages_from), r)
+        timings.update(earlier)
+        log(f"stages 1-3: from {args.stages_from}")
+    else:
+        vae, unet, te = _first_stages(r, cfg, images, scenes, work, timings, log)
+    cfg["vae"]["scaling_factor"] = vae.config.scaling_factor
+    dec_file = work / f"vae_dec-{recipe.stage_digest(r, 'decoder')}.pt"
+    if dec_file.is_file():
+        vae.load_state_dict(torch.load(dec_file, weights_only=True))
+        log("decoder fine-tune: from the work folder")
+        if dec_file.with_suffix(".json").is_file():
+            timings["decoder_s"] = json.loads(dec_file.with_suffix(".json").read_text())["seconds"]
+    else:
+        t = time.perf_counter()
+        vae = recipe.finetune_decoder(r, vae, images[: r.train_images], log=log)
+        timings["decoder_s"] = round(time.perf_counter() - t, 1)
+        torch.save(vae.state_dict(), dec_file)
+        dec_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["decoder_s"]}))
+    pipe = model.assemble(cfg, unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval())
+    info = {"recipe": recipe.recipe_dict(r), "torch": torch.__version__, "threads": args.threads,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "timings": timings}
+    out = model.save_shipped(pipe, Path(args.out), info)
+    digest = model.folder_digest(out)
+    log(f"wrote {out} (digest {digest})")
+    info["digest"] = digest
+    import hashlib
+
+    ckpt = model.write_checkpoint(work / "a1111", src=out)
+    info["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    log(f"A1111 single file: {ckpt} (sha256 {info['checkpoint_sha256']})")
+    if not args.no_eval:
+        from lora_ext.models.loading import load_pipeline
+
+        shipped = load_pipeline(out, scheduler="euler").pipe
+        report = evaluate.base_model_report(shipped)
+        info["judge"] = report
+        log(f"judge: {json.dumps(report)}")
+        seen = evaluate.eval_scenes(24)
+        _, imgs = evaluate.rates(shipped, seen)
+        evaluate.grid(imgs, columns=12).save(work / "base_samples.png")
+        log(f"samples: {work / 'base_samples.png'}")
+    (out / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return 0
+
+
+def _first_stages(r, cfg, images, scenes, work: Path, timings: dict, log):
+    """Stages 1-3 (VAE; latents and scaling_factor; UNet + text encoder), each cached in `work`."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_ext.shapes import recipe
+
     vae_file = work / f"vae-{recipe.stage_digest(r, 'vae')}.pt"
     vae = AutoencoderKL.from_config(cfg["vae"])
     if vae_file.is_file():
@@ -88,31 +144,33 @@ def main(argv: list[str] | None = None) -> int:
         timings["unet_s"] = round(time.perf_counter() - t, 1)
         torch.save({"unet": unet.state_dict(), "text_encoder": te.state_dict()}, unet_file)
         unet_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["unet_s"]}))
-    pipe = model.assemble(cfg, unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval())
-    info = {"recipe": recipe.recipe_dict(r), "torch": torch.__version__, "threads": args.threads,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "timings": timings}
-    out = model.save_shipped(pipe, Path(args.out), info)
-    digest = model.folder_digest(out)
-    log(f"wrote {out} (digest {digest})")
-    info["digest"] = digest
-    import hashlib
+    return vae, unet.eval(), te.eval()
 
-    ckpt = model.write_checkpoint(work / "a1111", src=out)
-    info["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    log(f"A1111 single file: {ckpt} (sha256 {info['checkpoint_sha256']})")
-    if not args.no_eval:
-        from lora_ext.models.loading import load_pipeline
 
-        shipped = load_pipeline(out, scheduler="euler").pipe
-        report = evaluate.base_model_report(shipped)
-        info["judge"] = report
-        log(f"judge: {json.dumps(report)}")
-        seen = evaluate.eval_scenes(24)
-        _, imgs = evaluate.rates(shipped, seen)
-        evaluate.grid(imgs, columns=12).save(work / "base_samples.png")
-        log(f"samples: {work / 'base_samples.png'}")
-    (out / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return 0
+def _stages_from(folder: Path, r) -> tuple:
+    """The VAE, UNet and text encoder of a shipped folder (fp16 on disk) in float32, with its recorded timings."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_ext.shapes import recipe
+
+    info = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
+    shipped = {k: v for k, v in info["recipe"].items() if not k.startswith("dec_")}
+    wanted = {k: v for k, v in recipe.recipe_dict(r).items() if not k.startswith("dec_")}
+    if shipped != wanted:
+        raise SystemExit(f"{folder}: its recipe differs from this one in stages 1-3; run from scratch instead")
+    cfg = recipe.configs(r)  # built from the recipe's configs (not from_pretrained: no paths in the saved configs)
+    cfg["vae"]["scaling_factor"] = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+    vae, unet = AutoencoderKL.from_config(cfg["vae"]), UNet2DConditionModel.from_config(cfg["unet"])
+    te = CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"]))
+    load = dict(torch_dtype=torch.float32)
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae", **load).state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", **load).state_dict())
+    te.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder", **load).state_dict())
+    vae.eval(), unet.eval(), te.eval()
+    timings = {k: v for k, v in info.get("timings", {}).items() if k in ("vae_s", "unet_s")}
+    return vae, unet, te, timings
 
 
 if __name__ == "__main__":

@@ -27,17 +27,18 @@ def sdxl():
 
 # Hand counts (tiny models keep the real block structure: 2 resnets per down level, 3 per up level, SDXL's transformer
 # depths 1/2/10; 2 text-encoder layers):
-# SD1.5: 16 transformers (down 3 levels x 2, mid 1, up 3 x 3); "attn" 8 projections each, "attn_mlp" 12
+# SD1.5: 16 transformers (down 3 levels x 2, mid 1, up 3 x 3); "cross_kv" 2 projections each, "attn" 8, "attn_mlp" 12
 #   (+ ff.net.0.proj, ff.net.2, proj_in, proj_out); resnets: 22 (down 8, mid 2, up 12), each conv1/conv2/time_emb_proj,
 #   conv_shortcut where the width changes (down 2, every up resnet 12), 3 downsamplers, 3 upsamplers:
 #   22*3 + 14 + 6 = 86.
 # SDXL: 11 Transformer2DModels (down level 1 x 2 of depth 2, level 2 x 2 of depth 10, mid 1 of depth 10, up block 0
 #   x 3 of depth 10, up block 1 x 3 of depth 2) = 70 transformer blocks: "attn" 70*8, "attn_mlp" 70*10 + 11*2
 #   (proj_in/proj_out); resnets: 17 (down 6, mid 2, up 9), conv_shortcut: down 2 + up 9, 2 downsamplers, 2 upsamplers:
-#   17*3 + 11 + 4 = 66. Text encoders: 6 per layer.
+#   17*3 + 11 + 4 = 66. "cross_kv": 2 per transformer block. Text encoders: 6 per layer.
 EXPECTED = {
-    "sd15": {"attn": 16 * 8, "attn_mlp": 16 * 12, "attn_mlp_conv": 16 * 12 + 86, "te": 2 * 6},
-    "sdxl": {"attn": 70 * 8, "attn_mlp": 70 * 10 + 22, "attn_mlp_conv": 70 * 10 + 22 + 66, "te": 2 * 2 * 6},
+    "sd15": {"cross_kv": 16 * 2, "attn": 16 * 8, "attn_mlp": 16 * 12, "attn_mlp_conv": 16 * 12 + 86, "te": 2 * 6},
+    "sdxl": {"cross_kv": 70 * 2, "attn": 70 * 8, "attn_mlp": 70 * 10 + 22, "attn_mlp_conv": 70 * 10 + 22 + 66,
+             "te": 2 * 2 * 6},
 }
 
 
@@ -83,5 +84,5 @@ def test_file_module_names(sd15, sdxl):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="attn, attn_mlp, attn_mlp_conv"):
+    with pytest.raises(ValueError, match="cross_kv, attn, attn_mlp, attn_mlp_conv"):
         selector("all")

@@ -1,7 +1,11 @@
 """Which layers of a model a LoRA targets, and the module names files give them: one rule each, used by training
 (`lora_ext.train.network`), the synthetic files of the tests and demo (`lora_ext.patch.synth`) and everything else.
 
-Presets (the rules of kohya sd-scripts' networks.lora, which name modules by class):
+Presets (the rules of kohya sd-scripts' networks.lora, which name modules by class; "cross_kv" is Custom
+Diffusion's):
+    "cross_kv"       the key and value projections of cross-attention only (attn2.to_k/to_v: the layers that read
+                     the text; Kumari et al. 2023, "Custom Diffusion"): the least a concept can be learned with, and
+                     the least that changes for prompts without it
     "attn"           UNet attention projections to_q/to_k/to_v/to_out.0 of attn1 and attn2 (the diffusers LoRA
                      training script's default)
     "attn_mlp"       every Linear and conv inside the UNet's transformer blocks (Transformer2DModel: the attention
@@ -24,7 +28,8 @@ from lora_ext import families
 if TYPE_CHECKING:
     from lora_ext.patch.keymap import ModelAdapter, Target
 
-PRESETS = ("attn", "attn_mlp", "attn_mlp_conv")
+PRESETS = ("cross_kv", "attn", "attn_mlp", "attn_mlp_conv")
+CROSS_KV = ("attn2.to_k", "attn2.to_v")
 ATTENTION_PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TE_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -48,6 +53,11 @@ def is_attention(target: Target) -> bool:
     return target.component == "unet" and target.spec.kind == "linear" and module_path(target).endswith(ATTENTION_PROJ)
 
 
+def is_cross_kv(target: Target) -> bool:
+    """UNet cross-attention key and value projections (attn2.to_k/to_v: "cross_kv")."""
+    return target.component == "unet" and target.spec.kind == "linear" and module_path(target).endswith(CROSS_KV)
+
+
 def is_transformer(target: Target) -> bool:
     """Every Linear / conv inside the UNet's transformer blocks ("attn_mlp", kohya's default)."""
     return target.component == "unet" and trainable_kind(target) and _TRANSFORMER_PART in f".{module_path(target)}"
@@ -67,7 +77,7 @@ def is_text_encoder(target: Target) -> bool:
 
 
 UNET_RULES: Mapping[str, Callable[[Target], bool]] = MappingProxyType(
-    {"attn": is_attention, "attn_mlp": is_transformer, "attn_mlp_conv": is_locon})
+    {"cross_kv": is_cross_kv, "attn": is_attention, "attn_mlp": is_transformer, "attn_mlp_conv": is_locon})
 
 
 def check_preset(preset: str) -> str:

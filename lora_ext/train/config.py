@@ -113,7 +113,7 @@ class TrainConfig:
     dataloader_workers: int = _f(0, "image-loading worker processes (0 = in the training process)")
     network_dim: int = _f(4, "LoRA rank", section="Network")
     network_alpha: float | None = _f(None, "LoRA alpha; none = rank (scale 1)")
-    network_targets: str = _f("attn", "attn | attn_mlp | attn_mlp_conv")
+    network_targets: str = _f("attn", "cross_kv | attn | attn_mlp | attn_mlp_conv")
     conv_dim: int | None = _f(None, "rank of 3x3 conv (LoCon) modules with attn_mlp_conv; none = network_dim")
     conv_alpha: float | None = _f(None, "alpha of conv modules; none = conv_dim")
     train_text_encoder: bool = _f(False, "also train LoRA on the text encoder(s)")

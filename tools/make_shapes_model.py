@@ -62,17 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         vae, unet, te = _first_stages(r, cfg, images, scenes, work, timings, log)
     cfg["vae"]["scaling_factor"] = vae.config.scaling_factor
     dec_file = work / f"vae_dec-{recipe.stage_digest(r, 'decoder')}.pt"
-    if dec_file.is_file():
-        vae.load_state_dict(torch.load(dec_file, weights_only=True))
-        log("decoder fine-tune: from the work folder")
-        if dec_file.with_suffix(".json").is_file():
-            timings["decoder_s"] = json.loads(dec_file.with_suffix(".json").read_text())["seconds"]
-    else:
-        t = time.perf_counter()
-        vae = recipe.finetune_decoder(r, vae, images[: r.train_images], log=log)
-        timings["decoder_s"] = round(time.perf_counter() - t, 1)
-        torch.save(vae.state_dict(), dec_file)
-        dec_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["decoder_s"]}))
+    vae = _cached(dec_file, "decoder fine-tune", "decoder_s", timings, log,
+                  run=lambda: recipe.finetune_decoder(r, vae, images[: r.train_images], log=log),
+                  save=lambda v: v.state_dict(), load=lambda state: _loaded(vae, state))
     pipe = model.assemble(cfg, unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval())
     info = {"recipe": recipe.recipe_dict(r), "torch": torch.__version__, "threads": args.threads,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "timings": timings}
@@ -100,28 +92,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cached(path: Path, label: str, key: str, timings: dict, log, *, run, save, load):
+    """A stage's result from the work folder (`load(state)`) or by running it (`run()`, saved as `save(result)` with
+    its seconds beside it); the seconds go to `timings[key]`."""
+    import torch
+
+    seconds = path.with_suffix(".json")
+    if path.is_file():
+        result = load(torch.load(path, weights_only=True))
+        log(f"{label}: from the work folder")
+        if seconds.is_file():
+            timings[key] = json.loads(seconds.read_text())["seconds"]
+        return result
+    t = time.perf_counter()
+    result = run()
+    timings[key] = round(time.perf_counter() - t, 1)
+    torch.save(save(result), path)
+    seconds.write_text(json.dumps({"seconds": timings[key]}))
+    return result
+
+
+def _loaded(module, state):
+    module.load_state_dict(state)
+    return module
+
+
 def _first_stages(r, cfg, images, scenes, work: Path, timings: dict, log):
     """Stages 1-3 (VAE; latents and scaling_factor; UNet + text encoder), each cached in `work`."""
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_ext.shapes import recipe
 
     vae_file = work / f"vae-{recipe.stage_digest(r, 'vae')}.pt"
-    vae = AutoencoderKL.from_config(cfg["vae"])
-    if vae_file.is_file():
-        vae.load_state_dict(torch.load(vae_file, weights_only=True))
-        vae.eval()
-        log("VAE: from the work folder")
-        if vae_file.with_suffix(".json").is_file():
-            timings["vae_s"] = json.loads(vae_file.with_suffix(".json").read_text())["seconds"]
-    else:
-        t = time.perf_counter()
-        vae = recipe.train_vae(r, cfg, images[: r.train_images], log=log)
-        timings["vae_s"] = round(time.perf_counter() - t, 1)
-        torch.save(vae.state_dict(), vae_file)
-        vae_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["vae_s"]}))
+    vae = _cached(vae_file, "VAE", "vae_s", timings, log,
+                  run=lambda: recipe.train_vae(r, cfg, images[: r.train_images], log=log),
+                  save=lambda v: v.state_dict(),
+                  load=lambda state: _loaded(AutoencoderKL.from_config(cfg["vae"]), state).eval())
     images, scenes = images[: r.unet_images], scenes[: r.unet_images]
     means, stds = recipe.encode(vae, images)
     scale = float(f"{1.0 / means.std().item():.5f}")
@@ -129,21 +136,13 @@ def _first_stages(r, cfg, images, scenes, work: Path, timings: dict, log):
     vae.register_to_config(scaling_factor=scale)
     log(f"latents: std {means.std().item():.4f} -> scaling_factor {scale}")
     unet_file = work / f"unet_te-{recipe.stage_digest(r, 'unet')}.pt"
-    unet = UNet2DConditionModel.from_config(cfg["unet"])
-    te = CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"]))
-    if unet_file.is_file():
-        state = torch.load(unet_file, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        te.load_state_dict(state["text_encoder"])
-        log("UNet and text encoder: from the work folder")
-        if unet_file.with_suffix(".json").is_file():
-            timings["unet_s"] = json.loads(unet_file.with_suffix(".json").read_text())["seconds"]
-    else:
-        t = time.perf_counter()
-        unet, te = recipe.train_unet(r, cfg, means, stds, scenes, scale, log=log)
-        timings["unet_s"] = round(time.perf_counter() - t, 1)
-        torch.save({"unet": unet.state_dict(), "text_encoder": te.state_dict()}, unet_file)
-        unet_file.with_suffix(".json").write_text(json.dumps({"seconds": timings["unet_s"]}))
+    unet, te = _cached(unet_file, "UNet and text encoder", "unet_s", timings, log,
+                       run=lambda: recipe.train_unet(r, cfg, means, stds, scenes, scale, log=log),
+                       save=lambda parts: {"unet": parts[0].state_dict(), "text_encoder": parts[1].state_dict()},
+                       load=lambda state: (
+                           _loaded(UNet2DConditionModel.from_config(cfg["unet"]), state["unet"]),
+                           _loaded(CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"])),
+                                   state["text_encoder"])))
     return vae, unet.eval(), te.eval()
 
 

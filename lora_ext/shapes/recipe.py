@@ -11,9 +11,9 @@ Four stages, each seeded, on the CPU (the numbers below are the recipe; `tools/m
    exponential moving average of the weights that is what gets shipped;
 4. the VAE's decoder is fine-tuned on the latents of the frozen encoder (as Stability's "ft-MSE" VAE was for SD):
    same losses, the encoder untouched, so the latent space the UNet learned is the same and only the drawing of those
-   latents gets sharper (a star's points: the judge read 37% of the first decoder's
-   reconstructed stars as stars). It starts from the
-   VAE rounded to fp16, the weights that ship, so the decoder learns on the latents the shipped encoder gives.
+   latents gets sharper (a star's points: the judge read about a third of the first decoder's reconstructed stars as
+   stars). It starts from the VAE rounded to fp16, the weights that ship, so the decoder learns on the latents the
+   shipped encoder gives.
 
 Everything runs in float32 with one intra-op thread count fixed by the caller; the same torch build and thread count
 give the same numbers (PyTorch's CPU kernels are deterministic for these ops).

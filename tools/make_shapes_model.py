@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stages_from:
         vae, unet, te, earlier = _stages_from(Path(args.stages_from), r)
         timings.update(earlier)
+        cfg["vae"]["scaling_factor"] = vae.config.scaling_factor  # (stages 1-3 set it in `cfg` when they run)
         log(f"stages 1-3: from {args.stages_from}")
     else:
         vae, unet, te = _first_stages(r, cfg, images, scenes, work, timings, log)
-    cfg["vae"]["scaling_factor"] = vae.config.scaling_factor
     dec_file = work / f"vae_dec-{recipe.stage_digest(r, 'decoder')}.pt"
     vae = _cached(dec_file, "decoder fine-tune", "decoder_s", timings, log,
                   run=lambda: recipe.finetune_decoder(r, vae, images[: r.train_images], log=log),
@@ -155,21 +155,16 @@ def _stages_from(folder: Path, r) -> tuple:
     from lora_ext.shapes import recipe
 
     info = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
-    shipped = {k: v for k, v in info["recipe"].items() if not k.startswith("dec_")}
-    wanted = {k: v for k, v in recipe.recipe_dict(r).items() if not k.startswith("dec_")}
-    if shipped != wanted:
+    if recipe.stage_digest(recipe.Recipe(**info["recipe"]), "unet") != recipe.stage_digest(r, "unet"):
         raise SystemExit(f"{folder}: its recipe differs from this one in stages 1-3; run from scratch instead")
     cfg = recipe.configs(r)  # built from the recipe's configs (not from_pretrained: no paths in the saved configs)
     cfg["vae"]["scaling_factor"] = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
-    vae, unet = AutoencoderKL.from_config(cfg["vae"]), UNet2DConditionModel.from_config(cfg["unet"])
-    te = CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"]))
-    load = dict(torch_dtype=torch.float32)
-    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae", **load).state_dict())
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", **load).state_dict())
-    te.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder", **load).state_dict())
-    vae.eval(), unet.eval(), te.eval()
+    parts = {"vae": AutoencoderKL.from_config(cfg["vae"]), "unet": UNet2DConditionModel.from_config(cfg["unet"]),
+             "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"]))}
+    for name, module in parts.items():
+        _loaded(module, type(module).from_pretrained(folder / name, torch_dtype=torch.float32).state_dict()).eval()
     timings = {k: v for k, v in info.get("timings", {}).items() if k in ("vae_s", "unet_s")}
-    return vae, unet, te, timings
+    return parts["vae"], parts["unet"], parts["text_encoder"], timings
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from lora_ext.formats.safetensors_io import save_safetensors_atomic
 from lora_ext.models.convert import diffusers_to_single_file
 from lora_ext.patch.keymap import adapter_for_pipeline
 from lora_ext.patch.synth import SynthSpec, make_lora_tensors
+from lora_ext.patch.targets import is_cross_kv
 
 REPOS = {"sdxl": "stable-diffusion-xl-base-1.0"}
 
@@ -50,7 +51,7 @@ def main(arch: str, ckpt: str, lora: str) -> None:
     adapter = adapter_for_pipeline(SimpleNamespace(unet=unet, text_encoder=encoders[0], text_encoder_2=encoders[1]))
 
     def select(target) -> bool:
-        return target.component != "unet" or target.key.endswith(("attn2.to_k", "attn2.to_v"))
+        return target.component != "unet" or is_cross_kv(target)
 
     tensors = make_lora_tensors(adapter, SynthSpec(rank=4, std=0.1), select=select, seed=3)
     save_safetensors_atomic(tensors, Path(lora))

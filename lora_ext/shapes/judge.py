@@ -2,10 +2,13 @@
 
 - foreground: the saturated pixels (every world colour is saturated, every background white/black/gray or striped
   gray-on-white), largest 4-connected component; too small or too large a component means "nothing drawn";
-- colour: the component's median RGB, nearest world colour; a component whose pixels are mostly other colours
-  (noise, a rainbow) is "nothing drawn";
-- shape: the component's mask against each shape's template scaled to the component's bounding box, best
-  intersection-over-union (holes count: a ring is not a circle);
+- colour: the component's median RGB, nearest world colour; a component whose more saturated half is mostly other
+  colours (noise, a rainbow) is "nothing drawn";
+- shape: the component's soft coverage (how much of each pixel the shape's colour covers, read from the chroma:
+  a world colour blended with a neutral background has chroma in proportion to its share) against each shape drawn
+  at the size its covered area implies and softened by a few blur widths; the best cosine similarity wins (holes
+  count: a ring is not a circle). Comparing soft with soft is what keeps a slightly blurry small star a star: the
+  hard mask of such a star loses its points' tips and looks round;
 - position: the centroid in thirds of the image; size: the bounding box against the two world sizes;
 - background: the non-foreground pixels' level, "striped" when rows alternate.
 
@@ -26,7 +29,7 @@ from lora_ext.shapes import world
 CHROMA = 60  # max - min channel above which a pixel is foreground
 MIN_AREA = 0.004  # of the image: smaller components are noise
 MAX_AREA = 0.5  # of the image: a world shape covers at most ~0.25; more is a colour field or noise, not a shape
-COHERENCE = 0.6  # share of the component's pixels that must be nearest to its judged colour
+COHERENCE = 0.6  # share of the component's more saturated half that must be nearest to its judged colour
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,13 @@ def judge(image) -> Verdict:
     if not MIN_AREA <= area <= MAX_AREA:
         return Verdict(None, None, None, None, background, area)
     colour = _nearest_colour(np.median(arr[mask], axis=0))
-    if _share_nearest(arr[mask], colour) < COHERENCE:
+    # the more saturated half: a small soft shape's edge pixels are blends with the background, no world colour
+    core = chroma[mask] >= np.median(chroma[mask])
+    if _share_nearest(arr[mask][core], colour) < COHERENCE:
         return Verdict(None, None, None, None, background, area)
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = mask[y0:y1, x0:x1]
-    scores = {s: _iou(crop, _template(s, crop.shape[0], crop.shape[1])) for s in world.ALL_SHAPES}
+    scores = _shape_scores(_coverage(arr, chroma, mask, colour))
     shape = max(scores, key=scores.get)
     position = _position(xs.mean() / side, ys.mean() / side)
     extent = max(y1 - y0, x1 - x0) / side
@@ -113,31 +117,89 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return min(world.COLOURS, key=lambda c: float(np.sum((np.asarray(world.COLOURS[c]) - rgb) ** 2)))
 
 
+GROW = 3  # pixels around the foreground component whose soft coverage counts (edges and tips below CHROMA)
+BLURS = (0.0, 0.6, 1.0, 1.5, 2.1)  # Gaussian blur widths (pixels) the templates are compared at
+SCALES = (0.88, 0.94, 1.0, 1.06, 1.12)  # sizes tried around the one the covered area implies
+MARGIN = 8  # pixels of the window around the component that the templates are drawn in
+
+
+def _coverage(arr: np.ndarray, chroma: np.ndarray, mask: np.ndarray, colour: str) -> np.ndarray:
+    """Per pixel, the share of `colour` (0..1) from the chroma, inside the component grown by GROW pixels."""
+    c = world.COLOURS[colour]
+    alpha = np.clip(chroma / float(max(c) - min(c)), 0.0, 1.0)
+    grown = mask.copy()
+    for _ in range(GROW):
+        g = grown.copy()
+        g[1:] |= grown[:-1]
+        g[:-1] |= grown[1:]
+        g[:, 1:] |= grown[:, :-1]
+        g[:, :-1] |= grown[:, 1:]
+        grown = g
+    return alpha * grown
+
+
 @functools.cache
-def _template_full(shape: str) -> np.ndarray:
-    """The shape drawn large (256 px canvas), cropped to its bounding box, as a float mask."""
+def _shape_moments(shape: str) -> tuple[float, float, float]:
+    """Area / r^2 and the centroid's offset from the drawing centre / r of `shape` drawn at radius r (measured on a
+    large exact drawing)."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("L", (256, 256), 0)
+    r, c = 400.0, 512
+    img = Image.new("L", (2 * c, 2 * c), 0)
     draw = ImageDraw.Draw(img)
-    for kind, points, fill in world.shape_parts(shape, 128, 128, 110):
+    for kind, points, fill in world.shape_parts(shape, c, c, r):
         (draw.ellipse if kind == "ellipse" else draw.polygon)(points, fill=255 if fill else 0)
-    a = np.asarray(img)
-    ys, xs = np.nonzero(a > 127)
-    return a[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    a = np.asarray(img, np.float64) / 255
+    area = a.sum()
+    ys, xs = np.mgrid[: a.shape[0], : a.shape[1]]
+    return area / r**2, ((xs * a).sum() / area - c) / r, ((ys * a).sum() / area - c) / r
 
 
-@functools.lru_cache(maxsize=4096)
-def _template(shape: str, h: int, w: int) -> np.ndarray:
-    from PIL import Image
+def _draw(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> np.ndarray:
+    """Coverage (0..1) of `shape` drawn as the world draws it (4x supersampled, box-reduced) in an h x w window."""
+    from PIL import Image, ImageDraw
 
-    full = Image.fromarray(_template_full(shape))
-    return np.asarray(full.resize((w, h), Image.BILINEAR)) > 127
+    s = world.SUPERSAMPLE
+    img = Image.new("L", (w * s, h * s), 0)
+    draw = ImageDraw.Draw(img)
+    for kind, points, fill in world.shape_parts(shape, cx * s, cy * s, r * s):
+        (draw.ellipse if kind == "ellipse" else draw.polygon)(points, fill=255 if fill else 0)
+    return np.asarray(img.reduce(s), np.float64) / 255
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+@functools.lru_cache(maxsize=256)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """n x n matrix of a 1-D Gaussian blur (zero outside), so that B @ a @ B.T blurs an image a."""
+    x = np.arange(n)
+    k = np.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * sigma**2))
+    k[np.abs(x[:, None] - x[None, :]) > 3 * sigma + 1] = 0
+    return k / k.sum(axis=1, keepdims=True).clip(min=1e-12)
+
+
+def _shape_scores(alpha: np.ndarray) -> dict[str, float]:
+    """Best cosine similarity of the coverage `alpha` with each shape, drawn at the size its covered area implies
+    (times SCALES) at the centre its centroid implies, blurred by each of BLURS."""
+    ys, xs = np.nonzero(alpha > 0)
+    y0, x0 = max(0, ys.min() - MARGIN), max(0, xs.min() - MARGIN)
+    window = alpha[y0 : ys.max() + 1 + MARGIN, x0 : xs.max() + 1 + MARGIN]
+    h, w = window.shape
+    mass = window.sum()
+    gy, gx = np.mgrid[:h, :w]
+    mx, my = (gx * window).sum() / mass + 0.5, (gy * window).sum() / mass + 0.5  # pixel centres
+    norm = np.sqrt((window**2).sum())
+    blurs = [(_blur_matrix(h, b), _blur_matrix(w, b)) if b else None for b in BLURS]
+    scores = {}
+    for shape in world.ALL_SHAPES:
+        k, dx, dy = _shape_moments(shape)
+        best = 0.0
+        for f in SCALES:
+            r = np.sqrt(mass / k) * f
+            t = _draw(shape, mx - dx * r, my - dy * r, r, h, w)
+            for b in blurs:
+                tb = t if b is None else b[0] @ t @ b[1].T
+                best = max(best, float((window * tb).sum() / (norm * np.sqrt((tb**2).sum()) + 1e-12)))
+        scores[shape] = best
+    return scores
 
 
 def _position(x: float, y: float) -> str:

@@ -65,14 +65,57 @@ def test_judge_accuracy_on_world_images():
     assert min(acc.values()) >= 0.99, acc
 
 
+def _per_class(verdicts, scenes) -> dict[tuple[str, str], float]:
+    hits: dict[tuple[str, str], list[bool]] = {}
+    for v, s in zip(verdicts, scenes):
+        hits.setdefault((s.shape, s.size), []).append(v.shape == s.shape)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def _scenes(n: int, seed: int) -> list[world.Scene]:
+    """Every shape (the concept's too) in both sizes, random colour, position and background."""
+    rng = random.Random(seed)
+    return [world.Scene(shape, rng.choice(list(world.COLOURS)), size, rng.choice(list(world.POSITIONS)),
+                        rng.choice(world.BACKGROUND_KINDS))
+            for _ in range(n) for shape in world.ALL_SHAPES for size in world.SIZES]
+
+
 def test_judge_survives_blur_like_a_generated_image():
+    """A generated image is soft; a blurred world image is a soft image whose shape is known. Every shape at both
+    sizes, each class on its own: a small star whose blurred points fade under the foreground threshold is still a
+    star (a hard mask of it looks round: the first judge read half of them as circles)."""
     from PIL import ImageFilter
 
     rng = random.Random(5)
-    scenes = [world.sample_scene(rng) for _ in range(150)]
-    images = [world.render(s).filter(ImageFilter.GaussianBlur(1.0)) for s in scenes]
-    scores = judge.score(images, scenes)
-    assert scores["colour"] >= 0.97 and scores["shape"] >= 0.9 and scores["position"] >= 0.97, scores
+    scenes = _scenes(10, 5)
+    images = [world.render(s, jitter=(rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)))
+              .filter(ImageFilter.GaussianBlur(1.0)) for s in scenes]
+    verdicts = [judge.judge(img) for img in images]
+    per_class = _per_class(verdicts, scenes)
+    assert min(per_class.values()) >= 0.8, per_class
+    assert sum(v.colour == s.colour for v, s in zip(verdicts, scenes)) / len(scenes) >= 0.97
+
+
+def test_judge_reads_the_shipped_vaes_reconstructions():
+    """The shapes model's VAE (encode, decode) keeps a shape a person recognises, so the judge must read the shape
+    of the image that went in: its accuracy on the images a model really draws, against known labels."""
+    import torch
+
+    from lora_ext.models.loading import load_pipeline
+
+    vae = load_pipeline("shapes", dtype=torch.float32).pipe.vae
+    rng = random.Random(8)
+    scenes = _scenes(6, 8)
+    x = np.stack([np.asarray(world.render(s, jitter=(rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))))
+                  for s in scenes])
+    with torch.no_grad():
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(t).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    verdicts = [judge.judge(a) for a in rec]
+    per_class = _per_class(verdicts, scenes)
+    assert sum(v.shape == s.shape for v, s in zip(verdicts, scenes)) / len(scenes) >= 0.95, per_class
+    assert min(per_class.values()) >= 0.5 and per_class[("star", "small")] >= 0.5, per_class
 
 
 def test_nothing_drawn_is_no_shape():

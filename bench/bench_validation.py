@@ -39,6 +39,7 @@ def main() -> int:
     from lora_ext.app.runner import Session
     from lora_ext.models.assets import DATA_DIR
     from lora_ext.shapes import concept
+    from lora_ext.shapes.concept import SAMPLE_TRAINING
     from lora_ext.train.checkpoint import list_checkpoints
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
@@ -53,9 +54,8 @@ def main() -> int:
 
     cfg = TrainConfig(pretrained_model="shapes", train_data_dir=str(DATA_DIR / "samples" / "hearts"),
                       output_dir=str(out / "Lora"), output_name="hearts_val", runs_dir=str(out / "runs"),
-                      resolution=64, min_bucket_reso=64, network_dim=args.rank, network_alpha=float(args.rank),
-                      network_targets="attn_mlp_conv", train_text_encoder=True, train_batch_size=4,
-                      learning_rate=args.lr, max_train_steps=args.steps, save_every_n_steps=args.every,
+                      **{**SAMPLE_TRAINING, "network_dim": args.rank, "network_alpha": float(args.rank),
+                         "learning_rate": args.lr, "max_train_steps": args.steps}, save_every_n_steps=args.every,
                       save_every_n_epochs=None, save_last_n=1000, validation_split=args.split,
                       validation_every_n_steps=args.every, overwrite=True, preview=False, seed=42)
     t0 = time.perf_counter()

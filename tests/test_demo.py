@@ -31,7 +31,7 @@ def test_demo_teaches_the_shapes_model_a_heart(tmp_path):
     assert applied == total  # every key of the file applied
     # what a person sees, as the judge reads it: hearts with the LoRA, none without
     assert summary["hearts"]["without"] == 0, summary["judge"]
-    assert summary["hearts"]["with"] >= 2, summary["judge"]  # 4 of 6 on the dev machine (2 threads)
+    assert summary["hearts"]["with"] >= 4, summary["judge"]  # 6 of 6 on the dev machine (2 threads)
     assert summary["restored_exactly"] is True
     again = run_demo(tmp_path / "demo")  # a second run reuses the LoRA and draws the same
     assert again["lora"] == summary["lora"] and again["judge"] == summary["judge"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 DEMO_LORA = "hearts"
-DEMO_STEPS = 800
+DEMO_STEPS = 1200  # = SAMPLE_TRAINING's (tested)
 DEMO_PROMPTS = (
     "a large red heart in the center on a white background",
     "a small blue heart at the top left on a white background",
@@ -43,8 +43,9 @@ def copy_dataset(out: Path) -> Path:
 
 
 def train_demo_lora(data: Path, lora_dir: Path, runs_dir: Path, steps: int = DEMO_STEPS) -> Path:
-    """Train the demo LoRA (rank 4 on the UNet's attention, MLP and conv layers and the text encoder, batch 4, 64 px);
-    returns the file. Kept when it exists."""
+    """Train the demo LoRA (the sample's settings, `concept.SAMPLE_TRAINING`: rank 4 on the UNet's attention and MLP
+    layers and the text encoder, batch 4, 64 px); returns the file. Kept when it exists."""
+    from lora_ext.shapes.concept import SAMPLE_TRAINING
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
 
@@ -52,9 +53,7 @@ def train_demo_lora(data: Path, lora_dir: Path, runs_dir: Path, steps: int = DEM
     if out.exists():
         return out
     config = TrainConfig(pretrained_model="shapes", train_data_dir=str(data), output_dir=str(lora_dir),
-                         output_name=DEMO_LORA, runs_dir=str(runs_dir), resolution=64, min_bucket_reso=64,
-                         network_dim=4, network_alpha=4.0, network_targets="attn_mlp_conv", train_text_encoder=True,
-                         train_batch_size=4, learning_rate=1e-3, max_train_steps=steps,
+                         output_name=DEMO_LORA, runs_dir=str(runs_dir), **{**SAMPLE_TRAINING, "max_train_steps": steps},
                          save_every_n_epochs=None, trigger_word="heart", overwrite=True, preview=False,
                          description="lora_ext demo: a heart shape, which the shapes model had never seen")
     print(f"[demo] training {DEMO_LORA} on {data} for {steps} steps (run folder {runs_dir})")

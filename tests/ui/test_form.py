@@ -4,6 +4,7 @@ file the CLI reads (checked by parsing it with the CLI's own parser); presets on
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,24 @@ def test_presets_set_only_config_fields_and_stay_editable():
     assert both["cache_latents"] is False  # style flips images: latents cannot be cached
     with pytest.raises(ConfigError, match="unknown preset"):
         apply_preset({}, "48 GB")
+
+
+def test_the_shapes_sample_preset_the_demo_and_the_benchmarks_train_alike(tmp_path, monkeypatch):
+    """The tab's "shapes sample (CPU)" preset is the setting bench/RESULTS.md measures: the same values as the demo's
+    and the benchmarks' (`concept.SAMPLE_TRAINING`, one source)."""
+    from lora_ext.app.demo import DEMO_STEPS
+    from lora_ext.shapes.concept import SAMPLE_TRAINING
+
+    values = apply_preset({}, "shapes sample (CPU)")
+    assert {k: values[k] for k in SAMPLE_TRAINING} == SAMPLE_TRAINING
+    assert values["pretrained_model"] == "shapes" and values["train_data_dir"].endswith("hearts")
+    assert SAMPLE_TRAINING["max_train_steps"] == DEMO_STEPS
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_concept
+
+    args = type("Args", (), {"steps": None, "rank": None, "lr": None, "pivotal_lr": None})()
+    plain = bench_concept.settings("plain", tmp_path, tmp_path, args)
+    assert {k: plain[k] for k in SAMPLE_TRAINING} == SAMPLE_TRAINING
 
 
 def test_clean_values_and_estimate():

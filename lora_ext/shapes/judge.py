@@ -169,7 +169,8 @@ def _draw(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> np.ndar
 
 @functools.lru_cache(maxsize=256)
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """n x n matrix of a 1-D Gaussian blur (zero outside), so that B @ a @ B.T blurs an image a."""
+    """n x n matrix of a 1-D Gaussian blur (cut at 3 sigma, rows normalised so that pixels near the window's edge
+    keep their mass), so that B @ a @ B.T blurs an image a."""
     x = np.arange(n)
     k = np.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * sigma**2))
     k[np.abs(x[:, None] - x[None, :]) > 3 * sigma + 1] = 0

@@ -146,9 +146,7 @@ def _shape_moments(shape: str) -> tuple[float, float, float]:
 
     r, c = 400.0, 512
     img = Image.new("L", (2 * c, 2 * c), 0)
-    draw = ImageDraw.Draw(img)
-    for kind, points, fill in world.shape_parts(shape, c, c, r):
-        (draw.ellipse if kind == "ellipse" else draw.polygon)(points, fill=255 if fill else 0)
+    world.draw_shape(ImageDraw.Draw(img), shape, c, c, r, 255, 0)
     a = np.asarray(img, np.float64) / 255
     area = a.sum()
     ys, xs = np.mgrid[: a.shape[0], : a.shape[1]]
@@ -161,9 +159,7 @@ def _draw(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> np.ndar
 
     s = world.SUPERSAMPLE
     img = Image.new("L", (w * s, h * s), 0)
-    draw = ImageDraw.Draw(img)
-    for kind, points, fill in world.shape_parts(shape, cx * s, cy * s, r * s):
-        (draw.ellipse if kind == "ellipse" else draw.polygon)(points, fill=255 if fill else 0)
+    world.draw_shape(ImageDraw.Draw(img), shape, cx * s, cy * s, r * s, 255, 0)
     return np.asarray(img.reduce(s), np.float64) / 255
 
 

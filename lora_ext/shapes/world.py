@@ -116,13 +116,15 @@ def render(scene: Scene, side: int = SIDE, *, jitter: tuple[float, float] = (0.0
     fx, fy = POSITIONS[scene.position]
     cx, cy = (fx + jitter[0]) * big, (fy + jitter[1]) * big
     r = SIZES[scene.size] * big / 2
-    for kind, points, fill in shape_parts(scene.shape, cx, cy, r):
-        colour = COLOURS[scene.colour] if fill else _background_at(scene)
-        if kind == "ellipse":
-            draw.ellipse(points, fill=colour)
-        else:
-            draw.polygon(points, fill=colour)
+    draw_shape(draw, scene.shape, cx, cy, r, COLOURS[scene.colour], _background_at(scene))
     return img.reduce(SUPERSAMPLE)
+
+
+def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, hole) -> None:
+    """Draw `shape` (radius `r`, centre (cx, cy)) on a PIL ImageDraw: its filled parts in `fill`, its holes in
+    `hole`. The renderer and the judge's templates draw through this one function."""
+    for kind, points, filled in shape_parts(shape, cx, cy, r):
+        (draw.ellipse if kind == "ellipse" else draw.polygon)(points, fill=fill if filled else hole)
 
 
 def _background_at(scene: Scene) -> tuple[int, int, int]:

@@ -18,7 +18,6 @@ how often unrelated prompts are still drawn right with and without the LoRA (the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import shutil
@@ -35,7 +34,6 @@ VARIANTS = ("plain", "unet_only", "dreambooth", "world_prior", "world_prior_unet
 
 
 def settings(variant: str, data: Path, out: Path, args) -> dict:
-    steps = args.steps
     from lora_ext.shapes.concept import SAMPLE_TRAINING
 
     common = dict(pretrained_model="shapes", output_dir=str(out / "Lora"), output_name=f"hearts_{variant}",
@@ -45,8 +43,8 @@ def settings(variant: str, data: Path, out: Path, args) -> dict:
         common.update(network_dim=args.rank, network_alpha=float(args.rank))
     if args.lr is not None:
         common["learning_rate"] = args.lr
-    if steps is not None:
-        common["max_train_steps"] = steps
+    if args.steps is not None:
+        common["max_train_steps"] = args.steps
     steps = common["max_train_steps"]
     if variant == "plain":
         return {**common, "train_data_dir": str(data)}
@@ -124,9 +122,10 @@ def main() -> int:
     for variant in variants:
         runs = []
         for seed in seeds:
-            cfg = TrainConfig(**{**settings(variant, data, out, args), "seed": seed, **extra})
+            values = {**settings(variant, data, out, args), "seed": seed, **extra}
             if len(seeds) > 1:
-                cfg = dataclasses.replace(cfg, output_name=f"{cfg.output_name}_s{seed}")
+                values["output_name"] += f"_s{seed}"
+            cfg = TrainConfig(**values)
             t0 = time.perf_counter()
             train(cfg)
             seconds = time.perf_counter() - t0

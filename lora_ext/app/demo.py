@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_ext.shapes.concept import SAMPLE_TRAINING
+
 DEMO_LORA = "hearts"
-DEMO_STEPS = 1200  # = SAMPLE_TRAINING's (tested)
+DEMO_STEPS = SAMPLE_TRAINING["max_train_steps"]
 DEMO_PROMPTS = (
     "a large red heart in the center on a white background",
     "a small blue heart at the top left on a white background",
@@ -45,7 +47,6 @@ def copy_dataset(out: Path) -> Path:
 def train_demo_lora(data: Path, lora_dir: Path, runs_dir: Path, steps: int = DEMO_STEPS) -> Path:
     """Train the demo LoRA (the sample's settings, `concept.SAMPLE_TRAINING`: rank 4 on the UNet's attention and MLP
     layers and the text encoder, batch 4, 64 px); returns the file. Kept when it exists."""
-    from lora_ext.shapes.concept import SAMPLE_TRAINING
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
 
